@@ -1,0 +1,275 @@
+//! Ferry's bundled test guest.
+//!
+//! A freestanding program that boots through PVH, does its privileged setup
+//! at CPL0 (see `boot.rs`) and spends its life at CPL3 in one polling loop:
+//! a heartbeat on COM1, a memory workload, and commands read from COM1.
+//! It never enables interrupts and never takes an exception, because on a PVM
+//! host neither is delivered.
+//!
+//! Console protocol (one line each, for tests and people alike):
+//!   out: `ferry-guest ... booted: ...`   banner
+//!        `workload ready: ...`           working set filled (generation 1)
+//!        `heartbeat N max_stall_us=U generation=G dirtied_pages=P`
+//!        `verify ok ...` | `verify FAILED ...`
+//!   in:  `verify`, `status`, `dirty MIB_S`, `exit [CODE]`, `reset`
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod clock;
+mod cmdline;
+mod io;
+mod mem;
+mod ports;
+mod serial;
+mod start_info;
+mod workload;
+
+use cmdline::Config;
+use io::{outl, rdtsc};
+use workload::WorkingSet;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Pages stamped per loop iteration at most, so the loop stays responsive.
+const DIRTY_BATCH: u64 = 32;
+const INPUT_POLL_MS: u64 = 5;
+
+extern "C" {
+    static __image_end: u8;
+}
+
+/// Tracks the longest gap between two points where the guest was running:
+/// the guest's own measure of how long it was stopped.
+struct Stopwatch {
+    last: u64,
+    max_ticks: u64,
+}
+
+impl Stopwatch {
+    fn tick(&mut self, now: u64) {
+        self.max_ticks = self.max_ticks.max(now.saturating_sub(self.last));
+        self.last = now;
+    }
+    /// Skips the time spent in known-slow work (printing, idling, commands).
+    fn restart(&mut self) {
+        self.last = rdtsc();
+    }
+}
+
+struct Guest {
+    cfg: Config,
+    tsc_khz: u64,
+    ws: WorkingSet,
+    dirty_mib_s: u64,
+    dirty_origin: u64,
+    dirtied_since_origin: u64,
+    dirtied_total: u64,
+    stall: Stopwatch,
+    max_stall_ever_us: u64,
+    heartbeats: u64,
+    booted_at: u64,
+}
+
+#[no_mangle]
+pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
+    let booted_at = rdtsc();
+    let Some(si) = start_info::read(start_info_paddr) else {
+        println!("ferry-guest: no PVH start info at {:#x}", start_info_paddr);
+        ports::debug_exit(2)
+    };
+    let cfg = Config::parse(si.cmdline);
+    let (tsc_khz, tsc_source) = clock::tsc_khz(cfg.tsc_khz);
+    let ram: u64 = si.memmap.iter().filter(|e| e.kind == start_info::E820_RAM).map(|e| e.size).sum();
+    let cpus = io::cpuid(1, 0).ebx >> 16 & 0xff;
+    println!(
+        "ferry-guest {} booted: ram_mib={} cpus={} tsc_khz={} ({}) wss_mib={} dirty_mib_s={} heartbeat_ms={} virtio_devices={}",
+        VERSION,
+        ram >> 20,
+        cpus,
+        tsc_khz,
+        tsc_source.name(),
+        cfg.wss_mib,
+        cfg.dirty_mib_s,
+        cfg.heartbeat_ms,
+        cfg.virtio_count
+    );
+    for d in cfg.virtio_devices() {
+        println!("virtio-mmio device: base={:#x} size={:#x} irq={}", d.base, d.size, d.irq);
+    }
+    if cfg.unknown > 0 {
+        println!("cmdline: {} word(s) not for this guest ignored", cfg.unknown);
+    }
+
+    let image_end = core::ptr::addr_of!(__image_end) as u64;
+    let want_pages = cfg.wss_mib * (1 << 20) / workload::PAGE;
+    let mut ws = WorkingSet::new(si.memmap, image_end.next_multiple_of(2 << 20), want_pages);
+    if ws.pages < want_pages {
+        println!("workload: only {} MiB of RAM free for the working set", ws.pages * workload::PAGE >> 20);
+    }
+    let fill_start = rdtsc();
+    ws.fill();
+    let now = rdtsc();
+    println!(
+        "workload ready: wss_mib={} pages={} fill_ms={}",
+        ws.pages * workload::PAGE >> 20,
+        ws.pages,
+        (now - fill_start) / tsc_khz
+    );
+
+    let mut g = Guest {
+        dirty_mib_s: cfg.dirty_mib_s,
+        cfg,
+        tsc_khz,
+        ws,
+        dirty_origin: now,
+        dirtied_since_origin: 0,
+        dirtied_total: 0,
+        stall: Stopwatch { last: now, max_ticks: 0 },
+        max_stall_ever_us: 0,
+        heartbeats: 0,
+        booted_at,
+    };
+    g.run()
+}
+
+impl Guest {
+    fn ticks(&self, ms: u64) -> u64 {
+        ms * self.tsc_khz
+    }
+
+    fn run(&mut self) -> ! {
+        let mut input = serial::LineReader::new();
+        let start = rdtsc();
+        let mut next_heartbeat = start + self.ticks(self.cfg.heartbeat_ms);
+        let mut next_input = start;
+        loop {
+            let now = rdtsc();
+            self.stall.tick(now);
+            let busy = self.dirty_due(now);
+
+            if now >= next_input {
+                if let Some(line) = input.poll() {
+                    self.command(line);
+                }
+                next_input = rdtsc() + self.ticks(INPUT_POLL_MS);
+                self.stall.restart();
+            }
+            if now >= next_heartbeat {
+                self.heartbeat();
+                next_heartbeat += self.ticks(self.cfg.heartbeat_ms);
+                if next_heartbeat <= now {
+                    next_heartbeat = now + self.ticks(self.cfg.heartbeat_ms);
+                }
+                self.stall.restart();
+            }
+            if !busy && self.cfg.idle_us > 0 {
+                outl(ports::IDLE, self.cfg.idle_us as u32);
+                self.stall.restart();
+            }
+        }
+    }
+
+    /// Stamps the pages the dirty rate says are due; true if it did any.
+    fn dirty_due(&mut self, now: u64) -> bool {
+        if self.dirty_mib_s == 0 || self.ws.pages == 0 {
+            return false;
+        }
+        let pages_per_s = self.dirty_mib_s * (1 << 20) / workload::PAGE;
+        let elapsed = (now - self.dirty_origin) as u128;
+        let due = (elapsed * pages_per_s as u128 / (self.tsc_khz as u128 * 1000)) as u64;
+        let behind = due.saturating_sub(self.dirtied_since_origin);
+        if behind == 0 {
+            return false;
+        }
+        if behind > pages_per_s {
+            // More than a second behind (we were stopped): do not burst.
+            self.dirty_origin = now;
+            self.dirtied_since_origin = 0;
+            return false;
+        }
+        for _ in 0..behind.min(DIRTY_BATCH) {
+            self.ws.dirty(1);
+            self.stall.tick(rdtsc());
+        }
+        let n = behind.min(DIRTY_BATCH);
+        self.dirtied_since_origin += n;
+        self.dirtied_total += n;
+        true
+    }
+
+    fn take_max_stall_us(&mut self) -> u64 {
+        let us = self.stall.max_ticks * 1000 / self.tsc_khz;
+        self.stall.max_ticks = 0;
+        self.max_stall_ever_us = self.max_stall_ever_us.max(us);
+        us
+    }
+
+    fn heartbeat(&mut self) {
+        self.heartbeats += 1;
+        let stall_us = self.take_max_stall_us();
+        println!(
+            "heartbeat {} max_stall_us={} generation={} dirtied_pages={}",
+            self.heartbeats, stall_us, self.ws.generation, self.dirtied_total
+        );
+    }
+
+    fn command(&mut self, line: &str) {
+        let mut words = line.split_ascii_whitespace();
+        match words.next().unwrap_or("") {
+            "verify" => {
+                let t = rdtsc();
+                let v = self.ws.verify();
+                let ms = (rdtsc() - t) / self.tsc_khz;
+                match v.first_bad {
+                    None => println!(
+                        "verify ok pages={} generation={} checksum={:#018x} ms={}",
+                        v.pages, self.ws.generation, v.checksum, ms
+                    ),
+                    Some((page, addr)) => println!(
+                        "verify FAILED bad_pages={} of {} first_bad_page={} addr={:#x}",
+                        v.bad_pages, v.pages, page, addr
+                    ),
+                }
+            }
+            "status" => {
+                let stall_us = self.take_max_stall_us();
+                println!(
+                    "status heartbeats={} uptime_ms={} dirty_mib_s={} generation={} cursor={} max_stall_us={} max_stall_ever_us={}",
+                    self.heartbeats,
+                    (rdtsc() - self.booted_at) / self.tsc_khz,
+                    self.dirty_mib_s,
+                    self.ws.generation,
+                    self.ws.cursor,
+                    stall_us,
+                    self.max_stall_ever_us
+                );
+            }
+            "dirty" => match words.next().and_then(cmdline::parse_u64) {
+                Some(rate) => {
+                    self.dirty_mib_s = rate;
+                    self.dirty_origin = rdtsc();
+                    self.dirtied_since_origin = 0;
+                    println!("dirty rate set: dirty_mib_s={}", rate);
+                }
+                None => println!("usage: dirty MIB_PER_S"),
+            },
+            "exit" => {
+                let code = words.next().and_then(|w| w.parse::<u8>().ok()).unwrap_or(0);
+                println!("exit {}", code);
+                ports::debug_exit(code)
+            }
+            "reset" => {
+                println!("reset");
+                ports::i8042_reset()
+            }
+            other => println!("unknown command: {}", other),
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("ferry-guest panic: {}", info);
+    ports::debug_exit(1)
+}

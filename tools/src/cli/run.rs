@@ -1,0 +1,73 @@
+//! `ferry run`: boot a VM in this process and run it to the end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use vmm::boot::BootProtocol;
+use vmm::devices::serial::SerialOutput;
+use vmm::{VmConfig, Vmm};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kernel image: an ELF with a PVH note (the test guest,
+    /// target/guest/ferry-guest.elf), a Linux vmlinux, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk for Linux.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (the test guest reads wss_mib=, dirty_mib_s=,
+    /// heartbeat_ms=, tsc_khz=, idle_us=).
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "N", default_value_t = vmm::config::DEFAULT_MEM_MIB)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u8,
+    /// Where the serial console goes: stdout, file:PATH, or null.
+    #[arg(long, value_name = "DEST", default_value = "stdout")]
+    serial: SerialOutput,
+    /// Boot protocol: auto (PVH if the ELF has a PVH note), pvh, or linux64.
+    #[arg(long, value_name = "PROTO", default_value = "auto")]
+    boot: BootProtocol,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// The KVM device to use.
+    #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    crate::signals::block();
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        boot: args.boot,
+        serial: args.serial,
+        kvm_device: args.kvm_device,
+    };
+    let vmm = Arc::new(Vmm::start(config)?);
+    crate::signals::forward_to(vmm.events());
+    let api = match &args.api_sock {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            Some(vmm::api::server::ApiServer::start(path, vmm.clone())?)
+        }
+        None => None,
+    };
+    let reason = vmm.wait_for_exit();
+    vmm.stop();
+    drop(api);
+    eprintln!("ferry: VM stopped: {reason}");
+    Ok(reason.exit_code())
+}

@@ -1,0 +1,123 @@
+//! Serves the API on a Unix socket from one thread (tiny_http).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use super::API_PREFIX;
+use crate::vmm::{self, Vmm};
+use crate::vstate::{ExitReason, VmEvent};
+
+/// Largest request body accepted (console input is small).
+const MAX_BODY: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API socket {0} is in use by a running VMM")]
+    InUse(PathBuf),
+    #[error("cannot listen on API socket {path}: {reason}")]
+    Listen { path: PathBuf, reason: String },
+}
+
+pub struct ApiServer {
+    server: Arc<Server>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds `path` (replacing a stale socket file) and serves `vmm`.
+    pub fn start(path: &Path, vmm: Arc<Vmm>) -> Result<ApiServer, Error> {
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(path.to_owned()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let server = Server::http_unix(path)
+            .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
+        let server = Arc::new(server);
+        let s = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for request in s.incoming_requests() {
+                    handle(request, &vmm);
+                }
+            })
+            .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
+        Ok(ApiServer { server, path: path.to_owned(), thread: Some(thread) })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn json_header() -> Header {
+    Header::from_bytes("Content-Type", "application/json").expect("static header")
+}
+
+fn reply(request: Request, status: u16, body: serde_json::Value) {
+    let response = Response::from_string(body.to_string()).with_status_code(status).with_header(json_header());
+    let _ = request.respond(response);
+}
+
+fn no_content(request: Request) {
+    let _ = request.respond(Response::empty(204));
+}
+
+fn error(request: Request, status: u16, message: impl std::fmt::Display) {
+    reply(request, status, serde_json::json!({ "error": message.to_string() }));
+}
+
+fn handle(mut request: Request, vmm: &Vmm) {
+    let url = request.url().to_owned();
+    let Some(endpoint) = url.strip_prefix(API_PREFIX).and_then(|p| p.strip_prefix('/')) else {
+        return error(request, 404, format!("no such endpoint {url}"));
+    };
+    let method = request.method().clone();
+    match (endpoint, method) {
+        ("vmm.ping", Method::Get) => {
+            reply(request, 200, serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() }))
+        }
+        ("vm.info", Method::Get) => match serde_json::to_value(vmm.info()) {
+            Ok(v) => reply(request, 200, v),
+            Err(e) => error(request, 500, e),
+        },
+        ("vm.pause", Method::Put) => match vmm.pause() {
+            Ok(()) => no_content(request),
+            Err(e @ vmm::Error::State(_)) => error(request, 409, e),
+            Err(e) => error(request, 500, e),
+        },
+        ("vm.resume", Method::Put) => match vmm.resume() {
+            Ok(()) => no_content(request),
+            Err(e @ vmm::Error::State(_)) => error(request, 409, e),
+            Err(e) => error(request, 500, e),
+        },
+        ("vm.shutdown", Method::Put) => {
+            no_content(request);
+            let _ = vmm.events().send(VmEvent::Exit(ExitReason::Api));
+        }
+        ("vm.console", Method::Put) => {
+            let mut body = Vec::new();
+            if let Err(e) = request.as_reader().take(MAX_BODY).read_to_end(&mut body) {
+                return error(request, 400, format!("cannot read request body: {e}"));
+            }
+            let queued = vmm.console_input(&body);
+            reply(request, 200, serde_json::json!({ "queued": queued, "dropped": body.len() - queued }))
+        }
+        ("vmm.ping" | "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.console", m) => {
+            error(request, 405, format!("{m} not allowed on {url}"))
+        }
+        _ => error(request, 404, format!("no such endpoint {url}")),
+    }
+}
