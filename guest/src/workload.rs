@@ -50,7 +50,8 @@ impl WorkingSet {
     /// Places `want_pages` pages in the RAM ranges of the memory map that lie
     /// at or above `floor`. Returns a smaller set if RAM runs out.
     pub fn new(memmap: &[MemmapEntry], floor: u64, want_pages: u64) -> WorkingSet {
-        let mut ws = WorkingSet { ranges: [Range::default(); MAX_RANGES], nranges: 0, pages: 0, generation: 0, cursor: 0 };
+        let mut ws =
+            WorkingSet { ranges: [Range::default(); MAX_RANGES], nranges: 0, pages: 0, generation: 0, cursor: 0 };
         for e in memmap.iter().filter(|e| e.kind == E820_RAM) {
             if ws.pages >= want_pages || ws.nranges == MAX_RANGES {
                 break;

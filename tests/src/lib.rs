@@ -1,1 +1,239 @@
+//! Harness for Ferry's end-to-end tests: find the binaries `make` built,
+//! insist on real KVM, and drive `ferry run` processes by their serial
+//! console and API socket.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn artifact(env: &str, default: &str, make_target: &str) -> PathBuf {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| workspace_root().join(default));
+    assert!(path.exists(), "{} not found: run `make {make_target}` (or `make test`), or set {env}", path.display());
+    path
+}
+
+/// The `ferry` binary.
+pub fn ferry_bin() -> PathBuf {
+    artifact("FERRY_BIN", "target/release/ferry", "build")
+}
+
+/// The bundled test guest.
+pub fn guest_elf() -> PathBuf {
+    artifact("FERRY_GUEST", "target/guest/ferry-guest.elf", "guest")
+}
+
+/// Debian's cloud kernel, unpacked by `make linux`.
+pub fn linux_dir() -> PathBuf {
+    artifact("FERRY_LINUX_DIR", "target/linux", "linux")
+}
+
+/// True if this test must run: /dev/kvm is there and we are root. Panics
+/// (fails the test) if they are missing, unless FERRY_NO_KVM=1 says this
+/// machine has no KVM on purpose, in which case the test is reported and
+/// returns early.
+pub fn kvm_available(test: &str) -> bool {
+    if std::env::var("FERRY_NO_KVM").as_deref() == Ok("1") {
+        eprintln!("{test}: not run: FERRY_NO_KVM=1");
+        return false;
+    }
+    assert!(Path::new("/dev/kvm").exists(), "{test} needs /dev/kvm (set FERRY_NO_KVM=1 on a machine without KVM)");
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "{test} needs root (or set FERRY_NO_KVM=1)");
+    true
+}
+
+pub fn is_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ferry-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Serial console lines collected from a child's stdout.
+#[derive(Default)]
+struct Console {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// A `ferry run` process with its console and API socket.
+pub struct Vm {
+    child: Child,
+    console: Arc<Console>,
+    pub api_sock: PathBuf,
+    pub started: Instant,
+    stderr: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+impl Vm {
+    /// Boots the test guest with `cmdline` and extra `ferry run` args.
+    pub fn guest(cmdline: &str, extra: &[&str]) -> Vm {
+        let guest = guest_elf();
+        let mut args: Vec<String> =
+            vec!["--kernel".into(), guest.display().to_string(), "--cmdline".into(), cmdline.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Vm::spawn(&args)
+    }
+
+    pub fn spawn(args: &[String]) -> Vm {
+        let dir = TempDir::new("vm");
+        let api_sock = dir.path().join("api.sock");
+        let started = Instant::now();
+        let mut child = Command::new(ferry_bin())
+            .arg("run")
+            .args(args)
+            .arg("--api-sock")
+            .arg(&api_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry run");
+        let console = Arc::new(Console::default());
+        let stdout = child.stdout.take().unwrap();
+        let c = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+                c.lines.lock().unwrap().push(line);
+                c.grew.notify_all();
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, s) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = s.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Vm { child, console, api_sock, started, stderr, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// All console lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.console.lines.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a console line at index >= `from` that satisfies `pred`;
+    /// returns its index and text. Panics with the console on timeout.
+    pub fn wait_line_from(&self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> (usize, String) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.console.lines.lock().unwrap();
+        loop {
+            if let Some((i, l)) = lines.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let tail: Vec<_> = lines.iter().rev().take(20).rev().cloned().collect();
+                drop(lines);
+                panic!("timed out after {timeout:?}; console tail:\n{}\nstderr:\n{}", tail.join("\n"), self.stderr());
+            }
+            lines = self.console.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_line_from(0, timeout, pred).1
+    }
+
+    /// Runs `ferry <args> --api-sock <sock>`; returns (success, stdout, stderr).
+    pub fn ferry(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(ferry_bin()).args(args).arg("--api-sock").arg(&self.api_sock).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs a control command that must succeed.
+    pub fn control(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.ferry(args);
+        assert!(ok, "ferry {args:?} failed: {err}");
+        out
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::from_str(&self.control(&["info"])).expect("vm.info is JSON")
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ferry did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parses `key=value` out of a console line.
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The heartbeat counter of a `heartbeat N ...` line.
+pub fn heartbeat_number(line: &str) -> Option<u64> {
+    line.strip_prefix("heartbeat ")?.split_whitespace().next()?.parse().ok()
+}
+
+/// Runs `ferry` with `args` to completion (for error-path tests).
+pub fn run_ferry(args: &[&str]) -> std::process::Output {
+    Command::new(ferry_bin()).args(args).stdin(Stdio::null()).output().expect("run ferry")
+}

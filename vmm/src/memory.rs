@@ -82,6 +82,7 @@ pub fn create(mem_mib: u64) -> Result<GuestRam, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::bitmap::Bitmap;
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]

@@ -36,8 +36,8 @@ impl ApiServer {
             }
             let _ = std::fs::remove_file(path);
         }
-        let server = Server::http_unix(path)
-            .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
+        let server =
+            Server::http_unix(path).map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
         let server = Arc::new(server);
         let s = server.clone();
         let thread = std::thread::Builder::new()

@@ -127,7 +127,9 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Booted, Error> {
     let load_err = |source| Error::Load { path: path.to_owned(), source };
     let result: KernelLoaderResult = match image {
         ImageKind::Elf => Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?,
-        ImageKind::BzImage => BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?,
+        ImageKind::BzImage => {
+            BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?
+        }
     };
 
     let cmdline = Cmdline::try_from(spec.cmdline, CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
@@ -170,7 +172,7 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Booted, Error> {
 fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), Error> {
     let mut f = File::open(path).map_err(|source| Error::ReadInitrd { path: path.to_owned(), source })?;
     let size = f.metadata().map_err(|source| Error::ReadInitrd { path: path.to_owned(), source })?.len();
-    let low_end = mem.iter().next().map(|r| vm_memory::GuestMemoryRegion::len(r)).unwrap_or(0);
+    let low_end = mem.iter().next().map(vm_memory::GuestMemoryRegion::len).unwrap_or(0);
     let limit = low_end.min(0x8000_0000);
     let too_large = || Error::InitrdTooLarge { path: path.to_owned(), size, limit };
     let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
@@ -180,4 +182,98 @@ fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, 
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|e| Error::ReadInitrd { path: path.to_owned(), source: std::io::Error::other(e.to_string()) })?;
     Ok((addr, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::layout::ZERO_PAGE_START;
+    use linux_loader::loader::bootparam::boot_params;
+
+    /// A minimal bzImage: one setup sector after the boot sector, then a
+    /// recognisable "protected-mode kernel".
+    fn fake_bzimage(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let mut img = vec![0u8; 2 * 512];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        img[0x211] = 0x1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        img[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        img.extend_from_slice(&payload);
+        let path = dir.join("bzImage");
+        std::fs::write(&path, &img).unwrap();
+        (path, payload)
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferry-boot-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn bzimage_lands_at_code32_start_with_a_complete_zero_page() {
+        let dir = scratch("bz");
+        let (path, payload) = fake_bzimage(&dir);
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![0xabu8; 10_000]).unwrap();
+        let ram = crate::memory::create(64).unwrap();
+        let spec = BootSpec {
+            kernel: &path,
+            initrd: Some(&initrd),
+            cmdline: "console=ttyS0 quiet",
+            protocol: BootProtocol::Auto,
+            mem_bytes: ram.size,
+        };
+        let booted = load(&ram.memory, &spec).unwrap();
+        assert_eq!(booted.image, ImageKind::BzImage);
+        assert_eq!(booted.kernel_load, 0x10_0000);
+        assert_eq!(booted.entry, BootEntry::Linux64 { entry: 0x10_0200, boot_params: ZERO_PAGE_START });
+
+        let mut loaded = vec![0u8; payload.len()];
+        ram.memory.read_slice(&mut loaded, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(loaded, payload, "protected-mode kernel copied verbatim");
+
+        let params: boot_params = ram.memory.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.header }, 0x5372_6448);
+        assert_eq!({ hdr.boot_flag }, 0xaa55);
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.kernel_alignment }, 0x20_0000, "the image's own header is kept");
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ hdr.cmdline_size }, "console=ttyS0 quiet".len() as u32 + 1);
+        let (initrd_addr, initrd_size) = booted.initrd.unwrap();
+        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (initrd_addr as u32, 10_000));
+        assert_eq!(initrd_addr % 4096, 0);
+        assert!(initrd_addr + initrd_size <= 64 << 20 && initrd_addr >= booted.kernel_end);
+        assert_eq!(params.e820_entries, 3);
+        let e820 = params.e820_table;
+        assert_eq!(
+            ({ e820[2].addr }, { e820[2].size }, { e820[2].r#type }),
+            (HIMEM_START, (64 << 20) - HIMEM_START, 1)
+        );
+
+        let mut cmdline = [0u8; 20];
+        ram.memory.read_slice(&mut cmdline, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0 quiet\0");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn protocol_mismatches_and_non_kernels_are_refused() {
+        let dir = scratch("bad");
+        let (bz, _) = fake_bzimage(&dir);
+        let ram = crate::memory::create(32).unwrap();
+        let spec = |kernel, protocol| BootSpec { kernel, initrd: None, cmdline: "", protocol, mem_bytes: ram.size };
+        assert!(matches!(load(&ram.memory, &spec(&bz, BootProtocol::Pvh)), Err(Error::BzImagePvh)));
+        let junk = dir.join("junk");
+        std::fs::write(&junk, b"#!/bin/sh\necho not a kernel\n").unwrap();
+        let err = load(&ram.memory, &spec(&junk, BootProtocol::Auto)).unwrap_err();
+        assert!(matches!(err, Error::NotAKernel { .. }), "{err}");
+        assert!(err.to_string().contains("junk is not a kernel"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -4,7 +4,9 @@ use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Error;
-use crate::arch::x86_64::layout::{memory_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START};
+use crate::arch::x86_64::layout::{
+    memory_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START,
+};
 use crate::memory::GuestMemory;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;

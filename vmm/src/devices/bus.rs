@@ -31,7 +31,8 @@ pub struct Overlap {
 impl PioBus {
     pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<(), Overlap> {
         let end = u32::from(base) + u32::from(len);
-        if self.slots.iter().any(|s| u32::from(base) < u32::from(s.base) + u32::from(s.len) && u32::from(s.base) < end) {
+        if self.slots.iter().any(|s| u32::from(base) < u32::from(s.base) + u32::from(s.len) && u32::from(s.base) < end)
+        {
             return Err(Overlap { base, len });
         }
         self.slots.push(Slot { base, len, device });

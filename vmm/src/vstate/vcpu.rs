@@ -87,7 +87,7 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Installs the kick handler once per process.
 pub fn register_kick_handler() -> Result<(), Error> {
     static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| register_signal_handler(kick_signal(), handle_kick)).clone().map_err(Error::Signal)
+    ONCE.get_or_init(|| register_signal_handler(kick_signal(), handle_kick)).map_err(Error::Signal)
 }
 
 pub struct Vcpu {
@@ -148,7 +148,18 @@ impl Vcpu {
                 Ok(exit) => {
                     if let Some(reason) = handle_exit(self.id, exit, &self.bus, &self.control) {
                         if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
-                            tracing::info!(vcpu = self.id, "{reason}: rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{}", r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.dpl);
+                            tracing::debug!(
+                                vcpu = self.id,
+                                "{reason}: rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{}",
+                                r.rip,
+                                r.rsp,
+                                s.cr0,
+                                s.cr3,
+                                s.cr4,
+                                s.efer,
+                                s.cs.selector,
+                                s.cs.dpl
+                            );
                         }
                         break Some(reason);
                     }
@@ -234,9 +245,8 @@ fn handle_exit(id: u8, exit: VcpuExit, bus: &PioBus, control: &VcpuControl) -> O
 /// if the controller wants it to pause or stop.
 fn idle(control: &VcpuControl, us: u32) {
     let st = control.lock();
-    let _unused = control
-        .changed
-        .wait_timeout_while(st, Duration::from_micros(u64::from(us)), |s| s.request == Request::Run);
+    let _unused =
+        control.changed.wait_timeout_while(st, Duration::from_micros(u64::from(us)), |s| s.request == Request::Run);
 }
 
 /// The running vCPU threads of one VM.

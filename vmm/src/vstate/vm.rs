@@ -33,7 +33,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 /// Opens the KVM device with errors a person can act on.
 pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::NoKvm(path.to_owned()))?;
+    let cpath =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::NoKvm(path.to_owned()))?;
     let kvm = Kvm::new_with_path(&cpath).map_err(|source| match source.errno() {
         libc::ENOENT => Error::NoKvm(path.to_owned()),
         libc::EACCES | libc::EPERM => Error::KvmPermission(path.to_owned()),
@@ -68,14 +69,18 @@ impl Vm {
         fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
-        let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
         Ok(Vm { kvm, fd, supported_cpuid })
     }
 
     /// Registers every region of guest memory as a KVM memory slot.
     pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), Error> {
         for (slot, region) in mem.iter().enumerate() {
-            let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|_| Error::Kvm { what: "map guest memory", source: kvm_ioctls::Error::new(libc::EFAULT) })? as u64;
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| Error::Kvm { what: "map guest memory", source: kvm_ioctls::Error::new(libc::EFAULT) })?
+                as u64;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,

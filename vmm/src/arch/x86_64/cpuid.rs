@@ -80,12 +80,8 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8, tsc_khz: u32) {
         }
     }
     if !has_tsc_leaf && tsc_khz != 0 {
-        let entry = kvm_cpuid_entry2 {
-            function: LEAF_TSC_FREQUENCY,
-            eax: tsc_khz,
-            ebx: LAPIC_BUS_KHZ,
-            ..Default::default()
-        };
+        let entry =
+            kvm_cpuid_entry2 { function: LEAF_TSC_FREQUENCY, eax: tsc_khz, ebx: LAPIC_BUS_KHZ, ..Default::default() };
         // A full table only loses the frequency leaf; guests fall back.
         if cpuid.push(entry).is_err() {
             tracing::warn!("CPUID table full: leaf 0x40000010 (TSC frequency) not added");

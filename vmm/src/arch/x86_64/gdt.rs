@@ -41,12 +41,7 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 /// Code is 64-bit for the Linux 64-bit protocol and 32-bit for PVH.
 pub fn boot_gdt(long_mode: bool) -> [u64; 4] {
     let code = if long_mode { 0xa09b } else { 0xc09b };
-    [
-        gdt_entry(0, 0, 0),
-        gdt_entry(code, 0, 0xfffff),
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    [gdt_entry(0, 0, 0), gdt_entry(code, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
 }
 
 pub const CODE_INDEX: u8 = 1;

@@ -107,7 +107,10 @@ mod tests {
         let map = memory_map(256 << 20);
         assert_eq!(map[0], MemoryMapEntry { addr: 0, size: EBDA_START, kind: MemoryKind::Ram });
         assert_eq!(map[1].kind, MemoryKind::Reserved);
-        assert_eq!(map[2], MemoryMapEntry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: MemoryKind::Ram });
+        assert_eq!(
+            map[2],
+            MemoryMapEntry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: MemoryKind::Ram }
+        );
         assert_eq!(map.len(), 3);
     }
 

@@ -45,7 +45,9 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), Error> {
 
 pub fn setup_regs(vcpu: &VcpuFd, boot: BootEntry) -> Result<(), Error> {
     let regs = match boot {
-        BootEntry::Pvh { entry, start_info } => kvm_regs { rflags: 0x2, rip: entry, rbx: start_info, ..Default::default() },
+        BootEntry::Pvh { entry, start_info } => {
+            kvm_regs { rflags: 0x2, rip: entry, rbx: start_info, ..Default::default() }
+        }
         BootEntry::Linux64 { entry, boot_params } => kvm_regs {
             rflags: 0x2,
             rip: entry,

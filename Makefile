@@ -1,0 +1,60 @@
+# Ferry: the two commands are `make demo` and `make test`; they set up
+# everything they need on a fresh Debian machine (as root).
+
+CARGO     ?= cargo
+FERRY     := target/release/ferry
+GUEST     := target/guest/ferry-guest.elf
+LINUX_DIR := target/linux
+
+export FERRY_BIN       := $(CURDIR)/$(FERRY)
+export FERRY_GUEST     := $(CURDIR)/$(GUEST)
+export FERRY_LINUX_DIR := $(CURDIR)/$(LINUX_DIR)
+
+.PHONY: all deps build guest linux test demo bench lint fmt clean
+
+all: build guest
+
+## deps: Debian packages the tests and the demo use (lz4, iproute2, util-linux)
+deps:
+	@scripts/install-deps.sh
+
+## build: the ferry binary and the test/bench helpers
+build:
+	$(CARGO) build --release --workspace --bins
+
+## guest: the bundled test guest, target/guest/ferry-guest.elf
+guest:
+	cd guest && $(CARGO) build --release
+	@mkdir -p target/guest
+	cp guest/target/release/ferry-guest $(GUEST)
+
+## linux: Debian's cloud kernel, for the Linux smoke test (fetched, not built)
+linux: deps
+	scripts/fetch-linux.sh $(LINUX_DIR)
+
+## test: unit and end-to-end tests on real /dev/kvm
+test: deps build guest linux
+	$(CARGO) test --release --workspace
+
+## demo: boot the test guest and show it running, paused and resumed
+demo: deps build guest
+	scripts/demo.sh
+
+## bench: figures as JSON under target/bench/
+bench: deps build guest
+	@mkdir -p target/bench
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-boot -- target/bench/boot.json
+
+lint:
+	$(CARGO) fmt --all --check
+	cd guest && $(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --workspace -- -D warnings
+	cd guest && $(CARGO) clippy --release -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+	cd guest && $(CARGO) fmt
+
+clean:
+	$(CARGO) clean
+	cd guest && $(CARGO) clean
