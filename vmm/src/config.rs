@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::BootProtocol;
 use crate::devices::serial::SerialOutput;
+use crate::devices::virtio::net::MacAddr;
 use crate::vstate::vm::DEFAULT_KVM_DEVICE;
 
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -21,6 +22,55 @@ pub struct VmConfig {
     pub boot: BootProtocol,
     pub serial: SerialOutput,
     pub kvm_device: PathBuf,
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing tap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: MacAddr,
+}
+
+/// `--disk PATH[,readonly]`: a virtio-blk device on a raw image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_owned()),
+                Some(("mac", v)) => mac = Some(v.parse::<MacAddr>()?),
+                _ => return Err(format!("bad --net '{s}' (expected tap=NAME[,mac=MAC])")),
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("bad --net '{s}': tap=NAME is required"))?;
+        let mac = mac.unwrap_or_else(|| MacAddr::derived_from(&tap));
+        Ok(NetConfig { tap, mac })
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, readonly) = match s.strip_suffix(",readonly") {
+            Some(p) => (p, true),
+            None => (s, false),
+        };
+        if path.is_empty() || path.contains(',') {
+            return Err(format!("bad --disk '{s}' (expected PATH[,readonly])"));
+        }
+        Ok(DiskConfig { path: PathBuf::from(path), readonly })
+    }
 }
 
 impl VmConfig {
@@ -34,6 +84,28 @@ impl VmConfig {
             boot: BootProtocol::Auto,
             serial: SerialOutput::Stdout,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            net: Vec::new(),
+            disks: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_options_parse() {
+        let n: NetConfig = "tap=vm0,mac=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(n.tap, "vm0");
+        assert_eq!(n.mac.to_string(), "52:54:00:00:00:01");
+        let n: NetConfig = "tap=vm1".parse().unwrap();
+        assert_eq!(n.mac, MacAddr::derived_from("vm1"));
+        assert!("mac=52:54:00:00:00:01".parse::<NetConfig>().unwrap_err().contains("tap=NAME is required"));
+        assert!("tap=vm0,speed=10".parse::<NetConfig>().is_err());
+        let d: DiskConfig = "/v/d.img,readonly".parse().unwrap();
+        assert_eq!((d.path.to_str().unwrap(), d.readonly), ("/v/d.img", true));
+        assert!(!"/v/d.img".parse::<DiskConfig>().unwrap().readonly);
+        assert!("/v/d.img,rw".parse::<DiskConfig>().is_err());
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use vmm::boot::BootProtocol;
+use vmm::config::{DiskConfig, NetConfig};
 use vmm::devices::serial::SerialOutput;
 use vmm::{VmConfig, Vmm};
 
@@ -34,6 +35,15 @@ pub struct RunArgs {
     /// Boot protocol: auto (PVH if the ELF has a PVH note), pvh, or linux64.
     #[arg(long, value_name = "PROTO", default_value = "auto")]
     boot: BootProtocol,
+    /// A virtio-net device on an existing tap in this network namespace:
+    /// tap=NAME[,mac=MAC] (repeatable). The MAC defaults to one derived
+    /// from the tap name.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<NetConfig>,
+    /// A virtio-blk device on a raw image file: PATH[,readonly] (repeatable).
+    /// Flush requests are durable (fdatasync).
+    #[arg(long, value_name = "PATH[,readonly]")]
+    disk: Vec<DiskConfig>,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -53,6 +63,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         boot: args.boot,
         serial: args.serial,
         kvm_device: args.kvm_device,
+        net: args.net,
+        disks: args.disk,
     };
     let vmm = Arc::new(Vmm::start(config)?);
     crate::signals::forward_to(vmm.events());

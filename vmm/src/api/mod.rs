@@ -8,6 +8,7 @@
 //! | PUT    | /api/v1/vm.resume    | 204 once every vCPU runs again         |
 //! | PUT    | /api/v1/vm.shutdown  | 204, then the VMM stops the VM, exits  |
 //! | PUT    | /api/v1/vm.console   | body typed on the serial console       |
+//! | PUT    | /api/v1/vm.announce  | RARP for the guest's MAC on every tap  |
 //!
 //! Errors are `{"error": "..."}` with a 4xx/5xx status.
 //!

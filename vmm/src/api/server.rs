@@ -115,7 +115,11 @@ fn handle(mut request: Request, vmm: &Vmm) {
             let queued = vmm.console_input(&body);
             reply(request, 200, serde_json::json!({ "queued": queued, "dropped": body.len() - queued }))
         }
-        ("vmm.ping" | "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.console", m) => {
+        ("vm.announce", Method::Put) => match vmm.announce() {
+            Ok(n) => reply(request, 200, serde_json::json!({ "announced_on": n })),
+            Err(e) => error(request, 500, e),
+        },
+        ("vmm.ping" | "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.console" | "vm.announce", m) => {
             error(request, 405, format!("{m} not allowed on {url}"))
         }
         _ => error(request, 404, format!("no such endpoint {url}")),

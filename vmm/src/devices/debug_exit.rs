@@ -3,17 +3,17 @@
 
 use std::sync::mpsc::Sender;
 
-use super::bus::PioDevice;
+use super::bus::BusDevice;
 use crate::vstate::{ExitReason, VmEvent};
 
 pub struct DebugExit(pub Sender<VmEvent>);
 
-impl PioDevice for DebugExit {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for DebugExit {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
         if let Some(code) = data.first() {
             let _ = self.0.send(VmEvent::Exit(ExitReason::DebugExit(*code)));
         }

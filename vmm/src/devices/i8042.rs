@@ -5,7 +5,7 @@ use std::sync::mpsc::Sender;
 
 use vm_superio::{I8042Device, Trigger};
 
-use super::bus::PioDevice;
+use super::bus::BusDevice;
 use crate::vstate::{ExitReason, VmEvent};
 
 pub struct ResetLine(pub Sender<VmEvent>);
@@ -25,15 +25,15 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some(b) = data.first_mut() {
             *b = self.0.read(offset as u8);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(b) = data.first() {
             // The receiver is gone only while the VMM is already exiting.
             let _ = self.0.write(offset as u8, *b);

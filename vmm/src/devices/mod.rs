@@ -1,6 +1,10 @@
-//! Emulated devices, one module each, and the port I/O bus they sit on.
+//! Emulated devices, one module each, the buses they sit on, and the event
+//! loop that feeds host-side input (tap frames) to them.
 
 pub mod bus;
 pub mod debug_exit;
+pub mod event_loop;
 pub mod i8042;
 pub mod serial;
+pub mod tap;
+pub mod virtio;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::bus::PioDevice;
+use super::bus::BusDevice;
 
 /// Where the guest's console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,15 +75,15 @@ impl SerialDevice {
     }
 }
 
-impl PioDevice for SerialDevice {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some(b) = data.first_mut() {
             *b = self.uart.read(offset as u8);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(b) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, *b) {
                 tracing::warn!("serial: {e}");

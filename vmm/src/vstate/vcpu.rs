@@ -22,7 +22,7 @@ use super::{ExitReason, VmEvent};
 use crate::arch::x86_64::layout::ports;
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{cpuid, msr};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::Buses;
 use crate::memory::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ pub fn register_kick_handler() -> Result<(), Error> {
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
-    bus: Arc<PioBus>,
+    bus: Arc<Buses>,
     control: Arc<VcpuControl>,
     events: Sender<VmEvent>,
 }
@@ -108,7 +108,7 @@ impl Vcpu {
         supported_cpuid: &CpuId,
         mem: &GuestMemory,
         boot: Option<BootEntry>,
-        bus: Arc<PioBus>,
+        bus: Arc<Buses>,
         control: Arc<VcpuControl>,
         events: Sender<VmEvent>,
     ) -> Result<Vcpu, Error> {
@@ -199,7 +199,7 @@ impl Vcpu {
 }
 
 /// Handles one exit; `Some` ends this vCPU.
-fn handle_exit(id: u8, exit: VcpuExit, bus: &PioBus, control: &VcpuControl) -> Option<ExitReason> {
+fn handle_exit(id: u8, exit: VcpuExit, bus: &Buses, control: &VcpuControl) -> Option<ExitReason> {
     match exit {
         VcpuExit::IoOut(ports::IDLE, data) => {
             let mut us = [0u8; 4];
@@ -209,20 +209,19 @@ fn handle_exit(id: u8, exit: VcpuExit, bus: &PioBus, control: &VcpuControl) -> O
             None
         }
         VcpuExit::IoOut(port, data) => {
-            bus.write(port, data);
+            bus.pio.write(u64::from(port), data);
             None
         }
         VcpuExit::IoIn(port, data) => {
-            bus.read(port, data);
+            bus.pio.read(u64::from(port), data);
             None
         }
         VcpuExit::MmioRead(addr, data) => {
-            tracing::debug!(vcpu = id, "MMIO read of unclaimed {addr:#x}");
-            data.fill(0xff);
+            bus.mmio.read(addr, data);
             None
         }
-        VcpuExit::MmioWrite(addr, _) => {
-            tracing::debug!(vcpu = id, "MMIO write to unclaimed {addr:#x}");
+        VcpuExit::MmioWrite(addr, data) => {
+            bus.mmio.write(addr, data);
             None
         }
         VcpuExit::Hlt | VcpuExit::Shutdown => Some(ExitReason::GuestShutdown),

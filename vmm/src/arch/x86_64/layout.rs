@@ -38,19 +38,26 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// virtio-mmio windows, one 4 KiB page per device from here.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// IRQ of the first virtio device; the next ones follow.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// Devices that fit IRQs 5..=23 of the IOAPIC.
+pub const VIRTIO_MAX_DEVICES: usize = (IOAPIC_PINS - VIRTIO_FIRST_IRQ) as usize;
+
 /// IRQ lines of the in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
 pub const COM1_IRQ: u32 = 4;
 
 /// Port I/O map. The guest side of the Ferry ports is `guest/src/ports.rs`.
 pub mod ports {
-    pub const COM1: u16 = 0x3f8;
-    pub const COM1_LEN: u16 = 8;
-    pub const I8042: u16 = 0x60;
-    pub const I8042_LEN: u16 = 5;
+    pub const COM1: u64 = 0x3f8;
+    pub const COM1_LEN: u64 = 8;
+    pub const I8042: u64 = 0x60;
+    pub const I8042_LEN: u64 = 5;
     /// A byte written here ends the VM with that exit status (QEMU's
     /// isa-debug-exit address).
-    pub const DEBUG_EXIT: u16 = 0x501;
+    pub const DEBUG_EXIT: u64 = 0x501;
     /// A 32-bit write holds the vCPU for that many microseconds: the
     /// polling guest's `hlt`.
     pub const IDLE: u16 = 0x510;

@@ -1,0 +1,244 @@
+//! The virtio-mmio transport, register layout version 2 (virtio 1.x
+//! "modern"). One 4 KiB window per device; Linux finds it from
+//! `virtio_mmio.device=4K@<base>:<irq>` on its command line.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{Interrupt, VirtioDevice, QUEUE_SIZE, VIRTIO_F_VERSION_1};
+use crate::devices::bus::BusDevice;
+use crate::memory::GuestMemory;
+
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5952_5246; // "FRRY"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_FAILED: u32 = 0x80;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory, interrupt: Arc<Interrupt>) -> MmioTransport {
+        let queues = (0..device.queue_count()).map(|_| Queue::new(QUEUE_SIZE).expect("power-of-two size")).collect();
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+        }
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
+    }
+
+    /// Lets the backend move host input into the queues (called by the
+    /// device event loop). Returns true if input waits for the driver (no
+    /// free buffers, or no driver yet).
+    pub fn backend_ready(&mut self) -> bool {
+        if !self.driver_ok() {
+            return true;
+        }
+        self.device.backend_ready(&mut self.queues, &self.mem, &self.interrupt)
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt.ack(u32::MAX);
+        self.device.reset();
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            if self.acked_features & !offered != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+                tracing::warn!(
+                    "virtio: driver acked features {:#x} not within {:#x} or without VERSION_1",
+                    self.acked_features,
+                    offered
+                );
+                value &= !STATUS_FEATURES_OK;
+            }
+        }
+        if value & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+            let bad = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem));
+            if let Some(i) = bad {
+                tracing::warn!("virtio: queue {i} addresses are outside guest memory or misaligned");
+                value |= STATUS_FAILED;
+            } else {
+                self.device.activate(self.acked_features);
+            }
+        }
+        self.status = value;
+    }
+
+    fn notify(&mut self, index: u32) {
+        let i = index as usize;
+        if !self.driver_ok() || !self.queues.get(i).is_some_and(|q| q.ready()) {
+            return;
+        }
+        self.device.queue_notify(i, &mut self.queues, &self.mem, &self.interrupt);
+    }
+}
+
+fn read_u32(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let value = match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            // No device here has writable configuration.
+            return;
+        }
+        if data.len() != 4 {
+            return;
+        }
+        let v = read_u32(data);
+        // Queue and feature registers may change only while the driver sets
+        // the device up (before DRIVER_OK), as the spec requires.
+        let setting_up = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_DRIVER_FEATURES if setting_up && self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
+                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM if setting_up => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            REG_QUEUE_READY if setting_up => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH
+                if setting_up =>
+            {
+                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
+                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(v),
+            REG_INTERRUPT_ACK => self.interrupt.ack(v),
+            REG_STATUS => self.set_status(v),
+            _ => tracing::debug!("virtio-mmio: ignored write of {v:#x} at {offset:#x}"),
+        }
+    }
+}

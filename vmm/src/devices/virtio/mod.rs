@@ -1,0 +1,109 @@
+//! virtio devices over the virtio-mmio transport (virtio 1.x, register
+//! layout version 2). The transport (`mmio`) owns the queues and the
+//! register file; each device (`net`, `blk`) turns available descriptor
+//! chains into work. Every write into guest memory goes through vm-memory,
+//! so the AtomicBitmap records it for live migration.
+
+pub mod blk;
+pub mod mmio;
+pub mod net;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+/// Queue size offered to drivers.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// InterruptStatus bit: the device used a buffer.
+pub const INTERRUPT_USED_RING: u32 = 1;
+
+/// A device's interrupt: the status register drivers read, and the irqfd
+/// that raises its IOAPIC line for drivers that take interrupts. Polling
+/// drivers (the test guest) never look at either.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Interrupt {
+        Interrupt { status: AtomicU32::new(0), irqfd }
+    }
+
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INTERRUPT_USED_RING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a device behind the MMIO transport provides.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    fn queue_count(&self) -> usize;
+    /// Reads from the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver set DRIVER_OK with these features.
+    fn activate(&mut self, _acked_features: u64) {}
+    /// The driver notified queue `index` (it made buffers available).
+    fn queue_notify(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory, irq: &Interrupt);
+    /// The host side has input (a tap frame): move it into the queues.
+    /// Returns true if input is waiting for the driver to post buffers.
+    fn backend_ready(&mut self, _queues: &mut [Queue], _mem: &GuestMemory, _irq: &Interrupt) -> bool {
+        false
+    }
+    /// The host file descriptor whose readability calls `backend_ready`.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// Tells the network where the guest is (network devices only).
+    fn announce(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// What the device is, for `vm.info`.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// Copies `value`'s bytes at `offset` of a config space into `data`,
+/// leaving bytes beyond the space as zero.
+pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if start >= space.len() {
+        return;
+    }
+    let n = data.len().min(space.len() - start);
+    data[..n].copy_from_slice(&space[start..start + n]);
+}
+
+/// Adds a used element and signals the driver if it wants to know.
+pub fn complete(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, irq: &Interrupt) {
+    use virtio_queue::QueueT;
+    if let Err(e) = queue.add_used(mem, head, len) {
+        tracing::warn!("virtio: cannot return descriptor {head}: {e}");
+        return;
+    }
+    if queue.needs_notification(mem).unwrap_or(true) {
+        irq.signal_used();
+    }
+}

@@ -1,0 +1,268 @@
+//! virtio-net backed by a TAP device. Queue 0 receives (tap → guest),
+//! queue 1 transmits (guest → tap). Frames carry the 12-byte virtio-net
+//! header both ways, which the tap understands as is (IFF_VNET_HDR).
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+
+use super::{complete, read_config_bytes, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::devices::tap::{Tap, VNET_HDR_LEN};
+use crate::memory::GuestMemory;
+
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+const RX: usize = 0;
+const TX: usize = 1;
+/// Header plus the largest frame without offloads (and a VLAN tag).
+const MAX_FRAME: usize = VNET_HDR_LEN + 1518;
+
+/// A MAC address, written `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<_> = s.split(':').collect();
+        let bad = || format!("bad MAC address '{s}' (expected six hex bytes like 52:54:00:12:34:56)");
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(parts) {
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!("MAC address '{s}' is multicast; a NIC needs a unicast address"));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl MacAddr {
+    /// A stable locally administered address derived from `seed` (the tap
+    /// name), so a VM keeps its MAC across restarts and moves.
+    pub fn derived_from(seed: &str) -> MacAddr {
+        let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let b = h.to_le_bytes();
+        MacAddr([0x52, 0x54, 0x00, b[0], b[1], b[2]])
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+    pub bad_chains: u64,
+}
+
+pub struct Net {
+    tap: Tap,
+    mac: MacAddr,
+    /// A frame read from the tap that no guest buffer was free for yet.
+    pending: Option<usize>,
+    frame: Vec<u8>,
+    pub stats: NetStats,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: MacAddr) -> Net {
+        Net { tap, mac, pending: None, frame: vec![0; 65_562], stats: NetStats::default() }
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// Sends a RARP announcement for the guest's MAC out of the tap, as
+    /// QEMU's self-announce does, so bridges learn where the guest now is.
+    pub fn announce(&mut self) -> std::io::Result<()> {
+        let frame = rarp_announce(self.mac);
+        self.tap.write_frame(&frame)
+    }
+
+    /// Moves frames from the tap into free RX buffers. True if a frame waits
+    /// for the guest to post more buffers.
+    fn receive(&mut self, rxq: &mut Queue, mem: &GuestMemory, irq: &Interrupt) -> bool {
+        loop {
+            let len = match self.pending.take() {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.frame) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => return false,
+                    Err(e) => {
+                        tracing::warn!("tap {}: read failed: {e}", self.tap.name());
+                        return false;
+                    }
+                },
+            };
+            let Some(chain) = rxq.pop_descriptor_chain(mem) else {
+                self.pending = Some(len);
+                return true;
+            };
+            let head = chain.head_index();
+            let written = match chain.writer(mem) {
+                Ok(mut w) if w.available_bytes() >= len => match w.write_all(&self.frame[..len]) {
+                    Ok(()) => len as u32,
+                    Err(_) => {
+                        self.stats.bad_chains += 1;
+                        0
+                    }
+                },
+                Ok(_) => {
+                    self.stats.rx_dropped += 1;
+                    0
+                }
+                Err(_) => {
+                    self.stats.bad_chains += 1;
+                    0
+                }
+            };
+            if written > 0 {
+                self.stats.rx_frames += 1;
+            }
+            complete(rxq, mem, head, written, irq);
+        }
+    }
+
+    fn transmit(&mut self, txq: &mut Queue, mem: &GuestMemory, irq: &Interrupt) {
+        while let Some(chain) = txq.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match chain.reader(mem) {
+                Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
+                    let len = r.available_bytes();
+                    match r.read_exact(&mut self.frame[..len]) {
+                        Ok(()) => match self.tap.write_frame(&self.frame[..len]) {
+                            Ok(()) => self.stats.tx_frames += 1,
+                            Err(_) => self.stats.tx_dropped += 1,
+                        },
+                        Err(_) => self.stats.bad_chains += 1,
+                    }
+                }
+                Ok(_) => self.stats.tx_dropped += 1,
+                Err(_) => self.stats.bad_chains += 1,
+            }
+            complete(txq, mem, head, 0, irq);
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+    }
+
+    fn queue_count(&self) -> usize {
+        2
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut space = [0u8; 10];
+        space[..6].copy_from_slice(&self.mac.0);
+        space[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        space[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        read_config_bytes(&space, offset, data);
+    }
+
+    fn queue_notify(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory, irq: &Interrupt) {
+        match index {
+            RX => {
+                // New buffers: deliver what waited for them.
+                self.receive(&mut queues[RX], mem, irq);
+            }
+            TX => self.transmit(&mut queues[TX], mem, irq),
+            _ => {}
+        }
+    }
+
+    fn backend_ready(&mut self, queues: &mut [Queue], mem: &GuestMemory, irq: &Interrupt) -> bool {
+        if !queues[RX].ready() {
+            return false;
+        }
+        self.receive(&mut queues[RX], mem, irq)
+    }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.tap.as_raw_fd())
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+
+    fn announce(&mut self) -> std::io::Result<()> {
+        Net::announce(self)
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "type": "net", "tap": self.tap.name(), "mac": self.mac.to_string(), "stats": self.stats })
+    }
+}
+
+/// A RARP "request reverse" for `mac`, broadcast, with a zero virtio-net
+/// header in front (QEMU's announce frame).
+pub fn rarp_announce(mac: MacAddr) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes()); // request reverse
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(VNET_HDR_LEN + 60, 0); // minimum Ethernet frame
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parses_prints_and_refuses_multicast() {
+        let m: MacAddr = "52:54:00:ab:CD:0f".parse().unwrap();
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:0f");
+        assert!("52:54:00:ab:cd".parse::<MacAddr>().is_err());
+        assert!("01:00:5e:00:00:01".parse::<MacAddr>().unwrap_err().contains("multicast"));
+        assert_eq!(MacAddr::derived_from("vm0"), MacAddr::derived_from("vm0"));
+        assert_ne!(MacAddr::derived_from("vm0"), MacAddr::derived_from("vm1"));
+    }
+
+    #[test]
+    fn rarp_frame_announces_the_mac() {
+        let mac = MacAddr([0x52, 0x54, 0, 1, 2, 3]);
+        let f = rarp_announce(mac);
+        let eth = &f[VNET_HDR_LEN..];
+        assert_eq!(eth.len(), 60);
+        assert_eq!(&eth[0..6], &[0xff; 6]);
+        assert_eq!(&eth[6..12], &mac.0);
+        assert_eq!(&eth[12..14], &[0x80, 0x35]);
+        assert_eq!(&eth[20..22], &[0, 3]);
+        assert_eq!(&eth[22..28], &mac.0);
+    }
+}
