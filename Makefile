@@ -1,6 +1,9 @@
 # Ferry: the two commands are `make demo` and `make test`; they set up
 # everything they need on a fresh Debian machine (as root).
 
+SHELL        := /bin/bash
+.SHELLFLAGS  := -eo pipefail -c
+
 CARGO     ?= cargo
 FERRY     := target/release/ferry
 GUEST     := target/guest/ferry-guest.elf
@@ -34,7 +37,9 @@ linux: deps
 
 ## test: unit and end-to-end tests on real /dev/kvm
 test: deps build guest linux
-	$(CARGO) test --release --workspace
+	@mkdir -p target
+	$(CARGO) test --release --workspace 2>&1 | tee target/test.log
+	@scripts/test-summary.sh target/test.log
 
 ## demo: boot the test guest and show it running, paused and resumed
 demo: deps build guest
