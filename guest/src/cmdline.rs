@@ -20,6 +20,13 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// How long to hand the CPU back when idle, microseconds (0: spin).
     pub idle_us: u64,
+    /// The guest's IPv4 address; without it the network stack stays silent.
+    pub ip: Option<[u8; 4]>,
+    /// Overrides the MAC the net device reports.
+    pub mac: Option<[u8; 6]>,
+    pub udp_echo_port: u16,
+    /// Send a gratuitous ARP after the guest was stopped this long, ms (0: never).
+    pub announce_stall_ms: u64,
     pub virtio: [VirtioMmioDevice; MAX_VIRTIO_DEVICES],
     pub virtio_count: usize,
     pub unknown: usize,
@@ -33,6 +40,10 @@ impl Config {
             tsc_khz: 0,
             heartbeat_ms: 1000,
             idle_us: 200,
+            ip: None,
+            mac: None,
+            udp_echo_port: 7,
+            announce_stall_ms: 0,
             virtio: [VirtioMmioDevice::default(); MAX_VIRTIO_DEVICES],
             virtio_count: 0,
             unknown: 0,
@@ -45,6 +56,20 @@ impl Config {
                 "tsc_khz" => c.tsc_khz = parse_u64(value).unwrap_or(0),
                 "heartbeat_ms" => c.heartbeat_ms = parse_u64(value).unwrap_or(1000).max(10),
                 "idle_us" => c.idle_us = parse_u64(value).unwrap_or(c.idle_us).min(10_000),
+                // A malformed value counts as an ignored word (see the banner).
+                "ip" => match parse_ipv4(value) {
+                    Some(ip) => c.ip = Some(ip),
+                    None => c.unknown += 1,
+                },
+                "mac" => match parse_mac(value) {
+                    Some(mac) => c.mac = Some(mac),
+                    None => c.unknown += 1,
+                },
+                "udp_echo_port" => match value.parse() {
+                    Ok(port) => c.udp_echo_port = port,
+                    Err(_) => c.unknown += 1,
+                },
+                "announce_stall_ms" => c.announce_stall_ms = parse_u64(value).unwrap_or(0),
                 "virtio_mmio.device" => {
                     if let Some(dev) = parse_virtio_mmio(value) {
                         if c.virtio_count < MAX_VIRTIO_DEVICES {
@@ -84,4 +109,28 @@ fn parse_virtio_mmio(s: &str) -> Option<VirtioMmioDevice> {
     let (size, rest) = s.split_once('@')?;
     let (base, irq) = rest.split_once(':')?;
     Some(VirtioMmioDevice { size: parse_u64(size)?, base: parse_u64(base)?, irq: irq.parse().ok()? })
+}
+
+/// `A.B.C.D`.
+pub fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in ip.iter_mut() {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }

@@ -2,7 +2,8 @@
 //!
 //! A freestanding program that boots through PVH, does its privileged setup
 //! at CPL0 (see `boot.rs`) and spends its life at CPL3 in one polling loop:
-//! a heartbeat on COM1, a memory workload, and commands read from COM1.
+//! a heartbeat on COM1, a memory workload, commands read from COM1, and
+//! polled virtio-net (ARP, ICMP echo, UDP echo) and virtio-blk devices.
 //! It never enables interrupts and never takes an exception, because on a PVM
 //! host neither is delivered.
 //!
@@ -10,8 +11,11 @@
 //!   out: `ferry-guest ... booted: ...`   banner
 //!        `workload ready: ...`           working set filled (generation 1)
 //!        `heartbeat N max_stall_us=U generation=G dirtied_pages=P`
+//!        `virtio-net: mac=M ip=A queues=2`, `virtio-blk: capacity_sectors=N flush=yes|no`
 //!        `verify ok ...` | `verify FAILED ...`
-//!   in:  `verify`, `status`, `dirty MIB_S`, `exit [CODE]`, `reset`
+//!   in:  `verify`, `status`, `dirty MIB_S`, `exit [CODE]`, `reset`,
+//!        `net-status`, `net-announce`, `disk-id`, `disk-write START COUNT SEED`,
+//!        `disk-verify START COUNT SEED`, `disk-bad oob|loop|huge|sector`
 
 #![no_std]
 #![no_main]
@@ -19,15 +23,21 @@
 mod boot;
 mod clock;
 mod cmdline;
+mod disktest;
+mod dma;
 mod io;
 mod mem;
+mod net;
 mod ports;
 mod serial;
 mod start_info;
+mod virtio;
 mod workload;
 
 use cmdline::Config;
 use io::{outl, rdtsc};
+use net::Interface;
+use virtio::blk::{BadKind, BlkDevice};
 use workload::WorkingSet;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -47,18 +57,27 @@ extern "C" {
 struct Stopwatch {
     last: u64,
     max_ticks: u64,
+    /// Longest stall since `take_recent`, for the re-announce check.
+    recent_max: u64,
 }
 
 impl Stopwatch {
     fn tick(&mut self, now: u64) {
-        self.max_ticks = self.max_ticks.max(now.saturating_sub(self.last));
+        self.record(now.saturating_sub(self.last));
         self.last = now;
     }
     /// Like `tick`, for a gap that was meant to last `allowed` ticks (an
     /// idle request): only the excess counts as a stall.
     fn tick_allowing(&mut self, now: u64, allowed: u64) {
-        self.max_ticks = self.max_ticks.max(now.saturating_sub(self.last).saturating_sub(allowed));
+        self.record(now.saturating_sub(self.last).saturating_sub(allowed));
         self.last = now;
+    }
+    fn record(&mut self, stall: u64) {
+        self.max_ticks = self.max_ticks.max(stall);
+        self.recent_max = self.recent_max.max(stall);
+    }
+    fn take_recent(&mut self) -> u64 {
+        core::mem::take(&mut self.recent_max)
     }
     /// Skips the time spent in rare, slow work of our own (printing a line,
     /// running a command): a few milliseconds a second at most.
@@ -79,6 +98,8 @@ struct Guest {
     max_stall_ever_us: u64,
     heartbeats: u64,
     booted_at: u64,
+    net: Option<Interface>,
+    blk: Option<BlkDevice>,
 }
 
 #[no_mangle]
@@ -110,6 +131,22 @@ pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
     if cfg.unknown > 0 {
         println!("cmdline: {} word(s) not for this guest ignored", cfg.unknown);
     }
+    // SAFETY: the only call: the arena is handed out once, here.
+    let mut arena = unsafe { dma::DmaArena::take() };
+    let devs = virtio::probe_all(&cfg, &mut arena, tsc_khz);
+    let net = devs.net.map(|dev| {
+        let iface = Interface::up(dev, cfg.ip, cfg.udp_echo_port);
+        println!(
+            "virtio-net: mac={} ip={} queues={}",
+            net::Mac(iface.stack.mac),
+            net::Ip(iface.stack.ip),
+            iface.dev.queues()
+        );
+        iface
+    });
+    if let Some(b) = &devs.blk {
+        println!("virtio-blk: capacity_sectors={} flush={}", b.capacity, if b.flush { "yes" } else { "no" });
+    }
 
     let image_end = core::ptr::addr_of!(__image_end) as u64;
     let want_pages = cfg.wss_mib * (1 << 20) / workload::PAGE;
@@ -135,10 +172,12 @@ pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
         dirty_origin: now,
         dirtied_since_origin: 0,
         dirtied_total: 0,
-        stall: Stopwatch { last: now, max_ticks: 0 },
+        stall: Stopwatch { last: now, max_ticks: 0, recent_max: 0 },
         max_stall_ever_us: 0,
         heartbeats: 0,
         booted_at,
+        net,
+        blk: devs.blk,
     };
     g.run()
 }
@@ -160,7 +199,20 @@ impl Guest {
         loop {
             let now = rdtsc();
             self.stall.tick(now);
-            let busy = self.dirty_due(now);
+            let mut busy = self.dirty_due(now);
+            let gap = self.stall.take_recent();
+            if let Some(net) = &mut self.net {
+                // A long stall means the VM was stopped, maybe moved to another
+                // host: re-announce so the fabric learns where the MAC is now.
+                let ms = self.cfg.announce_stall_ms;
+                if ms > 0 && gap >= ms.saturating_mul(self.tsc_khz) {
+                    let sent = net.announce();
+                    println!("announce: stall_ms={} sent={}", gap / self.tsc_khz, if sent { "yes" } else { "no" });
+                    self.stall.restart();
+                }
+                // One memory read when nothing arrived.
+                busy |= net.poll();
+            }
 
             if now >= next_input {
                 if let Some(line) = input.poll() {
@@ -280,7 +332,98 @@ impl Guest {
                 println!("reset");
                 ports::i8042_reset()
             }
+            "net-status" => self.net_status(),
+            "net-announce" => match &mut self.net {
+                Some(n) => println!("net-announce sent={}", if n.announce() { "yes" } else { "no" }),
+                None => println!("net-announce FAILED reason=no-device"),
+            },
+            "disk-id" => self.disk_id(),
+            name @ ("disk-write" | "disk-verify") => {
+                let args = (
+                    words.next().and_then(cmdline::parse_u64),
+                    words.next().and_then(cmdline::parse_u64),
+                    words.next().and_then(cmdline::parse_u64),
+                );
+                match args {
+                    (Some(start), Some(count), Some(seed)) => self.disk_pattern(name, start, count, seed),
+                    _ => println!("usage: {} START COUNT SEED", name),
+                }
+            }
+            "disk-bad" => match words.next().and_then(BadKind::parse) {
+                Some(kind) => self.disk_bad(kind),
+                None => println!("usage: disk-bad oob|loop|huge|sector"),
+            },
             other => println!("unknown command: {}", other),
+        }
+    }
+
+    fn net_status(&self) {
+        let Some(n) = &self.net else {
+            println!("net-status FAILED reason=no-device");
+            return;
+        };
+        let c = &n.stack.counters;
+        println!(
+            "net-status ip={} mac={} rx_frames={} tx_frames={} icmp_echoes={} udp_echoes={} arp_replies={} tx_dropped={} device={}",
+            net::Ip(n.stack.ip),
+            net::Mac(n.stack.mac),
+            c.rx_frames,
+            c.tx_frames,
+            c.icmp_echoes,
+            c.udp_echoes,
+            c.arp_replies,
+            c.tx_dropped,
+            if n.dev.failed() { "failed" } else { "ok" }
+        );
+    }
+
+    fn disk_id(&mut self) {
+        let Some(b) = &mut self.blk else {
+            println!("disk-id FAILED reason=no-disk");
+            return;
+        };
+        match b.get_id() {
+            Ok(id) => {
+                // Up to 20 bytes, NUL-terminated when shorter; shown as ASCII.
+                let mut text = [b'?'; 20];
+                let len = id.iter().position(|&c| c == 0).unwrap_or(id.len());
+                for (t, &c) in text.iter_mut().zip(&id[..len]) {
+                    if c.is_ascii_graphic() || c == b' ' {
+                        *t = c;
+                    }
+                }
+                println!("disk-id {}", core::str::from_utf8(&text[..len]).unwrap_or(""));
+            }
+            Err(e) => println!("disk-id FAILED {}", e),
+        }
+    }
+
+    fn disk_pattern(&mut self, name: &str, start: u64, count: u64, seed: u64) {
+        let Some(b) = &mut self.blk else {
+            println!("{} FAILED reason=no-disk start={} count={} seed={}", name, start, count, seed);
+            return;
+        };
+        let r = if name == "disk-write" {
+            disktest::write(b, start, count, seed)
+        } else {
+            disktest::verify(b, start, count, seed)
+        };
+        match r {
+            Ok(()) => println!("{} ok start={} count={} seed={}", name, start, count, seed),
+            Err(f) => println!("{} FAILED {} start={} count={} seed={}", name, f, start, count, seed),
+        }
+    }
+
+    fn disk_bad(&mut self, kind: BadKind) {
+        let word = kind.name();
+        let Some(b) = &mut self.blk else {
+            println!("disk-bad {} FAILED reason=no-disk", word);
+            return;
+        };
+        match b.bad(kind) {
+            Ok(status) => println!("disk-bad {} status={}", word, status),
+            Err(virtio::blk::BlkError::Timeout) => println!("disk-bad {} no-completion", word),
+            Err(e) => println!("disk-bad {} FAILED {}", word, e),
         }
     }
 }
