@@ -11,9 +11,11 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod snapshot;
+pub mod state;
 pub mod vmm;
 pub mod vstate;
 
 pub use config::VmConfig;
-pub use vmm::{VmInfo, VmState, Vmm};
+pub use vmm::{RunState, VmInfo, Vmm};
 pub use vstate::{ExitReason, VmEvent};

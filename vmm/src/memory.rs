@@ -100,3 +100,188 @@ mod tests {
         assert!(matches!(create(1 << 40), Err(Error::TooLarge { .. })));
     }
 }
+
+/// The guest page size all scans and transfers use.
+pub const PAGE_SIZE: u64 = 4096;
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// A run of guest memory found by [`scan`], addressed by offset in the
+/// memory file (guest RAM below the MMIO hole first, then the rest).
+pub enum Extent<'a> {
+    /// Pages that are all zero (or were never touched): sent as a marker.
+    Zero { offset: u64, len: u64 },
+    /// Pages with data.
+    Data { offset: u64, bytes: &'a [u8] },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScanStats {
+    pub pages_zero: u64,
+    pub pages_data: u64,
+}
+
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; only the file position changes.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
+}
+
+/// Walks the first `size` bytes of `file` (a memfd or a sparse memory
+/// image) in order, handing `f` runs of zero pages and runs of data pages.
+/// Holes are skipped without reading (SEEK_DATA/SEEK_HOLE), so untouched
+/// guest memory costs nothing.
+pub fn scan(
+    file: &File,
+    size: u64,
+    mut f: impl FnMut(Extent<'_>) -> std::io::Result<()>,
+) -> std::io::Result<ScanStats> {
+    use std::os::unix::fs::FileExt;
+    let mut stats = ScanStats::default();
+    let mut buf = vec![0u8; SCAN_CHUNK];
+    let mut pos = 0u64;
+    while pos < size {
+        let data = seek(file, pos, libc::SEEK_DATA)?.unwrap_or(size).min(size);
+        if data > pos {
+            stats.pages_zero += (data - pos).div_ceil(PAGE_SIZE);
+            f(Extent::Zero { offset: pos, len: data - pos })?;
+        }
+        if data >= size {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let mut at = data & !(PAGE_SIZE - 1);
+        while at < hole {
+            let n = ((hole - at) as usize).min(SCAN_CHUNK).next_multiple_of(PAGE_SIZE as usize);
+            let n = n.min((size - at) as usize);
+            file.read_exact_at(&mut buf[..n], at)?;
+            // Split the chunk into runs of zero and data pages.
+            let mut run_start = 0usize;
+            let mut run_zero = None;
+            for (i, page) in buf[..n].chunks(PAGE_SIZE as usize).enumerate() {
+                let zero = page.iter().all(|b| *b == 0);
+                if zero {
+                    stats.pages_zero += 1;
+                } else {
+                    stats.pages_data += 1;
+                }
+                match run_zero {
+                    Some(z) if z != zero => {
+                        let start = run_start * PAGE_SIZE as usize;
+                        let end = i * PAGE_SIZE as usize;
+                        emit(&mut f, z, at + start as u64, &buf[start..end])?;
+                        run_start = i;
+                    }
+                    _ => {}
+                }
+                run_zero = Some(zero);
+            }
+            if let Some(z) = run_zero {
+                let start = run_start * PAGE_SIZE as usize;
+                emit(&mut f, z, at + start as u64, &buf[start..n])?;
+            }
+            at += n as u64;
+        }
+        pos = hole.max(at);
+    }
+    Ok(stats)
+}
+
+fn emit(
+    f: &mut impl FnMut(Extent<'_>) -> std::io::Result<()>,
+    zero: bool,
+    offset: u64,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    if zero {
+        f(Extent::Zero { offset, len: bytes.len() as u64 })
+    } else {
+        f(Extent::Data { offset, bytes })
+    }
+}
+
+impl GuestRam {
+    /// Writes guest RAM into `file` as a sparse image of the memory file:
+    /// data pages at their offsets, zero pages as holes.
+    pub fn save_to(&self, file: &File) -> std::io::Result<ScanStats> {
+        use std::os::unix::fs::FileExt;
+        file.set_len(0)?;
+        file.set_len(self.size)?;
+        scan(&self.memfd, self.size, |e| match e {
+            Extent::Data { offset, bytes } => file.write_all_at(bytes, offset),
+            Extent::Zero { .. } => Ok(()),
+        })
+    }
+
+    /// Fills guest RAM from a sparse image written by `save_to`.
+    pub fn load_from(&self, file: &File) -> std::io::Result<ScanStats> {
+        let len = file.metadata()?.len();
+        if len != self.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("memory image is {len} bytes, the VM has {} bytes of RAM", self.size),
+            ));
+        }
+        scan(file, self.size, |e| match e {
+            Extent::Data { offset, bytes } => self.write_at(offset, bytes),
+            Extent::Zero { .. } => Ok(()),
+        })
+    }
+
+    /// Writes `bytes` at `offset` of guest RAM (the memory file), checking
+    /// the range: a peer or a file can name any offset.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match offset.checked_add(bytes.len() as u64) {
+            Some(end) if end <= self.size => self.memfd.write_all_at(bytes, offset),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("range {offset:#x}+{:#x} is outside guest memory ({:#x} bytes)", bytes.len(), self.size),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn scan_separates_zero_and_data_pages_and_round_trips() {
+        let ram = create(32).unwrap();
+        ram.write_at(0x3000, &[7u8; 4096]).unwrap();
+        ram.write_at(0x5000, &[9u8; 8192]).unwrap();
+        ram.write_at((16 << 20) + 1, &[1u8]).unwrap();
+        let mut data = Vec::new();
+        let stats = scan(&ram.memfd, ram.size, |e| {
+            if let Extent::Data { offset, bytes } = e {
+                data.push((offset, bytes.len()));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(data, vec![(0x3000, 4096), (0x5000, 8192), (16 << 20, 4096)]);
+        assert_eq!(stats.pages_data, 4);
+        assert_eq!(stats.pages_data + stats.pages_zero, ram.size / PAGE_SIZE);
+
+        let dir = std::env::temp_dir().join(format!("ferry-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("m")).unwrap();
+        ram.save_to(&img).unwrap();
+        let copy = create(32).unwrap();
+        copy.load_from(&img).unwrap();
+        let mut a = vec![0u8; ram.size as usize];
+        let mut b = vec![0u8; ram.size as usize];
+        use std::os::unix::fs::FileExt;
+        ram.memfd.read_exact_at(&mut a, 0).unwrap();
+        copy.memfd.read_exact_at(&mut b, 0).unwrap();
+        assert!(a == b);
+        assert!(copy.write_at(ram.size - 1, &[0, 0]).is_err(), "writes past the end are refused");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,6 +1,7 @@
 //! A running VM: builds KVM state, memory, devices and vCPUs from a
 //! `VmConfig`, and offers the controls the API and CLI need.
 
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -10,12 +11,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::mptable;
-use crate::boot::{self, BootSpec, Booted};
+use crate::arch::x86_64::regs::BootEntry;
+use crate::boot::{self, BootSpec};
 use crate::config::{VmConfig, MAX_VCPUS};
 use crate::devices::bus::{lock, Buses};
 use crate::devices::debug_exit::DebugExit;
-use crate::devices::i8042::I8042;
 use crate::devices::event_loop::EventLoop;
+use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, SerialDevice};
 use crate::devices::tap::{self, Tap};
 use crate::devices::virtio::blk::{self, Block};
@@ -23,6 +25,11 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::{self, GuestRam};
+use crate::snapshot;
+use crate::state::devices::{BackendSnapshot, DevicesState};
+use crate::state::vcpu::VcpuState;
+use crate::state::vm::VmArchState;
+use crate::state::VmState as SavedState;
 use crate::vstate::vcpu::{self, Vcpu, Vcpus};
 use crate::vstate::vm::{self, Vm};
 use crate::vstate::{ExitReason, VmEvent};
@@ -48,7 +55,7 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::Overlap),
     #[error("the VM is already {0}")]
-    State(VmState),
+    State(RunState),
     #[error("--net: {0}")]
     Tap(#[from] tap::Error),
     #[error("--disk: {0}")]
@@ -59,27 +66,46 @@ pub enum Error {
     EventLoop(std::io::Error),
     #[error("cannot announce the guest on {tap}: {source}")]
     Announce { tap: String, source: std::io::Error },
+    #[error("the VM must be paused for this")]
+    NotPaused,
+    #[error("cannot restore: {0}")]
+    BadState(String),
+    #[error("cannot write snapshot into {dir}: {source}")]
+    Snapshot { dir: PathBuf, source: std::io::Error },
 }
 
+/// Whether the vCPUs run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum VmState {
+pub enum RunState {
     Running,
     Paused,
 }
 
-impl std::fmt::Display for VmState {
+impl std::fmt::Display for RunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            VmState::Running => "running",
-            VmState::Paused => "paused",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
         })
     }
+}
+
+/// What `vm.snapshot` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    pub state_bytes: u64,
+    pub mem_mib: u64,
+    pub pages_data: u64,
+    pub pages_zero: u64,
+    pub pause_ms: f64,
+    pub total_ms: f64,
 }
 
 /// What `GET vm.info` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmInfo {
-    pub state: VmState,
+    pub state: RunState,
     pub config: VmConfig,
     pub boot_protocol: &'static str,
     pub kernel_load: u64,
@@ -93,28 +119,55 @@ pub struct Vmm {
     config: VmConfig,
     vcpus: Mutex<Vcpus>,
     // Field order is drop order: vCPUs, then the VM fd, then its memory.
-    _vm: Vm,
-    _ram: GuestRam,
+    vm: Vm,
+    ram: GuestRam,
     serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     event_loop: EventLoop,
-    booted: Booted,
+    boot_protocol: &'static str,
+    kernel_load: u64,
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
     started: Instant,
 }
 
+/// How a VM comes to life.
+pub enum Launch {
+    /// Load the config's kernel and boot it.
+    Boot,
+    /// Take on saved state; guest RAM already holds the saved memory.
+    Restore { state: Box<SavedState>, ram: GuestRam, paused: bool },
+}
+
 impl Vmm {
-    /// Builds the VM and starts its vCPUs.
+    /// Builds the VM and boots it.
     pub fn start(config: VmConfig) -> Result<Vmm, Error> {
+        Vmm::build(config, Launch::Boot)
+    }
+
+    /// Rebuilds a saved VM on this host: `state.config` with `config`'s
+    /// host-side choices (taps, serial, KVM device) applied by the caller.
+    pub fn restore(config: VmConfig, state: SavedState, ram: GuestRam, paused: bool) -> Result<Vmm, Error> {
+        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused })
+    }
+
+    fn build(config: VmConfig, launch: Launch) -> Result<Vmm, Error> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(Error::VcpuCount(config.vcpus));
         }
-        memory::check_size(config.mem_mib)?;
         // Backends first: a missing tap or disk is reported before any boot work.
         let devices = open_virtio_backends(&config)?;
+        let (ram, restore) = match launch {
+            Launch::Boot => {
+                memory::check_size(config.mem_mib)?;
+                (memory::create(config.mem_mib)?, None)
+            }
+            Launch::Restore { state, ram, paused } => {
+                check_restorable(&config, &state, &ram, &devices)?;
+                (ram, Some((state, paused)))
+            }
+        };
         let vm = Vm::new(&config.kvm_device)?;
-        let ram = memory::create(config.mem_mib)?;
         vm.register_memory(&ram.memory)?;
 
         let mut cmdline = config.cmdline.clone();
@@ -125,32 +178,48 @@ impl Vmm {
             let irq = layout::VIRTIO_FIRST_IRQ + i as u32;
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Irq)?;
             vm.fd.register_irqfd(&irqfd, irq).map_err(|e| Error::Irq(e.into()))?;
-            let transport =
-                Arc::new(Mutex::new(MmioTransport::new(device, ram.memory.clone(), Arc::new(Interrupt::new(irqfd)))));
+            let mut transport = MmioTransport::new(device, ram.memory.clone(), Arc::new(Interrupt::new(irqfd)));
+            if let Some((state, _)) = &restore {
+                transport.restore(&state.devices.virtio[i]).map_err(Error::BadState)?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
             mmio_devices.push((base, transport.clone()));
             virtio.push(transport);
         }
 
-        let booted = boot::load(
-            &ram.memory,
-            &BootSpec {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: cmdline.trim_start(),
-                protocol: config.boot,
-                mem_bytes: ram.size,
-            },
-        )?;
-        mptable::write(&ram.memory, config.vcpus)?;
+        let (boot_protocol, kernel_load, boot_entry) = match &restore {
+            None => {
+                let booted = boot::load(
+                    &ram.memory,
+                    &BootSpec {
+                        kernel: &config.kernel,
+                        initrd: config.initrd.as_deref(),
+                        cmdline: cmdline.trim_start(),
+                        protocol: config.boot,
+                        mem_bytes: ram.size,
+                    },
+                )?;
+                mptable::write(&ram.memory, config.vcpus)?;
+                let name = match booted.entry {
+                    BootEntry::Pvh { .. } => "pvh",
+                    BootEntry::Linux64 { .. } => "linux64",
+                };
+                (name, booted.kernel_load, Some(booted.entry))
+            }
+            Some(_) => ("restored", 0, None),
+        };
 
         let (events_tx, events_rx) = channel();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Irq)?;
         vm.fd.register_irqfd(&serial_irq, layout::COM1_IRQ).map_err(|e| Error::Irq(e.into()))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            IrqLine(serial_irq),
-            config.serial.open().map_err(Error::SerialOutput)?,
-        )));
+        let serial_out = config.serial.open().map_err(Error::SerialOutput)?;
+        let serial = match &restore {
+            None => SerialDevice::new(IrqLine(serial_irq), serial_out),
+            Some((state, _)) => SerialDevice::from_state(&state.devices.serial, IrqLine(serial_irq), serial_out)
+                .map_err(Error::BadState)?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let mut bus = Buses::default();
         bus.pio.insert(ports::COM1, ports::COM1_LEN, serial.clone())?;
         bus.pio.insert(ports::I8042, ports::I8042_LEN, Arc::new(Mutex::new(I8042::new(events_tx.clone()))))?;
@@ -158,46 +227,126 @@ impl Vmm {
         for (base, transport) in mmio_devices {
             bus.mmio.insert(base, MMIO_WINDOW, transport)?;
         }
-        let event_loop = EventLoop::start(virtio.clone()).map_err(Error::EventLoop)?;
         let bus = Arc::new(bus);
 
+        if let Some((state, _)) = &restore {
+            state.vm.restore(&vm.fd).map_err(|e| Error::BadState(e.to_string()))?;
+        }
         let control = Vcpus::new_control();
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
-            vcpus.push(Vcpu::configure(
-                &vm.fd,
-                id,
-                config.vcpus,
-                &vm.supported_cpuid,
-                &ram.memory,
-                (id == 0).then_some(booted.entry),
-                bus.clone(),
-                control.clone(),
-                events_tx.clone(),
-            )?);
+            let vcpu = Vcpu::new(&vm.fd, id, bus.clone(), control.clone(), events_tx.clone())?;
+            match &restore {
+                None => {
+                    vcpu.configure_boot(config.vcpus, &vm.supported_cpuid, &ram.memory, boot_entry.filter(|_| id == 0))?
+                }
+                Some((state, _)) => vcpu.restore(&state.vcpus[usize::from(id)])?,
+            }
+            vcpus.push(vcpu);
         }
-        let vcpus = Vcpus::start(control, vcpus, false)?;
-        tracing::info!(entry = ?booted.entry, "VM started with {} vCPU(s), {} MiB", config.vcpus, config.mem_mib);
+        let start_paused = restore.as_ref().is_some_and(|(_, paused)| *paused);
+        let event_loop = EventLoop::start(virtio.clone()).map_err(Error::EventLoop)?;
+        if start_paused {
+            event_loop.pause();
+        }
+        let vcpus = Vcpus::start(control, vcpus, start_paused)?;
+        tracing::info!(boot_protocol, "VM started with {} vCPU(s), {} MiB", config.vcpus, config.mem_mib);
         Ok(Vmm {
             config,
             vcpus: Mutex::new(vcpus),
-            _vm: vm,
-            _ram: ram,
+            vm,
+            ram,
             serial,
             virtio,
             event_loop,
-            booted,
+            boot_protocol,
+            kernel_load,
             events_tx,
             events_rx: Mutex::new(events_rx),
             started: Instant::now(),
         })
     }
 
-    pub fn state(&self) -> VmState {
+    /// The VM's state, vCPUs to devices (not memory). The VM must be paused.
+    pub fn save_state(&self) -> Result<SavedState, Error> {
+        let vcpus = lock(&self.vcpus);
+        if !vcpus.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        let msr_list = self
+            .vm
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| Error::BadState(format!("KVM cannot list MSRs: {e}")))?
+            .as_slice()
+            .to_vec();
+        let saved = vcpus.on_each_parked(move |fd, id| VcpuState::save(fd, id, &msr_list))?;
+        let vcpu_states = saved.into_iter().collect::<Result<Vec<_>, _>>().map_err(vcpu::Error::from)?;
+        Ok(SavedState {
+            config: self.config.clone(),
+            mem_bytes: self.ram.size,
+            vcpus: vcpu_states,
+            vm: VmArchState::save(&self.vm.fd).map_err(|e| Error::BadState(e.to_string()))?,
+            devices: DevicesState {
+                serial: lock(&self.serial).save(),
+                virtio: self.virtio.iter().map(|t| lock(t).save()).collect(),
+            },
+        })
+    }
+
+    /// Guest RAM, for saving and sending memory.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Writes a snapshot (state + sparse memory image) into `dir`. Pauses
+    /// the VM if it runs, and leaves it paused.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, Error> {
+        let t = Instant::now();
+        if self.state() == RunState::Running {
+            self.pause()?;
+        }
+        let paused_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let state = self.save_state()?;
+        let bytes = state.encode().map_err(|e| Error::BadState(e.to_string()))?;
+        let io = |e: std::io::Error| Error::Snapshot { dir: dir.to_owned(), source: e };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mem_tmp = dir.join(".memory.bin.tmp");
+        let state_tmp = dir.join(".state.bin.tmp");
+        let mem_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&mem_tmp)
+            .map_err(io)?;
+        let stats = self.ram.save_to(&mem_file).map_err(io)?;
+        mem_file.sync_all().map_err(io)?;
+        std::fs::write(&state_tmp, &bytes).map_err(io)?;
+        std::fs::File::open(&state_tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        // Memory first, state last: a state file always has its memory.
+        std::fs::rename(&mem_tmp, dir.join(snapshot::MEMORY_FILE)).map_err(io)?;
+        std::fs::rename(&state_tmp, dir.join(snapshot::STATE_FILE)).map_err(io)?;
+        Ok(SnapshotReport {
+            dir: dir.to_owned(),
+            state_bytes: bytes.len() as u64,
+            mem_mib: self.ram.size >> 20,
+            pages_data: stats.pages_data,
+            pages_zero: stats.pages_zero,
+            pause_ms: paused_ms,
+            total_ms: t.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    pub fn state(&self) -> RunState {
         if lock(&self.vcpus).is_paused() {
-            VmState::Paused
+            RunState::Paused
         } else {
-            VmState::Running
+            RunState::Running
         }
     }
 
@@ -206,7 +355,7 @@ impl Vmm {
     pub fn pause(&self) -> Result<(), Error> {
         let vcpus = lock(&self.vcpus);
         if vcpus.is_paused() {
-            return Err(Error::State(VmState::Paused));
+            return Err(Error::State(RunState::Paused));
         }
         vcpus.pause();
         self.event_loop.pause();
@@ -216,7 +365,7 @@ impl Vmm {
     pub fn resume(&self) -> Result<(), Error> {
         let vcpus = lock(&self.vcpus);
         if !vcpus.is_paused() {
-            return Err(Error::State(VmState::Running));
+            return Err(Error::State(RunState::Running));
         }
         self.event_loop.resume();
         vcpus.resume();
@@ -242,11 +391,8 @@ impl Vmm {
         VmInfo {
             state: self.state(),
             config: self.config.clone(),
-            boot_protocol: match self.booted.entry {
-                crate::arch::x86_64::regs::BootEntry::Pvh { .. } => "pvh",
-                crate::arch::x86_64::regs::BootEntry::Linux64 { .. } => "linux64",
-            },
-            kernel_load: self.booted.kernel_load,
+            boot_protocol: self.boot_protocol,
+            kernel_load: self.kernel_load,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             pid: std::process::id(),
             pvm_host: vm::is_pvm_host(),
@@ -293,4 +439,39 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>,
         devices.push(Box::new(Block::open(&d.path, d.readonly)?));
     }
     Ok(devices)
+}
+
+/// Checks that saved state fits this config, its memory and its backends.
+fn check_restorable(
+    config: &VmConfig,
+    state: &SavedState,
+    ram: &GuestRam,
+    devices: &[Box<dyn VirtioDevice>],
+) -> Result<(), Error> {
+    let bad = |m: String| Err(Error::BadState(m));
+    if state.mem_bytes != ram.size || config.mem_mib << 20 != ram.size {
+        return bad(format!("saved memory is {} bytes, this VM has {}", state.mem_bytes, ram.size));
+    }
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return bad(format!("state has {} vCPUs, the config {}", state.vcpus.len(), config.vcpus));
+    }
+    if state.devices.virtio.len() != devices.len() {
+        return bad(format!(
+            "state has {} virtio devices, this host opened {}",
+            state.devices.virtio.len(),
+            devices.len()
+        ));
+    }
+    for (saved, here) in state.devices.virtio.iter().zip(devices) {
+        match (&saved.backend, here.backend()) {
+            (BackendSnapshot::Net { mac, .. }, BackendSnapshot::Net { mac: m, .. }) if *mac == m => {}
+            (BackendSnapshot::Block { sectors, .. }, BackendSnapshot::Block { sectors: s, path, .. })
+                if *sectors == s =>
+            {
+                tracing::debug!("disk {} matches the saved size", path.display());
+            }
+            (a, b) => return bad(format!("saved device {a:?} does not match {b:?} on this host")),
+        }
+    }
+    Ok(())
 }

@@ -9,6 +9,8 @@
 //! | PUT    | /api/v1/vm.shutdown  | 204, then the VMM stops the VM, exits  |
 //! | PUT    | /api/v1/vm.console   | body typed on the serial console       |
 //! | PUT    | /api/v1/vm.announce  | RARP for the guest's MAC on every tap  |
+//! | PUT    | /api/v1/vm.snapshot  | `{"dir"}`: state + memory; VM left paused |
+//! | PUT    | /api/v1/vm.migrate   | `{"mode", "to"}`: move the VM; figures  |
 //!
 //! Errors are `{"error": "..."}` with a 4xx/5xx status.
 //!

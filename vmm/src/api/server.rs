@@ -21,6 +21,10 @@ pub enum Error {
     Listen { path: PathBuf, reason: String },
 }
 
+/// `PUT vm.migrate` handler, supplied by the binary (migration lives in a
+/// crate above this one). Gets the request body; returns the figures.
+pub type MigrateHandler = Box<dyn Fn(&Vmm, &serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync>;
+
 pub struct ApiServer {
     server: Arc<Server>,
     path: PathBuf,
@@ -29,7 +33,7 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds `path` (replacing a stale socket file) and serves `vmm`.
-    pub fn start(path: &Path, vmm: Arc<Vmm>) -> Result<ApiServer, Error> {
+    pub fn start(path: &Path, vmm: Arc<Vmm>, migrate: Option<MigrateHandler>) -> Result<ApiServer, Error> {
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(Error::InUse(path.to_owned()));
@@ -44,7 +48,7 @@ impl ApiServer {
             .name("api".into())
             .spawn(move || {
                 for request in s.incoming_requests() {
-                    handle(request, &vmm);
+                    handle(request, &vmm, migrate.as_ref());
                 }
             })
             .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
@@ -79,7 +83,13 @@ fn error(request: Request, status: u16, message: impl std::fmt::Display) {
     reply(request, status, serde_json::json!({ "error": message.to_string() }));
 }
 
-fn handle(mut request: Request, vmm: &Vmm) {
+fn read_json(request: &mut Request) -> Result<serde_json::Value, String> {
+    let mut body = Vec::new();
+    request.as_reader().take(MAX_BODY).read_to_end(&mut body).map_err(|e| format!("cannot read request body: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("request body is not JSON: {e}"))
+}
+
+fn handle(mut request: Request, vmm: &Vmm, migrate: Option<&MigrateHandler>) {
     let url = request.url().to_owned();
     let Some(endpoint) = url.strip_prefix(API_PREFIX).and_then(|p| p.strip_prefix('/')) else {
         return error(request, 404, format!("no such endpoint {url}"));
@@ -95,12 +105,12 @@ fn handle(mut request: Request, vmm: &Vmm) {
         },
         ("vm.pause", Method::Put) => match vmm.pause() {
             Ok(()) => no_content(request),
-            Err(e @ vmm::Error::State(_)) => error(request, 409, e),
+            Err(e @ (vmm::Error::State(_) | vmm::Error::NotPaused)) => error(request, 409, e),
             Err(e) => error(request, 500, e),
         },
         ("vm.resume", Method::Put) => match vmm.resume() {
             Ok(()) => no_content(request),
-            Err(e @ vmm::Error::State(_)) => error(request, 409, e),
+            Err(e @ (vmm::Error::State(_) | vmm::Error::NotPaused)) => error(request, 409, e),
             Err(e) => error(request, 500, e),
         },
         ("vm.shutdown", Method::Put) => {
@@ -115,13 +125,41 @@ fn handle(mut request: Request, vmm: &Vmm) {
             let queued = vmm.console_input(&body);
             reply(request, 200, serde_json::json!({ "queued": queued, "dropped": body.len() - queued }))
         }
+        ("vm.migrate", Method::Put) => {
+            let body = match read_json(&mut request) {
+                Ok(b) => b,
+                Err(e) => return error(request, 400, e),
+            };
+            let Some(migrate) = migrate else { return error(request, 501, "this VMM cannot migrate") };
+            match migrate(vmm, &body) {
+                Ok(figures) => {
+                    let to = body.get("to").and_then(|t| t.as_str()).unwrap_or("?").to_owned();
+                    reply(request, 200, figures);
+                    let _ = vmm.events().send(VmEvent::Exit(ExitReason::Migrated(to)));
+                }
+                Err(e) => error(request, 500, e),
+            }
+        }
+        ("vm.snapshot", Method::Put) => {
+            let dir =
+                read_json(&mut request).ok().and_then(|v| v.get("dir").and_then(|d| d.as_str()).map(PathBuf::from));
+            let Some(dir) = dir else {
+                return error(request, 400, "vm.snapshot needs a JSON body {\"dir\": \"/path\"}");
+            };
+            match vmm.snapshot(&dir) {
+                Ok(report) => reply(request, 200, serde_json::to_value(report).unwrap_or_default()),
+                Err(e) => error(request, 500, e),
+            }
+        }
         ("vm.announce", Method::Put) => match vmm.announce() {
             Ok(n) => reply(request, 200, serde_json::json!({ "announced_on": n })),
             Err(e) => error(request, 500, e),
         },
-        ("vmm.ping" | "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.console" | "vm.announce", m) => {
-            error(request, 405, format!("{m} not allowed on {url}"))
-        }
+        (
+            "vmm.ping" | "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.console" | "vm.announce"
+            | "vm.snapshot" | "vm.migrate",
+            m,
+        ) => error(request, 405, format!("{m} not allowed on {url}")),
         _ => error(request, 404, format!("no such endpoint {url}")),
     }
 }

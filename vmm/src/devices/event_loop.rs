@@ -46,11 +46,7 @@ impl EventLoop {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
         });
         let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            shared.wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
-        )?;
+        epoll.ctl(ControlOperation::Add, shared.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE_TOKEN))?;
         let mut sources = Vec::new();
         for t in transports {
             let fd: Option<RawFd> = lock(&t).device().backend_fd();

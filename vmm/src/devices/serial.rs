@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use crate::state::devices::SerialSnapshot;
 
 /// Where the guest's console goes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +63,17 @@ pub struct SerialDevice {
 impl SerialDevice {
     pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> Self {
         SerialDevice { uart: Serial::new(irq, out) }
+    }
+
+    /// A UART in a saved state (registers and unread input).
+    pub fn from_state(state: &SerialSnapshot, irq: IrqLine, out: Box<dyn Write + Send>) -> Result<Self, String> {
+        Serial::from_state(&state.into(), irq, vm_superio::serial::NoEvents, out)
+            .map(|uart| SerialDevice { uart })
+            .map_err(|e| format!("saved serial state is invalid: {e:?}"))
+    }
+
+    pub fn save(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     /// Queues console input for the guest; returns how many bytes fit in the

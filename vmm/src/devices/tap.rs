@@ -59,9 +59,7 @@ impl Tap {
             return Err(Error::Missing(name.to_owned()));
         }
         // SAFETY: open(2) with a static path; the result is checked.
-        let fd = unsafe {
-            libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        };
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(Error::OpenTun(std::io::Error::last_os_error()));
         }

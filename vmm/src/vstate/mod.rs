@@ -19,13 +19,19 @@ pub enum ExitReason {
     Signal(i32),
     /// A vCPU hit something it cannot continue from.
     Error(String),
+    /// The VM now runs elsewhere.
+    Migrated(String),
 }
 
 impl ExitReason {
     /// The VMM's process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestShutdown | ExitReason::GuestReset | ExitReason::Api | ExitReason::Signal(_) => 0,
+            ExitReason::GuestShutdown
+            | ExitReason::GuestReset
+            | ExitReason::Api
+            | ExitReason::Signal(_)
+            | ExitReason::Migrated(_) => 0,
             ExitReason::DebugExit(code) => i32::from(*code),
             ExitReason::Error(_) => 1,
         }
@@ -41,6 +47,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Api => write!(f, "shutdown requested through the API"),
             ExitReason::Signal(sig) => write!(f, "VMM got signal {sig}"),
             ExitReason::Error(e) => write!(f, "vCPU error: {e}"),
+            ExitReason::Migrated(to) => write!(f, "migrated to {to}"),
         }
     }
 }

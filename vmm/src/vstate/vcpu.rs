@@ -35,7 +35,16 @@ pub enum Error {
     Spawn(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error("{0}")]
+    State(#[from] crate::state::vcpu::Error),
+    #[error("vCPUs must be paused for this")]
+    NotPaused,
+    #[error("a vCPU thread has exited")]
+    Exited,
 }
+
+/// Work run on a parked vCPU's own thread, with its fd.
+type Job = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// What the controller wants the vCPUs to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +60,8 @@ struct ControlState {
     parked: usize,
     /// vCPU threads that have left their loop for good.
     exited: usize,
+    /// Per vCPU: work to run while parked (state save).
+    jobs: Vec<Option<Job>>,
 }
 
 /// Shared between the controller and the vCPU threads.
@@ -99,21 +110,48 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// CPUID, MSRs, FPU and LAPIC wiring; registers come from `boot` on vCPU 0.
-    #[allow(clippy::too_many_arguments)]
-    pub fn configure(
+    pub fn new(
         vm: &VmFd,
         id: u8,
-        count: u8,
-        supported_cpuid: &CpuId,
-        mem: &GuestMemory,
-        boot: Option<BootEntry>,
         bus: Arc<Buses>,
         control: Arc<VcpuControl>,
         events: Sender<VmEvent>,
     ) -> Result<Vcpu, Error> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| Error::Kvm { id, what: "create the vCPU", source })?;
+        Ok(Vcpu { id, fd, bus, control, events })
+    }
+
+    /// Restores saved state (snapshot or migration).
+    pub fn restore(&self, state: &crate::state::vcpu::VcpuState) -> Result<(), Error> {
+        if state.tsc_khz != 0 {
+            let here = self.fd.get_tsc_khz().unwrap_or(0);
+            if here != state.tsc_khz {
+                // Within 250 ppm is the same clock for any guest that cares.
+                let tolerance = state.tsc_khz / 4000;
+                if here.abs_diff(state.tsc_khz) > tolerance {
+                    self.fd.set_tsc_khz(state.tsc_khz).map_err(|source| Error::Kvm {
+                        id: self.id,
+                        what: "give the guest its saved TSC frequency (this host cannot scale the TSC)",
+                        source,
+                    })?;
+                }
+            }
+        }
+        state.restore(&self.fd)?;
+        Ok(())
+    }
+
+    /// CPUID, MSRs, FPU and LAPIC wiring for a fresh boot; registers come
+    /// from `boot` on vCPU 0.
+    pub fn configure_boot(
+        &self,
+        count: u8,
+        supported_cpuid: &CpuId,
+        mem: &GuestMemory,
+        boot: Option<BootEntry>,
+    ) -> Result<(), Error> {
+        let (id, fd) = (self.id, &self.fd);
         let kvm = |what| move |source| Error::Kvm { id, what, source };
-        let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("create the vCPU"))?;
         let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
         let mut cpuid = supported_cpuid.clone();
         cpuid::normalize(&mut cpuid, id, count, tsc_khz);
@@ -123,13 +161,13 @@ impl Vcpu {
         if written != msrs.as_slice().len() {
             tracing::warn!(vcpu = id, "KVM accepted {written} of {} boot MSRs", msrs.as_slice().len());
         }
-        regs::setup_lint(&fd).map_err(|source| Error::Regs { id, source })?;
-        regs::setup_fpu(&fd).map_err(|source| Error::Regs { id, source })?;
+        regs::setup_lint(fd).map_err(|source| Error::Regs { id, source })?;
+        regs::setup_fpu(fd).map_err(|source| Error::Regs { id, source })?;
         if let Some(boot) = boot {
-            regs::setup_regs(&fd, boot).map_err(|source| Error::Regs { id, source })?;
-            regs::setup_sregs(mem, &fd, boot).map_err(|source| Error::Regs { id, source })?;
+            regs::setup_regs(fd, boot).map_err(|source| Error::Regs { id, source })?;
+            regs::setup_sregs(mem, fd, boot).map_err(|source| Error::Regs { id, source })?;
         }
-        Ok(Vcpu { id, fd, bus, control, events })
+        Ok(())
     }
 
     fn run_loop(mut self) {
@@ -190,7 +228,16 @@ impl Vcpu {
         let mut st = self.control.lock();
         st.parked += 1;
         self.control.changed.notify_all();
-        while st.request == Request::Pause {
+        loop {
+            if let Some(job) = st.jobs.get_mut(usize::from(self.id)).and_then(Option::take) {
+                drop(st);
+                job(&self.fd);
+                st = self.control.lock();
+                continue;
+            }
+            if st.request != Request::Pause {
+                break;
+            }
             st = self.control.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.parked -= 1;
@@ -257,7 +304,7 @@ pub struct Vcpus {
 impl Vcpus {
     pub fn new_control() -> Arc<VcpuControl> {
         Arc::new(VcpuControl {
-            state: Mutex::new(ControlState { request: Request::Run, parked: 0, exited: 0 }),
+            state: Mutex::new(ControlState { request: Request::Run, parked: 0, exited: 0, jobs: Vec::new() }),
             changed: Condvar::new(),
         })
     }
@@ -265,7 +312,11 @@ impl Vcpus {
     /// Starts one thread per vCPU, running (or paused, if `paused`).
     pub fn start(control: Arc<VcpuControl>, vcpus: Vec<Vcpu>, paused: bool) -> Result<Vcpus, Error> {
         register_kick_handler()?;
-        control.lock().request = if paused { Request::Pause } else { Request::Run };
+        {
+            let mut st = control.lock();
+            st.request = if paused { Request::Pause } else { Request::Run };
+            st.jobs = vcpus.iter().map(|_| None).collect();
+        }
         let mut threads = Vec::new();
         for vcpu in vcpus {
             let t = std::thread::Builder::new()
@@ -323,6 +374,37 @@ impl Vcpus {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+
+    /// Runs `f` on every vCPU's own thread while they are parked, returning
+    /// the results in vCPU order.
+    pub fn on_each_parked<T: Send + 'static>(
+        &self,
+        f: impl Fn(&VcpuFd, u8) -> T + Send + Sync + 'static,
+    ) -> Result<Vec<T>, Error> {
+        let n = self.threads.len();
+        let f = Arc::new(f);
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut st = self.control.lock();
+            if st.request != Request::Pause || st.parked < n {
+                return Err(if st.exited > 0 { Error::Exited } else { Error::NotPaused });
+            }
+            for (i, slot) in st.jobs.iter_mut().enumerate() {
+                let (f, tx) = (f.clone(), tx.clone());
+                *slot = Some(Box::new(move |fd: &VcpuFd| {
+                    let _ = tx.send((i, f(fd, i as u8)));
+                }));
+            }
+        }
+        self.control.changed.notify_all();
+        drop(tx);
+        let mut out: Vec<(usize, T)> = rx.iter().take(n).collect();
+        if out.len() < n {
+            return Err(Error::Exited);
+        }
+        out.sort_by_key(|(i, _)| *i);
+        Ok(out.into_iter().map(|(_, t)| t).collect())
     }
 
     pub fn is_paused(&self) -> bool {

@@ -153,7 +153,11 @@ impl Block {
         (end <= self.sectors * SECTOR && len as u64 % SECTOR == 0).then_some(start)
     }
 
-    fn read(&mut self, sector: u64, writer: &mut virtio_queue::Writer<'_, impl vm_memory::bitmap::BitmapSlice>) -> (u8, usize) {
+    fn read(
+        &mut self,
+        sector: u64,
+        writer: &mut virtio_queue::Writer<'_, impl vm_memory::bitmap::BitmapSlice>,
+    ) -> (u8, usize) {
         let len = writer.available_bytes();
         let Some(mut offset) = self.range(sector, len) else { return (S_IOERR, 0) };
         let mut done = 0;
@@ -245,6 +249,14 @@ impl VirtioDevice for Block {
         let mut space = [0u8; 8];
         space.copy_from_slice(&self.sectors.to_le_bytes());
         read_config_bytes(&space, offset, data);
+    }
+
+    fn backend(&self) -> crate::state::devices::BackendSnapshot {
+        crate::state::devices::BackendSnapshot::Block {
+            path: self.path.clone(),
+            sectors: self.sectors,
+            readonly: self.readonly,
+        }
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -409,8 +421,8 @@ mod queue_tests {
         r.desc(0, HDR, 16, F_NEXT, 1);
         r.desc(1, DATA, 512, F_NEXT | F_WRITE, 2);
         r.desc(2, DATA, 512, F_NEXT | F_WRITE, 1); // 1 -> 2 -> 1 ...
-        // The walk stops after queue-size descriptors; what it saw is not a
-        // valid request (its data is not whole sectors), so it fails.
+                                                   // The walk stops after queue-size descriptors; what it saw is not a
+                                                   // valid request (its data is not whole sectors), so it fails.
         let (status, len) = r.submit(0);
         assert_eq!(status, STATUS_UNTOUCHED, "nothing written outside the chain");
         assert_eq!(len, 1, "only the error status byte was written");

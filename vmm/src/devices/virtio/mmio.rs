@@ -9,6 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use super::{Interrupt, VirtioDevice, QUEUE_SIZE, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemory;
+use crate::state::devices::{QueueSnapshot, TransportSnapshot};
 
 pub const MMIO_WINDOW: u64 = 0x1000;
 
@@ -81,6 +82,55 @@ impl MmioTransport {
 
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
+    }
+
+    pub fn save(&self) -> TransportSnapshot {
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+            backend: self.device.backend(),
+        }
+    }
+
+    /// Takes on a saved register file and queues. The device must be of the
+    /// same type with the same number of queues; queue addresses are
+    /// checked against this VM's memory.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "saved virtio device (type {}, {} queues) does not match this one (type {}, {} queues)",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, q) in s.queues.iter().enumerate() {
+            let queue = Queue::try_from(virtio_queue::QueueState::from(q))
+                .map_err(|e| format!("saved virtio queue {i} is invalid: {e}"))?;
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(format!("saved virtio queue {i} lies outside guest memory"));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.acked_features = s.acked_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.interrupt.set_status(s.interrupt_status);
+        if self.driver_ok() {
+            self.device.activate(self.acked_features);
+        }
+        Ok(())
     }
 
     fn driver_ok(&self) -> bool {
@@ -222,8 +272,12 @@ impl BusDevice for MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH
+            REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH
                 if setting_up =>
             {
                 let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };

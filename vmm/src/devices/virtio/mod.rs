@@ -51,6 +51,11 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Sets the status register as a restored device had it.
+    pub fn set_status(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+    }
 }
 
 /// What a device behind the MMIO transport provides.
@@ -82,6 +87,8 @@ pub trait VirtioDevice: Send {
     }
     /// What the device is, for `vm.info`.
     fn describe(&self) -> serde_json::Value;
+    /// Its backend's identity, saved with the VM state.
+    fn backend(&self) -> crate::state::devices::BackendSnapshot;
 }
 
 /// Copies `value`'s bytes at `offset` of a config space into `data`,

@@ -215,6 +215,10 @@ impl VirtioDevice for Net {
         Net::announce(self)
     }
 
+    fn backend(&self) -> crate::state::devices::BackendSnapshot {
+        crate::state::devices::BackendSnapshot::Net { tap: self.tap.name().to_owned(), mac: self.mac }
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "type": "net", "tap": self.tap.name(), "mac": self.mac.to_string(), "stats": self.stats })
     }

@@ -1,0 +1,26 @@
+//! The figures every migration reports (one JSON object; names as in
+//! DESIGN.md). Ping figures are filled in by whoever ran a pinger.
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Figures {
+    pub mode: &'static str,
+    pub mem_mib: u64,
+    pub total_ms: f64,
+    /// Source pause to the destination's "resumed" reaching the source.
+    pub downtime_ms: f64,
+    pub rounds: u32,
+    pub bytes_sent: u64,
+    pub pages_zero: u64,
+    pub pages_sent: u64,
+    /// Of the downtime: restoring the VM on the destination.
+    pub restore_ms: f64,
+    pub destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pings_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pings_lost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_gap_ms: Option<f64>,
+}

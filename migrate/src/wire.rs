@@ -1,0 +1,221 @@
+//! The migration wire protocol: a stream of frames.
+//!
+//! ```text
+//! frame   = magic "FMIG" | kind u8 | 3 reserved bytes | len u32 LE | payload | crc32 u32 LE
+//! ```
+//! The CRC covers kind, length and payload. A receiver treats every byte as
+//! hostile: it refuses unknown kinds, lengths over `MAX_PAYLOAD` (before
+//! allocating), bad checksums, and (in `quick`) any memory range outside the
+//! guest.
+//!
+//! A migration, in order (source → destination unless marked ←):
+//! `Hello` ← `HelloAck`|`Refuse`, then `MemZero`/`MemData` frames, `State`,
+//! ← `Ready` (restored, paused), `Commit` (the source will never run the VM
+//! again), ← `Resumed`. Either side may send `Abort` before `Commit`.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 4] = b"FMIG";
+/// Bumped on any incompatible change; peers must match exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest payload: a memory chunk of 4 MiB plus its offset.
+pub const MAX_PAYLOAD: u32 = (4 << 20) + 64;
+const HEADER_LEN: usize = 12;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    HelloAck = 2,
+    Refuse = 3,
+    MemZero = 4,
+    MemData = 5,
+    State = 6,
+    Ready = 7,
+    Commit = 8,
+    Resumed = 9,
+    Abort = 10,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        [Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort]
+            .into_iter()
+            .find(|k| *k as u8 == v)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("malformed stream: bad frame magic (not a Ferry migration peer?)")]
+    BadMagic,
+    #[error("malformed stream: unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed stream: frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    #[error("malformed stream: frame checksum mismatch")]
+    Checksum,
+    #[error("malformed stream: {0}")]
+    Payload(String),
+    #[error("protocol: expected {expected}, got {got:?}")]
+    Unexpected { expected: &'static str, got: Kind },
+}
+
+/// One received frame.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+    let len = u32::try_from(payload.len()).ok().filter(|l| *l <= MAX_PAYLOAD).ok_or(Error::TooLarge(u32::MAX))?;
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = kind as u8;
+    header[8..12].copy_from_slice(&len.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[4..12]);
+    crc.update(payload);
+    w.write_all(&header)?;
+    w.write_all(payload)?;
+    w.write_all(&crc.finalize().to_le_bytes())?;
+    Ok(())
+}
+
+/// Writes a frame whose payload is a serde message.
+pub fn send<T: Serialize>(w: &mut impl Write, kind: Kind, msg: &T) -> Result<(), Error> {
+    let payload = postcard::to_stdvec(msg).map_err(|e| Error::Payload(e.to_string()))?;
+    write_frame(w, kind, &payload)
+}
+
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, Error> {
+    let mut header = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut header) {
+        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof { Error::Closed } else { Error::Io(e) });
+    }
+    if &header[..4] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let kind = Kind::from_u8(header[4]).ok_or(Error::UnknownKind(header[4]))?;
+    let len = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if len > MAX_PAYLOAD {
+        return Err(Error::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    let mut crc_bytes = [0u8; 4];
+    r.read_exact(&mut payload).and_then(|_| r.read_exact(&mut crc_bytes)).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Closed
+        } else {
+            Error::Io(e)
+        }
+    })?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[4..12]);
+    crc.update(&payload);
+    if crc.finalize() != u32::from_le_bytes(crc_bytes) {
+        return Err(Error::Checksum);
+    }
+    Ok(Frame { kind, payload })
+}
+
+impl Frame {
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> Result<T, Error> {
+        postcard::from_bytes(&self.payload).map_err(|e| Error::Payload(format!("{:?} frame: {e}", self.kind)))
+    }
+
+    pub fn expect(self, kind: Kind, name: &'static str) -> Result<Frame, Error> {
+        if self.kind == kind {
+            Ok(self)
+        } else {
+            Err(Error::Unexpected { expected: name, got: self.kind })
+        }
+    }
+}
+
+/// What a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    Quick,
+    Live,
+}
+
+/// The source's opening message.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub mode: Mode,
+    pub mem_bytes: u64,
+    /// The VM's config as JSON (its guest-visible shape; the destination
+    /// applies its own taps, console and KVM device).
+    pub config_json: String,
+}
+
+/// A reason, for `Refuse` and `Abort`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reason {
+    pub reason: String,
+}
+
+/// `MemZero` payload: a page-aligned range of the memory file that is zero.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ZeroRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// `MemData` payload: offset (u64 LE) then the bytes.
+pub fn mem_data_payload(offset: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(8 + bytes.len());
+    p.extend_from_slice(&offset.to_le_bytes());
+    p.extend_from_slice(bytes);
+    p
+}
+
+pub fn parse_mem_data(payload: &[u8]) -> Result<(u64, &[u8]), Error> {
+    if payload.len() < 8 {
+        return Err(Error::Payload("MemData frame shorter than its offset".into()));
+    }
+    Ok((u64::from_le_bytes(payload[..8].try_into().unwrap()), &payload[8..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_damage_is_named() {
+        let mut buf = Vec::new();
+        send(&mut buf, Kind::Refuse, &Reason { reason: "no".into() }).unwrap();
+        write_frame(&mut buf, Kind::MemData, &mem_data_payload(4096, &[1, 2, 3])).unwrap();
+        let mut r = &buf[..];
+        let f = read_frame(&mut r).unwrap();
+        assert_eq!(f.kind, Kind::Refuse);
+        assert_eq!(f.decode::<Reason>().unwrap().reason, "no");
+        let f = read_frame(&mut r).unwrap();
+        assert_eq!(parse_mem_data(&f.payload).unwrap(), (4096, &[1u8, 2, 3][..]));
+        assert!(matches!(read_frame(&mut r), Err(Error::Closed)));
+
+        let mut bad = buf.clone();
+        bad[14] ^= 1;
+        assert!(matches!(read_frame(&mut &bad[..]), Err(Error::Checksum)));
+        let mut bad = buf.clone();
+        bad[0] = b'X';
+        assert!(matches!(read_frame(&mut &bad[..]), Err(Error::BadMagic)));
+        let mut bad = buf.clone();
+        bad[4] = 99;
+        assert!(matches!(read_frame(&mut &bad[..]), Err(Error::UnknownKind(99))));
+        let mut bad = buf.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read_frame(&mut &bad[..]), Err(Error::TooLarge(_))), "no allocation sized by the peer");
+        assert!(matches!(read_frame(&mut &buf[..7]), Err(Error::Closed)));
+    }
+}
