@@ -178,6 +178,8 @@ fn transfer_and_commit(
         other => return Err(before(wire::Error::Unexpected { expected: "Ready", got: other }.into())),
     }
     let restore_ms = t_restore.elapsed().as_secs_f64() * 1000.0;
+    // Disks are durable and unlocked before the destination may write them.
+    vmm.release_backends().map_err(|e| before(e.into()))?;
     // The point of no return: from here the VM never runs on this host.
     wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
     w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;
@@ -253,7 +255,7 @@ fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Ar
             other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
         }
     };
-    let vmm = Arc::new(Vmm::restore(config, state, ram, true)?);
+    let vmm = Arc::new(Vmm::restore_standby(config, state, ram)?);
     wire::write_frame(stream, Kind::Ready, &[])?;
     let commit = wire::read_frame(stream)?;
     match commit.kind {
@@ -261,6 +263,7 @@ fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Ar
         Kind::Abort => return Err(Error::SourceAborted(commit.decode::<Reason>()?.reason)),
         other => return Err(wire::Error::Unexpected { expected: "Commit", got: other }.into()),
     }
+    acquire_with_retry(&vmm)?;
     vmm.resume()?;
     if let Err(e) = vmm.announce() {
         tracing::warn!("announce after migration: {e}");
@@ -268,6 +271,19 @@ fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Ar
     wire::write_frame(stream, Kind::Resumed, &[])?;
     announce_again(vmm.clone());
     Ok(vmm)
+}
+
+/// Takes the disks the source just released. The source unlocks before it
+/// sends Commit, so this rarely waits.
+fn acquire_with_retry(vmm: &Vmm) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match vmm.acquire_backends() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
 }
 
 /// Repeats the announcement as QEMU does (50 ms, then 100 ms steps), for

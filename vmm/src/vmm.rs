@@ -68,6 +68,8 @@ pub enum Error {
     Announce { tap: String, source: std::io::Error },
     #[error("the VM must be paused for this")]
     NotPaused,
+    #[error("backend handoff: {0}")]
+    Handoff(String),
     #[error("cannot restore: {0}")]
     BadState(String),
     #[error("cannot write snapshot into {dir}: {source}")]
@@ -136,7 +138,9 @@ pub enum Launch {
     /// Load the config's kernel and boot it.
     Boot,
     /// Take on saved state; guest RAM already holds the saved memory.
-    Restore { state: Box<SavedState>, ram: GuestRam, paused: bool },
+    /// `standby`: open disks without their locks (a migration destination,
+    /// until `acquire_backends`).
+    Restore { state: Box<SavedState>, ram: GuestRam, paused: bool, standby: bool },
 }
 
 impl Vmm {
@@ -148,7 +152,12 @@ impl Vmm {
     /// Rebuilds a saved VM on this host: `state.config` with `config`'s
     /// host-side choices (taps, serial, KVM device) applied by the caller.
     pub fn restore(config: VmConfig, state: SavedState, ram: GuestRam, paused: bool) -> Result<Vmm, Error> {
-        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused })
+        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused, standby: false })
+    }
+
+    /// Restores paused with disks in standby: a migration destination.
+    pub fn restore_standby(config: VmConfig, state: SavedState, ram: GuestRam) -> Result<Vmm, Error> {
+        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused: true, standby: true })
     }
 
     fn build(config: VmConfig, launch: Launch) -> Result<Vmm, Error> {
@@ -156,13 +165,14 @@ impl Vmm {
             return Err(Error::VcpuCount(config.vcpus));
         }
         // Backends first: a missing tap or disk is reported before any boot work.
-        let devices = open_virtio_backends(&config)?;
+        let standby = matches!(launch, Launch::Restore { standby: true, .. });
+        let devices = open_virtio_backends(&config, standby)?;
         let (ram, restore) = match launch {
             Launch::Boot => {
                 memory::check_size(config.mem_mib)?;
                 (memory::create(config.mem_mib)?, None)
             }
-            Launch::Restore { state, ram, paused } => {
+            Launch::Restore { state, ram, paused, .. } => {
                 check_restorable(&config, &state, &ram, &devices)?;
                 (ram, Some((state, paused)))
             }
@@ -372,6 +382,24 @@ impl Vmm {
         Ok(())
     }
 
+    /// Hands every backend over at a migration's commit: disks flushed and
+    /// unlocked. The VM must be paused and never run here again.
+    pub fn release_backends(&self) -> Result<(), Error> {
+        for t in &self.virtio {
+            lock(t).device_mut().release_backend().map_err(Error::Handoff)?;
+        }
+        Ok(())
+    }
+
+    /// Takes backends opened in standby (a migration destination, after
+    /// the source's commit).
+    pub fn acquire_backends(&self) -> Result<(), Error> {
+        for t in &self.virtio {
+            lock(t).device_mut().acquire_backend().map_err(Error::Handoff)?;
+        }
+        Ok(())
+    }
+
     /// Announces the guest's MAC on every tap (RARP), so bridges and
     /// switches learn its port: what a migration does right after resume.
     pub fn announce(&self) -> Result<usize, Error> {
@@ -426,7 +454,7 @@ impl Vmm {
 }
 
 /// Opens every tap and disk image the config names, in device order.
-fn open_virtio_backends(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
+fn open_virtio_backends(config: &VmConfig, standby: bool) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
     let asked = config.net.len() + config.disks.len();
     if asked > layout::VIRTIO_MAX_DEVICES {
         return Err(Error::TooManyDevices { max: layout::VIRTIO_MAX_DEVICES, asked });
@@ -436,7 +464,8 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>,
         devices.push(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)));
     }
     for d in &config.disks {
-        devices.push(Box::new(Block::open(&d.path, d.readonly)?));
+        let block = if standby { Block::open_standby(&d.path, d.readonly)? } else { Block::open(&d.path, d.readonly)? };
+        devices.push(Box::new(block));
     }
     Ok(devices)
 }

@@ -65,6 +65,14 @@ impl Block {
     /// Opens `path`, taking an exclusive lock so no second VMM on this host
     /// writes the same image.
     pub fn open(path: &Path, readonly: bool) -> Result<Block, Error> {
+        let block = Block::open_standby(path, readonly)?;
+        block.lock()?;
+        Ok(block)
+    }
+
+    /// Opens `path` without taking its lock: a migration destination holds
+    /// the image this way until the source hands it over at commit.
+    pub fn open_standby(path: &Path, readonly: bool) -> Result<Block, Error> {
         let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(|source| {
             match source.raw_os_error() {
                 Some(libc::ENOENT) => Error::Missing { path: path.to_owned() },
@@ -74,11 +82,6 @@ impl Block {
                 _ => Error::Open { path: path.to_owned(), source },
             }
         })?;
-        let lock = if readonly { libc::LOCK_SH } else { libc::LOCK_EX };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            return Err(Error::Locked { path: path.to_owned() });
-        }
         let size = file.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.len();
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::BadSize { path: path.to_owned(), size });
@@ -92,6 +95,24 @@ impl Block {
             buf: vec![0; CHUNK],
             stats: BlockStats::default(),
         })
+    }
+
+    /// Takes the image's lock (exclusive unless read-only).
+    pub fn lock(&self) -> Result<(), Error> {
+        let lock = if self.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(self.file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            return Err(Error::Locked { path: self.path.clone() });
+        }
+        Ok(())
+    }
+
+    /// Makes every write durable and lets go of the lock (handoff).
+    pub fn flush_and_unlock(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -234,6 +255,14 @@ fn disk_id(path: &Path) -> [u8; ID_BYTES] {
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
+    }
+
+    fn release_backend(&mut self) -> Result<(), String> {
+        self.flush_and_unlock().map_err(|e| format!("disk {}: flush before handoff failed: {e}", self.path.display()))
+    }
+
+    fn acquire_backend(&mut self) -> Result<(), String> {
+        self.lock().map_err(|e| e.to_string())
     }
 
     fn features(&self) -> u64 {

@@ -87,6 +87,14 @@ pub trait VirtioDevice: Send {
     }
     /// What the device is, for `vm.info`.
     fn describe(&self) -> serde_json::Value;
+    /// Hands the backend over (a disk: flush, unlock) at migration commit.
+    fn release_backend(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Takes a backend opened in standby (a disk: lock it).
+    fn acquire_backend(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Its backend's identity, saved with the VM state.
     fn backend(&self) -> crate::state::devices::BackendSnapshot;
 }
