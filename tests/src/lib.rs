@@ -103,11 +103,25 @@ impl Vm {
     }
 
     pub fn spawn(args: &[String]) -> Vm {
+        Vm::launch(None, "run", args)
+    }
+
+    /// Starts `ferry SUBCOMMAND ARGS --api-sock ...`, inside network
+    /// namespace `netns` if given (a lab host).
+    pub fn launch(netns: Option<&str>, subcommand: &str, args: &[String]) -> Vm {
         let dir = TempDir::new("vm");
         let api_sock = dir.path().join("api.sock");
         let started = Instant::now();
-        let mut child = Command::new(ferry_bin())
-            .arg("run")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let mut child = cmd
+            .arg(subcommand)
             .args(args)
             .arg("--api-sock")
             .arg(&api_sock)
@@ -236,4 +250,183 @@ pub fn heartbeat_number(line: &str) -> Option<u64> {
 /// Runs `ferry` with `args` to completion (for error-path tests).
 pub fn run_ferry(args: &[&str]) -> std::process::Output {
     Command::new(ferry_bin()).args(args).stdin(Stdio::null()).output().expect("run ferry")
+}
+
+// ---------------------------------------------------------------------------
+// Hosts on one machine: the lab's network namespaces and `ferry ping`.
+
+/// True if this test must run: we are root and iproute2 is there. Same rule
+/// as [`kvm_available`]: panics (fails the test) if not, unless
+/// FERRY_NO_KVM=1 says this machine cannot run the privileged tests, in
+/// which case the test is reported and returns early.
+pub fn root_available(test: &str) -> bool {
+    if std::env::var("FERRY_NO_KVM").as_deref() == Ok("1") {
+        eprintln!("{test}: not run: FERRY_NO_KVM=1");
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "{test} needs root (or set FERRY_NO_KVM=1)");
+    let ip = Command::new("ip").arg("-V").output();
+    assert!(ip.is_ok_and(|o| o.status.success()), "{test} needs iproute2's `ip` (make deps)");
+    true
+}
+
+/// Runs `ferry ARGS`, killing it (and failing the test) if it runs past `timeout`.
+pub fn ferry_bounded(args: &[&str], timeout: Duration) -> std::process::Output {
+    let mut child = Command::new(ferry_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("ferry {args:?} ran past {timeout:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Names of all named network namespaces (`ip netns list`).
+pub fn netns_names() -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The named namespaces of lab `name` (those called `NAME-...`).
+pub fn lab_netns(name: &str) -> Vec<String> {
+    let prefix = format!("{name}-");
+    netns_names().into_iter().filter(|n| n.starts_with(&prefix)).collect()
+}
+
+/// A lab made by `ferry lab up --name NAME`; `ferry lab down` on drop.
+/// Use a short name unique to the test, so tests run in parallel.
+pub struct Lab {
+    pub name: String,
+}
+
+impl Lab {
+    pub const SUBNET_HOST_A: &'static str = "10.200.77.1";
+    pub const SUBNET_HOST_B: &'static str = "10.200.77.2";
+    pub const SUBNET_CLIENT: &'static str = "10.200.77.100";
+
+    /// Brings the lab up (the guard exists first, so a failed `up` is
+    /// still taken down).
+    pub fn up(name: &str) -> Lab {
+        let lab = Lab { name: name.to_owned() };
+        lab.ok(&["up"]);
+        lab
+    }
+
+    /// `NAME-ROLE`, e.g. `netns("client")`.
+    pub fn netns(&self, role: &str) -> String {
+        format!("{}-{role}", self.name)
+    }
+
+    /// Runs `ferry lab ARGS --name NAME` (bounded).
+    pub fn lab(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["lab"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--name", &self.name]);
+        ferry_bounded(&all, Duration::from_secs(60))
+    }
+
+    /// Runs a lab command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.lab(args);
+        assert!(
+            out.status.success(),
+            "ferry lab {args:?} --name {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status"])).expect("lab status is JSON")
+    }
+
+    /// `ferry ping --netns NAME-client --target TARGET EXTRA...`, parsed.
+    pub fn ping_from_client(&self, target: &str, extra: &[&str]) -> serde_json::Value {
+        let ns = self.netns("client");
+        let mut args = vec!["ping", "--netns", &ns, "--target", target];
+        args.extend_from_slice(extra);
+        let out = ferry_bounded(&args, Duration::from_secs(120));
+        assert!(out.status.success(), "ferry {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("ferry ping prints JSON")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.lab(&["down"]);
+        if !out.status.success() {
+            eprintln!("ferry lab down --name {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// A UDP echo service bound to `addr` inside namespace `netns`, on its own
+/// thread, for at most `lifetime`; the thread returns how many datagrams it
+/// echoed. Returns once the socket is bound.
+pub fn udp_echo_in_netns(
+    netns: &str,
+    addr: std::net::SocketAddrV4,
+    lifetime: Duration,
+) -> std::thread::JoinHandle<u64> {
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(netns);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: setns on a valid namespace fd; only this thread moves.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns into {}", path.display());
+        let sock = std::net::UdpSocket::bind(addr).expect("bind the echo socket");
+        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        tx.send(()).unwrap();
+        let end = Instant::now() + lifetime;
+        let mut buf = [0u8; 2048];
+        let mut echoed = 0;
+        while Instant::now() < end {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                if sock.send_to(&buf[..n], from).is_ok() {
+                    echoed += 1;
+                }
+            }
+        }
+        echoed
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("the echo service starts");
+    handle
+}
+
+/// Sends a console command and waits for the line that answers it (the
+/// first line from now on starting with `prefix`).
+pub fn command(vm: &Vm, cmd: &str, prefix: &str, timeout: Duration) -> String {
+    let from = vm.lines().len();
+    vm.control(&["console", cmd]);
+    vm.wait_line_from(from, timeout, |l| l.starts_with(prefix)).1
+}
+
+/// A raw disk image of `mib` MiB, zero-filled (sparse).
+pub fn disk_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(mib << 20).unwrap();
+    p
+}
+
+/// The last heartbeat number seen.
+pub fn last_heartbeat(vm: &Vm) -> Option<u64> {
+    vm.lines().iter().rev().find_map(|l| heartbeat_number(l))
 }

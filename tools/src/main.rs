@@ -1,6 +1,8 @@
 //! `ferry`: run a VM on KVM and control it.
 
 mod cli;
+mod lab;
+mod ping;
 mod signals;
 
 use clap::Parser;

@@ -16,7 +16,7 @@ pub struct ApiArgs {
     pub api_sock: PathBuf,
 }
 
-fn call(sock: &Path, method: &str, endpoint: &str, body: &[u8]) -> anyhow::Result<client::Response> {
+pub fn call(sock: &Path, method: &str, endpoint: &str, body: &[u8]) -> anyhow::Result<client::Response> {
     let r = client::request(sock, method, endpoint, body, TIMEOUT)?;
     if !r.is_success() {
         bail!("{endpoint}: {}", r.error_message());
@@ -43,5 +43,11 @@ pub fn console(sock: &Path, text: &str) -> anyhow::Result<i32> {
     if v.get("dropped").and_then(|d| d.as_u64()).unwrap_or(0) > 0 {
         bail!("the guest's UART input buffer was full; part of the line was dropped");
     }
+    Ok(0)
+}
+
+pub fn announce(sock: &Path) -> anyhow::Result<i32> {
+    let r = call(sock, "PUT", "vm.announce", b"")?;
+    println!("{}", r.body);
     Ok(0)
 }

@@ -1,7 +1,11 @@
 //! The command line: one module per command family.
 
 mod control;
+mod lab;
+mod migrate;
+mod ping;
 mod run;
+mod snapshot;
 
 use std::path::PathBuf;
 
@@ -35,6 +39,26 @@ enum Command {
         /// The text to send, e.g. `verify` for the test guest.
         text: String,
     },
+    /// Tell the network where the VM is: a RARP announcement for each NIC's
+    /// MAC on its tap (what a migration sends right after switchover).
+    Announce(control::ApiArgs),
+    /// Save a running VM's state and memory into a directory. The VM is
+    /// paused first and left paused.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Start a VM from a snapshot directory, in this process, on this host.
+    Restore(snapshot::RestoreArgs),
+    /// Move a running VM to another host's `ferry receive` and print the
+    /// migration figures (JSON). On any failure before the destination
+    /// confirms, the VM keeps running here.
+    Migrate(migrate::MigrateArgs),
+    /// Wait for one incoming migration, then run the VM here.
+    Receive(migrate::ReceiveArgs),
+    /// Build, inspect or tear down the lab: network namespaces that play a
+    /// switch fabric, two VM hosts and a client on one machine (root).
+    Lab(lab::LabArgs),
+    /// Measure loss, reply gaps and RTTs to an address, from inside a
+    /// network namespace (ICMP echo or UDP probes; root). Prints JSON.
+    Ping(ping::PingArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
@@ -45,6 +69,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Resume(api) => control::put(&api.api_sock, "vm.resume"),
         Command::Shutdown(api) => control::put(&api.api_sock, "vm.shutdown"),
         Command::Console { api, text } => control::console(&api.api_sock, &text),
+        Command::Announce(api) => control::announce(&api.api_sock),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Restore(args) => snapshot::restore(args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Receive(args) => migrate::receive(args),
+        Command::Lab(args) => lab::lab(args),
+        Command::Ping(args) => ping::ping(args),
     }
 }
 

@@ -66,14 +66,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         net: args.net,
         disks: args.disk,
     };
-    let vmm = Arc::new(Vmm::start(config)?);
+    serve(Arc::new(Vmm::start(config)?), args.api_sock.as_deref())
+}
+
+/// Runs a started VM until it ends: serves the API, turns signals into a
+/// clean stop, and returns the exit status. Signals must already be
+/// blocked (`signals::block`) before the VM's threads started.
+pub fn serve(vmm: Arc<Vmm>, api_sock: Option<&std::path::Path>) -> anyhow::Result<i32> {
     crate::signals::forward_to(vmm.events());
-    let api = match &args.api_sock {
+    let api = match api_sock {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            Some(vmm::api::server::ApiServer::start(path, vmm.clone())?)
+            Some(vmm::api::server::ApiServer::start(path, vmm.clone(), Some(super::migrate::api_handler()))?)
         }
         None => None,
     };

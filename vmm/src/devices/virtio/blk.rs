@@ -171,7 +171,7 @@ impl Block {
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
         let start = sector.checked_mul(SECTOR)?;
         let end = start.checked_add(len as u64)?;
-        (end <= self.sectors * SECTOR && len as u64 % SECTOR == 0).then_some(start)
+        (end <= self.sectors * SECTOR && (len as u64).is_multiple_of(SECTOR)).then_some(start)
     }
 
     fn read(

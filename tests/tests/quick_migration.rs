@@ -1,0 +1,282 @@
+//! Quick migration: the VM moves with its memory, state and disk; any
+//! failure before the destination confirms leaves it running on the source;
+//! a destination fed garbage never runs anything.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use ferry_e2e::{command, disk_image, heartbeat_number, kvm_available, last_heartbeat, TempDir, Vm};
+use migrate::wire::{self, Kind};
+
+const T: Duration = Duration::from_secs(30);
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn source_vm(cmdline: &str, mem_mib: u64, extra: &[String]) -> Vm {
+    let guest = ferry_e2e::guest_elf();
+    let mut args = vec![
+        s("--kernel"),
+        guest.display().to_string(),
+        s("--cmdline"),
+        cmdline.to_owned(),
+        s("--mem-mib"),
+        mem_mib.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let vm = Vm::spawn(&args);
+    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    vm
+}
+
+fn receiver(endpoint: &str) -> Vm {
+    Vm::launch(None, "receive", &[s("--listen"), endpoint.to_owned()])
+}
+
+fn wait_api(vm: &Vm) {
+    let deadline = Instant::now() + T;
+    while !vm.api_sock.exists() {
+        assert!(Instant::now() < deadline, "VMM API never came up: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The source still runs: a new heartbeat arrives after `from`.
+fn assert_still_running(vm: &Vm, why: &str) {
+    assert_eq!(vm.info()["state"], "Running", "{why}");
+    let n = vm.lines().len();
+    vm.wait_line_from(n, T, |l| heartbeat_number(l).is_some());
+}
+
+#[test]
+fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
+    if !kvm_available("quick_migration_there_and_back_keeps_counter_memory_and_disk") {
+        return;
+    }
+    let dir = TempDir::new("qm");
+    let disk = disk_image(dir.path(), "disk.img", 16);
+    let mut a = source_vm(
+        "heartbeat_ms=100 wss_mib=64 dirty_mib_s=32",
+        256,
+        &[s("--disk"), disk.display().to_string(), s("--vcpus"), s("2")],
+    );
+    let w = command(&a, "disk-write 0 128 4242", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{w}");
+
+    // a -> b over TCP
+    let port = free_port();
+    let mut b = receiver(&format!("tcp:127.0.0.1:{port}"));
+    std::thread::sleep(Duration::from_millis(200));
+    let last_a = last_heartbeat(&a).unwrap();
+    let out = a.control(&["migrate", "--to", &format!("tcp:127.0.0.1:{port}")]);
+    let figures: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(figures["mode"], "quick");
+    assert_eq!(figures["mem_mib"], 256);
+    assert!(figures["pages_sent"].as_u64().unwrap() >= 64 * 256, "{figures}");
+    assert!(figures["pages_zero"].as_u64().unwrap() > 0, "{figures}");
+    assert!(figures["bytes_sent"].as_u64().unwrap() < 200 << 20, "zero pages travel as markers: {figures}");
+    assert!(figures["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(a.wait_exit(T).code(), Some(0), "source exits after the move");
+    assert!(a.stderr().contains("migrated to tcp:"), "{}", a.stderr());
+
+    wait_api(&b);
+    let (_, hb) = b.wait_line_from(0, T, |l| heartbeat_number(l).is_some());
+    assert!(heartbeat_number(&hb).unwrap() > last_a, "counter continues on b: {hb} after {last_a}");
+    let v = command(&b, "verify", "verify", T);
+    assert!(v.starts_with("verify ok"), "{v}");
+    let d = command(&b, "disk-verify 0 128 4242", "disk-verify", T);
+    assert!(d.starts_with("disk-verify ok"), "{d}");
+
+    // b -> a' over a Unix socket
+    let sock = dir.path().join("mig.sock");
+    let back = receiver(&format!("unix:{}", sock.display()));
+    std::thread::sleep(Duration::from_millis(200));
+    b.control(&["migrate", "--to", &format!("unix:{}", sock.display())]);
+    assert_eq!(b.wait_exit(T).code(), Some(0));
+    wait_api(&back);
+    let v = command(&back, "verify", "verify", T);
+    assert!(v.starts_with("verify ok"), "{v}");
+    let d = command(&back, "disk-verify 0 128 4242", "disk-verify", T);
+    assert!(d.starts_with("disk-verify ok"), "{d}");
+    let banner_cpus = back.info()["config"]["vcpus"].clone();
+    assert_eq!(banner_cpus, 2);
+}
+
+/// A destination that follows the protocol up to `fail_at`, then fails.
+fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        let hello = wire::read_frame(&mut c).unwrap();
+        assert_eq!(hello.kind, Kind::Hello);
+        match fail_at {
+            "hello" => return,
+            "refuse" => {
+                wire::send(&mut c, Kind::Refuse, &wire::Reason { reason: "no room for you".into() }).unwrap();
+                return;
+            }
+            "garbage" => {
+                c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+                return;
+            }
+            _ => wire::write_frame(&mut c, Kind::HelloAck, &[]).unwrap(),
+        }
+        let mut frames = 0;
+        loop {
+            let Ok(f) = wire::read_frame(&mut c) else { return };
+            frames += 1;
+            if fail_at == "memory" && frames == 3 {
+                return;
+            }
+            if f.kind == Kind::State {
+                break;
+            }
+        }
+        match fail_at {
+            "abort" => wire::send(&mut c, Kind::Abort, &wire::Reason { reason: "restore failed here".into() }).unwrap(),
+            "state" => {}
+            other => panic!("unknown failure point {other}"),
+        }
+    });
+    (port, t)
+}
+
+#[test]
+fn source_keeps_running_whichever_step_the_destination_fails_at() {
+    if !kvm_available("source_keeps_running_whichever_step_the_destination_fails_at") {
+        return;
+    }
+    let vm = source_vm("heartbeat_ms=100 wss_mib=16 dirty_mib_s=16", 64, &[]);
+    for (fail_at, expect) in [
+        ("hello", "closed"),
+        ("refuse", "no room for you"),
+        ("garbage", "bad frame magic"),
+        ("memory", "migration failed"),
+        ("state", "closed"),
+        ("abort", "restore failed here"),
+    ] {
+        let (port, t) = fake_destination(fail_at);
+        let (ok, _, err) = vm.ferry(&["migrate", "--to", &format!("tcp:127.0.0.1:{port}")]);
+        t.join().unwrap();
+        assert!(!ok, "{fail_at}: migration must fail");
+        assert!(err.contains(expect), "{fail_at}: error names the cause ({expect}): {err}");
+        assert_still_running(&vm, fail_at);
+    }
+    let v = command(&vm, "verify", "verify", T);
+    assert!(v.starts_with("verify ok"), "{v}");
+    let (ok, _, err) = vm.ferry(&["migrate", "--to", "tcp:127.0.0.1:1"]);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+    assert_still_running(&vm, "nobody listening");
+}
+
+#[test]
+fn killing_the_destination_mid_transfer_leaves_the_source_running() {
+    if !kvm_available("killing_the_destination_mid_transfer_leaves_the_source_running") {
+        return;
+    }
+    let vm = source_vm("heartbeat_ms=100 wss_mib=768 dirty_mib_s=64", 1024, &[]);
+    vm.wait_line(T, |l| l.starts_with("workload ready"));
+    let port = free_port();
+    let mut dest = receiver(&format!("tcp:127.0.0.1:{port}"));
+    std::thread::sleep(Duration::from_millis(200));
+    let killer = {
+        let pid = dest.pid() as i32;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            // SAFETY: killing our own child process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        })
+    };
+    let (ok, out, err) = vm.ferry(&["migrate", "--to", &format!("tcp:127.0.0.1:{port}")]);
+    killer.join().unwrap();
+    dest.wait_exit(T);
+    assert!(!ok, "the migration cannot have succeeded: {out}");
+    assert!(err.contains("migration failed"), "{err}");
+    assert_still_running(&vm, "destination killed");
+    let v = command(&vm, "verify", "verify", T);
+    assert!(v.starts_with("verify ok"), "{v}");
+}
+
+#[test]
+fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
+    if !kvm_available("a_destination_fed_garbage_refuses_and_never_runs_a_vm") {
+        return;
+    }
+    let hello = |mem_mib: u64| wire::Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        mode: wire::Mode::Quick,
+        mem_bytes: mem_mib << 20,
+        config_json: serde_json::to_string(&{
+            let mut c = vmm::VmConfig::new("/k");
+            c.mem_mib = mem_mib;
+            c
+        })
+        .unwrap(),
+    };
+    type Feed = Box<dyn Fn(&mut TcpStream)>;
+    let cases: Vec<(&str, Feed)> = vec![
+        ("bad frame magic", Box::new(|c: &mut TcpStream| c.write_all(&[0x42; 64]).unwrap())),
+        (
+            "outside guest memory",
+            Box::new(move |c: &mut TcpStream| {
+                wire::send(c, Kind::Hello, &hello(32)).unwrap();
+                let _ = wire::read_frame(c);
+                wire::write_frame(c, Kind::MemData, &wire::mem_data_payload(1 << 40, &[1; 4096])).unwrap();
+            }),
+        ),
+        (
+            "peer closed",
+            Box::new(move |c: &mut TcpStream| {
+                wire::send(c, Kind::Hello, &hello(32)).unwrap();
+                let _ = wire::read_frame(c);
+                wire::write_frame(c, Kind::MemData, &wire::mem_data_payload(0, &[1; 4096])).unwrap();
+                // ...and the source vanishes mid-stream.
+            }),
+        ),
+        (
+            "checksum",
+            Box::new(move |c: &mut TcpStream| {
+                wire::send(c, Kind::Hello, &hello(32)).unwrap();
+                let _ = wire::read_frame(c);
+                let mut frame = Vec::new();
+                wire::write_frame(&mut frame, Kind::MemData, &wire::mem_data_payload(0, &[7; 4096])).unwrap();
+                frame[100] ^= 1;
+                c.write_all(&frame).unwrap();
+            }),
+        ),
+        (
+            "more than this host has available",
+            Box::new(move |c: &mut TcpStream| {
+                wire::send(c, Kind::Hello, &hello(64 << 20)).unwrap();
+                let _ = wire::read_frame(c);
+            }),
+        ),
+    ];
+    for (expect, feed) in cases {
+        let port = free_port();
+        let mut dest = receiver(&format!("tcp:127.0.0.1:{port}"));
+        let deadline = Instant::now() + T;
+        let mut c = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("receiver never listened: {e}"),
+            }
+        };
+        feed(&mut c);
+        drop(c);
+        let status = dest.wait_exit(T);
+        assert_eq!(status.code(), Some(1), "{expect}: receiver fails");
+        assert!(dest.stderr().contains(expect), "{expect}: {}", dest.stderr());
+        assert!(!dest.api_sock.exists(), "{expect}: no VM ever ran");
+        assert!(!dest.lines().iter().any(|l| heartbeat_number(l).is_some()));
+    }
+}

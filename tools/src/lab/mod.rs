@@ -1,0 +1,764 @@
+//! The lab: "hosts on one machine". It makes network namespaces that play
+//! a fabric switch, two VM hosts (each with a bridge for VM taps) and a
+//! client, wires them with veth pairs and gives them addresses in one
+//! private /24 (see [`topology`]). It uses iproute2 (`ip`) and needs root.
+//!
+//! Rules it keeps:
+//! - It touches only what it created, as recorded in its state file
+//!   ([`state`]): a namespace with one of its names that the state file does
+//!   not list (or lists with another identity) makes `up`, `down` and
+//!   `tap` refuse before changing anything.
+//! - `up` is idempotent: it creates what is missing and leaves the rest.
+//! - `down` deletes every namespace it created (the veths, bridges and taps
+//!   in them go with them) and its state file; it tolerates a partly built
+//!   or partly removed lab.
+//! - It starts no long-running process. If `down` finds processes inside
+//!   its namespaces (e.g. a VMM still running), it reports them (PID and
+//!   command) and deletes the namespace names anyway; it kills nothing,
+//!   because it started nothing. A namespace with processes left in it
+//!   lives on, unnamed, until they exit.
+//! - Every `ip` call is bounded in time ([`ip::IP_TIMEOUT`]), and so is the
+//!   wait for another lab command ([`state::LOCK_TIMEOUT`]).
+
+pub mod ip;
+pub mod netns;
+pub mod state;
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use ip::Ip;
+use state::{Lock, NsRecord, State};
+use topology::{Role, HOST_BRIDGE, PREFIX_LEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs root (it creates network namespaces, bridges and taps); run it as root")]
+    NotRoot,
+    #[error("iproute2's `ip` command was not found (looked in PATH and /usr/sbin, /sbin): install iproute2")]
+    IpMissing,
+    #[error("invalid lab name {name:?}: {why}")]
+    BadName { name: String, why: String },
+    #[error("invalid tap name {name:?}: {why}")]
+    BadTapName { name: String, why: String },
+    #[error("{0}")]
+    BadHost(String),
+    #[error("cannot run {}: {source}", bin.display())]
+    Spawn { bin: PathBuf, source: std::io::Error },
+    #[error("`ip {args}` failed: {stderr}")]
+    IpFailed { args: String, stderr: String },
+    #[error("`ip {args}` did not finish within {secs} s")]
+    IpTimeout { args: String, secs: u64 },
+    #[error("`ip {args}` printed malformed JSON: {source}")]
+    IpJson { args: String, source: serde_json::Error },
+    #[error(
+        "{} {} but lab {lab:?} did not create {} (not recorded in {}); refusing to touch {}: \
+         pick another --name, or delete {} yourself if stale",
+        if names.len() == 1 { "network namespace" } else { "network namespaces" },
+        if names.len() == 1 { format!("{} exists", names[0]) } else { format!("{} exist", names.join(", ")) },
+        if names.len() == 1 { "it" } else { "them" },
+        state.display(),
+        if names.len() == 1 { "it" } else { "them" },
+        if names.len() == 1 { "it" } else { "them" },
+    )]
+    Foreign { names: Vec<String>, lab: String, state: PathBuf },
+    #[error("lab {lab:?} is not up: network namespace {netns} does not exist (run `ferry lab up --name {lab}`)")]
+    NotUp { lab: String, netns: String },
+    #[error("{what} in {netns} is not the lab's: {why}")]
+    NotOurs { what: String, netns: String, why: String },
+    #[error("lab {lab:?} has no tap {tap} on host {host}")]
+    NoSuchTap { lab: String, host: Role, tap: String },
+    #[error("state file {}: {source}", path.display())]
+    StateIo { path: PathBuf, source: std::io::Error },
+    #[error("state file {} is not valid lab state ({source}); inspect it, and remove it only if no lab namespaces remain", path.display())]
+    StateCorrupt { path: PathBuf, source: serde_json::Error },
+    #[error("state file {} belongs to lab {found:?}", path.display())]
+    StateMismatch { path: PathBuf, found: String },
+    #[error("another `ferry lab` command has held {} for more than {secs} s", path.display())]
+    Busy { path: PathBuf, secs: u64 },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("the lab's links did not come up within {secs} s: {links}")]
+    NotOperational { links: String, secs: u64 },
+}
+
+/// How long `up` waits for the kernel to report every link operational
+/// (link events are processed at most about once a second).
+pub const OPERATIONAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a namespace name is free, the lab's own, or someone else's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Presence {
+    Absent,
+    Ours,
+    Foreign,
+}
+
+/// One interface, as `ip -d -j link` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Link {
+    pub name: String,
+    pub kind: Option<String>,
+    pub up: bool,
+    /// The kernel's operational state (UP once it carries traffic).
+    pub operstate: String,
+    pub master: Option<String>,
+    /// For tun/tap devices: "tap" or "tun".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tun_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vnet_hdr: Option<bool>,
+}
+
+/// An interface the lab expects, and what it found.
+#[derive(Debug, Serialize)]
+pub struct IfStatus {
+    pub name: String,
+    pub exists: bool,
+    pub kind: Option<String>,
+    /// Administratively up.
+    pub up: bool,
+    /// The kernel's operational state: "UP" once it carries traffic.
+    pub operstate: Option<String>,
+    pub master: Option<String>,
+    /// The bridge it should be a port of, if any.
+    pub expected_master: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TapStatus {
+    pub name: String,
+    pub exists: bool,
+    pub up: bool,
+    pub master: Option<String>,
+    pub vnet_hdr: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NsStatus {
+    pub role: Role,
+    pub netns: String,
+    pub exists: bool,
+    /// Listed in the state file with the identity it has now.
+    pub created_by_lab: bool,
+    /// Exists but is not the lab's: the lab will not touch it.
+    pub foreign: bool,
+    /// The namespace's own address and its interface (null for the fabric),
+    /// and whether it is configured (null when there is none to configure).
+    pub address: Option<String>,
+    pub address_dev: Option<&'static str>,
+    pub address_present: Option<bool>,
+    /// Every IPv4 address found in the namespace ("ADDR/LEN dev IF").
+    pub ipv4: Vec<String>,
+    pub interfaces: Vec<IfStatus>,
+    /// VM taps (hosts only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taps: Option<Vec<TapStatus>>,
+    /// Processes running inside the namespace.
+    pub pids: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub state_file: PathBuf,
+    pub state_file_exists: bool,
+    pub subnet: &'static str,
+    pub guest_range: String,
+    /// Everything the lab should have exists, is the lab's, and is up.
+    pub complete: bool,
+    pub namespaces: Vec<NsStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Process {
+    pub netns: String,
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DownReport {
+    pub name: String,
+    /// Namespaces deleted now.
+    pub deleted: Vec<String>,
+    /// Namespaces the state file listed that were already gone.
+    pub already_gone: Vec<String>,
+    /// Processes found inside the lab's namespaces when they were deleted.
+    /// The lab started none of them and kills none; each keeps its
+    /// (now unnamed) namespace alive until it exits.
+    pub processes_left: Vec<Process>,
+    pub state_file_removed: bool,
+}
+
+pub struct Lab {
+    name: String,
+    ip: Ip,
+}
+
+impl Lab {
+    /// Checks the name, that we are root and that `ip` is there.
+    pub fn open(name: &str) -> Result<Lab, LabError> {
+        topology::validate_name(name).map_err(|why| LabError::BadName { name: name.into(), why })?;
+        if !netns::is_root() {
+            return Err(LabError::NotRoot);
+        }
+        Ok(Lab { name: name.to_owned(), ip: Ip::find()? })
+    }
+
+    fn netns(&self, role: Role) -> String {
+        role.netns(&self.name)
+    }
+
+    fn presence(&self, state: Option<&State>, role: Role) -> Result<Presence, LabError> {
+        let ns = self.netns(role);
+        let id = netns::identity(&ns)
+            .map_err(|source| LabError::Io { what: format!("cannot stat {}", netns::path(&ns).display()), source })?;
+        let Some(id) = id else { return Ok(Presence::Absent) };
+        let recorded = state.and_then(|s| s.namespaces.get(&role)).filter(|r| r.netns == ns);
+        Ok(match recorded {
+            Some(r) if r.id() == id => Presence::Ours,
+            _ => Presence::Foreign,
+        })
+    }
+
+    /// Fails, naming them, if any of the lab's namespace names is taken by
+    /// a namespace the lab did not create.
+    fn refuse_foreign(&self, state: Option<&State>) -> Result<(), LabError> {
+        let mut foreign = vec![];
+        for role in Role::ALL {
+            if self.presence(state, role)? == Presence::Foreign {
+                foreign.push(self.netns(role));
+            }
+        }
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        Err(LabError::Foreign { names: foreign, lab: self.name.clone(), state: state::path(&self.name) })
+    }
+
+    /// Checks that `role`'s namespace is up and the lab's.
+    fn require_ours(&self, state: Option<&State>, role: Role) -> Result<String, LabError> {
+        let ns = self.netns(role);
+        match self.presence(state, role)? {
+            Presence::Ours => Ok(ns),
+            Presence::Absent => Err(LabError::NotUp { lab: self.name.clone(), netns: ns }),
+            Presence::Foreign => {
+                Err(LabError::Foreign { names: vec![ns], lab: self.name.clone(), state: state::path(&self.name) })
+            }
+        }
+    }
+
+    /// Creates whatever of the lab is missing; returns its status.
+    pub fn up(&self) -> Result<Status, LabError> {
+        let lock = Lock::acquire()?;
+        let mut state = State::load(&self.name)?.unwrap_or_else(|| State::new(&self.name));
+        self.refuse_foreign(Some(&state))?;
+
+        for role in Role::ALL {
+            let ns = self.netns(role);
+            if self.presence(Some(&state), role)? == Presence::Absent {
+                tracing::info!("creating network namespace {ns}");
+                self.ip.run(&["netns", "add", &ns])?;
+                let id = netns::identity(&ns)
+                    .map_err(|source| LabError::Io {
+                        what: format!("cannot stat {}", netns::path(&ns).display()),
+                        source,
+                    })?
+                    .ok_or_else(|| LabError::IpFailed {
+                        args: format!("netns add {ns}"),
+                        stderr: "the namespace vanished right after it was created".into(),
+                    })?;
+                state.namespaces.insert(role, NsRecord { netns: ns.clone(), dev: id.dev, ino: id.ino });
+                // Record it at once: a failure later still leaves it for `down`.
+                state.save()?;
+            }
+        }
+
+        for role in Role::ALL {
+            let ns = self.netns(role);
+            quiet_ipv6(&ns)?;
+            self.ip.run_in(&ns, &["link", "set", "lo", "up"])?;
+            if let Some(br) = role.bridge() {
+                self.ensure_bridge(&ns, br, role.mac())?;
+            }
+        }
+        for role in Role::ALL {
+            if let Some(uplink) = role.uplink() {
+                self.ensure_uplink(role, &uplink)?;
+            }
+        }
+        for role in Role::ALL {
+            if let (Some(addr), Some(dev)) = (role.address(), role.address_dev()) {
+                let ns = self.netns(role);
+                self.ip.run_in(&ns, &["addr", "replace", &format!("{addr}/{PREFIX_LEN}"), "dev", dev])?;
+            }
+        }
+        for (&role, taps) in &state.taps {
+            let ns = self.netns(role);
+            let links = self.links(&ns)?;
+            for tap in taps {
+                self.ensure_tap(&ns, tap, links.get(tap))?;
+            }
+        }
+        state.save()?;
+        self.wait_operational()?;
+        drop(lock);
+        self.status()
+    }
+
+    /// The links the lab wires, by namespace: bridges and veth ends.
+    fn wired_links(&self) -> Vec<(String, &'static str)> {
+        let mut out = vec![];
+        for role in Role::ALL {
+            if let Some(br) = role.bridge() {
+                out.push((self.netns(role), br));
+            }
+            if let Some(u) = role.uplink() {
+                out.push((self.netns(Role::Fabric), u.fabric_end));
+                out.push((self.netns(role), u.local_end));
+            }
+        }
+        out
+    }
+
+    /// Waits until the kernel reports every wired link operational, so
+    /// traffic sent right after `up` is neither dropped nor held back
+    /// waiting for ARP.
+    fn wait_operational(&self) -> Result<(), LabError> {
+        let deadline = std::time::Instant::now() + OPERATIONAL_TIMEOUT;
+        loop {
+            let mut pending = vec![];
+            let mut by_ns: BTreeMap<String, BTreeMap<String, Link>> = BTreeMap::new();
+            for (ns, name) in self.wired_links() {
+                if !by_ns.contains_key(&ns) {
+                    by_ns.insert(ns.clone(), self.links(&ns)?);
+                }
+                let state = by_ns[&ns].get(name).map_or("missing", |l| l.operstate.as_str());
+                if state != "UP" {
+                    pending.push(format!("{ns}:{name} ({state})"));
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(LabError::NotOperational {
+                    links: pending.join(", "),
+                    secs: OPERATIONAL_TIMEOUT.as_secs(),
+                });
+            }
+            tracing::debug!("waiting for {}", pending.join(", "));
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+
+    fn ensure_bridge(&self, ns: &str, br: &str, mac: &str) -> Result<(), LabError> {
+        let links = self.links(ns)?;
+        match links.get(br) {
+            None => {
+                tracing::info!("creating bridge {br} in {ns}");
+                self.ip.run_in(
+                    ns,
+                    &[
+                        "link",
+                        "add",
+                        br,
+                        "address",
+                        mac,
+                        "type",
+                        "bridge",
+                        "stp_state",
+                        "0",
+                        "forward_delay",
+                        "0",
+                        "mcast_snooping",
+                        "0",
+                    ],
+                )?;
+            }
+            Some(l) if l.kind.as_deref() != Some("bridge") => {
+                return Err(LabError::NotOurs {
+                    what: format!("interface {br}"),
+                    netns: ns.into(),
+                    why: format!("it is a {}, not the lab's bridge", l.kind.as_deref().unwrap_or("device")),
+                });
+            }
+            Some(_) => {}
+        }
+        self.ip.run_in(ns, &["link", "set", br, "up"])?;
+        Ok(())
+    }
+
+    fn ensure_uplink(&self, role: Role, uplink: &topology::Uplink) -> Result<(), LabError> {
+        let fabric = self.netns(Role::Fabric);
+        let ns = self.netns(role);
+        let far = self.links(&fabric)?.get(uplink.fabric_end).cloned();
+        let near = self.links(&ns)?.get(uplink.local_end).cloned();
+        for (l, in_ns) in [(&far, &fabric), (&near, &ns)] {
+            if let Some(l) = l.as_ref().filter(|l| l.kind.as_deref() != Some("veth")) {
+                return Err(LabError::NotOurs {
+                    what: format!("interface {}", l.name),
+                    netns: in_ns.clone(),
+                    why: format!("it is a {}, not the lab's veth", l.kind.as_deref().unwrap_or("device")),
+                });
+            }
+        }
+        if far.is_none() || near.is_none() {
+            // Half a pair cannot normally exist (a veth pair dies whole);
+            // if it does, it is ours (our name in our namespace): rebuild.
+            if far.is_some() {
+                self.ip.run_in(&fabric, &["link", "del", uplink.fabric_end])?;
+            }
+            if near.is_some() {
+                self.ip.run_in(&ns, &["link", "del", uplink.local_end])?;
+            }
+            tracing::info!("creating veth {fabric}:{} <-> {ns}:{}", uplink.fabric_end, uplink.local_end);
+            self.ip.run_in(
+                &fabric,
+                &["link", "add", uplink.fabric_end, "type", "veth", "peer", "name", uplink.local_end, "netns", &ns],
+            )?;
+        }
+        self.ip.run_in(&fabric, &["link", "set", uplink.fabric_end, "master", topology::FABRIC_BRIDGE, "up"])?;
+        match role.bridge() {
+            Some(br) => self.ip.run_in(&ns, &["link", "set", uplink.local_end, "master", br, "up"])?,
+            None => self.ip.run_in(&ns, &["link", "set", uplink.local_end, "address", role.mac(), "up"])?,
+        };
+        Ok(())
+    }
+
+    fn ensure_tap(&self, ns: &str, tap: &str, existing: Option<&Link>) -> Result<(), LabError> {
+        match existing {
+            None => {
+                tracing::info!("creating tap {tap} in {ns}");
+                self.ip.run_in(ns, &["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
+            }
+            Some(l) if l.tun_type.as_deref() != Some("tap") => {
+                return Err(LabError::NotOurs {
+                    what: format!("interface {tap}"),
+                    netns: ns.into(),
+                    why: format!("it is a {}, not a tap", l.kind.as_deref().unwrap_or("device")),
+                });
+            }
+            Some(_) => {}
+        }
+        self.ip.run_in(ns, &["link", "set", tap, "master", HOST_BRIDGE, "up"])?;
+        Ok(())
+    }
+
+    /// Deletes everything the lab made. Refuses, before deleting anything,
+    /// if one of its names is held by a namespace it did not create.
+    pub fn down(&self) -> Result<DownReport, LabError> {
+        let _lock = Lock::acquire()?;
+        let state = State::load(&self.name)?;
+        self.refuse_foreign(state.as_ref())?;
+        let mut report = DownReport {
+            name: self.name.clone(),
+            deleted: vec![],
+            already_gone: vec![],
+            processes_left: vec![],
+            state_file_removed: false,
+        };
+        let Some(mut state) = state else {
+            // No state and (checked above) no namespace of ours: nothing to do.
+            return Ok(report);
+        };
+        for &pid in &state.pids_started {
+            // Never happens today: the lab starts no processes.
+            tracing::warn!("lab {} recorded PID {pid} as started by it; it is not stopped here", self.name);
+        }
+        for role in Role::ALL.into_iter().rev() {
+            let Some(record) = state.namespaces.get(&role).cloned() else { continue };
+            if self.presence(Some(&state), role)? == Presence::Absent {
+                report.already_gone.push(record.netns.clone());
+            } else {
+                for pid in self.pids(&record.netns)? {
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    let comm = comm.trim().to_owned();
+                    tracing::warn!(
+                        "process {pid} ({comm}) is still inside {}: deleting the name anyway; \
+                         the namespace lives on until it exits",
+                        record.netns
+                    );
+                    report.processes_left.push(Process { netns: record.netns.clone(), pid, comm });
+                }
+                tracing::info!("deleting network namespace {}", record.netns);
+                self.ip.run(&["netns", "del", &record.netns])?;
+                report.deleted.push(record.netns.clone());
+            }
+            state.namespaces.remove(&role);
+            state.taps.remove(&role);
+            state.save()?;
+        }
+        state.remove()?;
+        report.state_file_removed = true;
+        Ok(report)
+    }
+
+    /// Adds a persistent VM tap (vnet_hdr) to host `role`'s bridge.
+    pub fn tap_add(&self, role: Role, tap: &str) -> Result<TapStatus, LabError> {
+        let ns = self.tap_checks(role, tap)?;
+        let _lock = Lock::acquire()?;
+        let mut state = State::load(&self.name)?;
+        self.require_ours(state.as_ref(), role)?;
+        let state = state.as_mut().expect("a lab namespace of ours implies a state file");
+        let listed = state.taps.get(&role).is_some_and(|t| t.contains(tap));
+        let links = self.links(&ns)?;
+        if links.contains_key(tap) && !listed {
+            return Err(LabError::NotOurs {
+                what: format!("interface {tap}"),
+                netns: ns,
+                why: "it exists but the lab did not create it".into(),
+            });
+        }
+        if !links.contains_key(tap) {
+            self.ip.run_in(&ns, &["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
+            state.taps.entry(role).or_default().insert(tap.to_owned());
+            state.save()?;
+        }
+        let links = self.links(&ns)?;
+        self.ensure_tap(&ns, tap, links.get(tap))?;
+        let l = self.links(&ns)?.remove(tap);
+        Ok(tap_status(tap, l.as_ref()))
+    }
+
+    /// Deletes a tap the lab made.
+    pub fn tap_del(&self, role: Role, tap: &str) -> Result<(), LabError> {
+        let ns = self.tap_checks(role, tap)?;
+        let _lock = Lock::acquire()?;
+        let mut state = State::load(&self.name)?;
+        self.require_ours(state.as_ref(), role)?;
+        let state = state.as_mut().expect("a lab namespace of ours implies a state file");
+        let listed = state.taps.get(&role).is_some_and(|t| t.contains(tap));
+        let exists = self.links(&ns)?.contains_key(tap);
+        if !listed {
+            if exists {
+                return Err(LabError::NotOurs {
+                    what: format!("interface {tap}"),
+                    netns: ns,
+                    why: "the lab did not create it".into(),
+                });
+            }
+            return Err(LabError::NoSuchTap { lab: self.name.clone(), host: role, tap: tap.into() });
+        }
+        if exists {
+            tracing::info!("deleting tap {tap} in {ns}");
+            self.ip.run_in(&ns, &["tuntap", "del", "dev", tap, "mode", "tap"])?;
+        }
+        if let Some(t) = state.taps.get_mut(&role) {
+            t.remove(tap);
+            if t.is_empty() {
+                state.taps.remove(&role);
+            }
+        }
+        state.save()
+    }
+
+    fn tap_checks(&self, role: Role, tap: &str) -> Result<String, LabError> {
+        if !role.is_host() {
+            return Err(LabError::BadHost(format!("taps live on the VM hosts a and b, not on {role}")));
+        }
+        topology::validate_tap_name(tap).map_err(|why| LabError::BadTapName { name: tap.into(), why })?;
+        Ok(self.netns(role))
+    }
+
+    /// The argv that runs `cmd` inside `role`'s namespace (`ip netns exec`,
+    /// which also gives the command a /sys of that namespace).
+    pub fn exec_argv(&self, role: Role, cmd: &[OsString]) -> Result<Vec<OsString>, LabError> {
+        let state = State::load(&self.name)?;
+        let ns = self.require_ours(state.as_ref(), role)?;
+        let mut argv: Vec<OsString> = vec![self.ip.bin().into(), "netns".into(), "exec".into(), ns.into()];
+        argv.extend(cmd.iter().cloned());
+        Ok(argv)
+    }
+
+    /// What exists now, compared with what the lab should have.
+    pub fn status(&self) -> Result<Status, LabError> {
+        let state = State::load(&self.name)?;
+        let mut namespaces = vec![];
+        let mut complete = state.is_some();
+        for role in Role::ALL {
+            let ns = self.netns(role);
+            let presence = self.presence(state.as_ref(), role)?;
+            let ours = presence == Presence::Ours;
+            let links = if ours { self.links(&ns)? } else { BTreeMap::new() };
+            let ipv4 = if ours { self.ipv4(&ns)? } else { vec![] };
+            let pids = if ours { self.pids(&ns)? } else { vec![] };
+
+            let mut interfaces = vec![];
+            let mut expect = |name: &str, master: Option<&str>| {
+                let l = links.get(name);
+                interfaces.push(IfStatus {
+                    name: name.into(),
+                    exists: l.is_some(),
+                    kind: l.and_then(|l| l.kind.clone()),
+                    up: l.is_some_and(|l| l.up),
+                    operstate: l.map(|l| l.operstate.clone()),
+                    master: l.and_then(|l| l.master.clone()),
+                    expected_master: master.map(str::to_owned),
+                });
+            };
+            if let Some(br) = role.bridge() {
+                expect(br, None);
+            }
+            match role {
+                Role::Fabric => {
+                    for r in Role::ALL {
+                        if let Some(u) = r.uplink() {
+                            expect(u.fabric_end, Some(topology::FABRIC_BRIDGE));
+                        }
+                    }
+                }
+                _ => {
+                    let u = role.uplink().expect("every non-fabric role has an uplink");
+                    expect(u.local_end, role.bridge());
+                }
+            }
+            let address = role.address().map(|a| format!("{a}/{PREFIX_LEN}"));
+            let address_present = match (&address, role.address_dev()) {
+                (Some(a), Some(dev)) => Some(ipv4.contains(&format!("{a} dev {dev}"))),
+                _ => None,
+            };
+            let taps = role.is_host().then(|| {
+                state
+                    .as_ref()
+                    .and_then(|s| s.taps.get(&role))
+                    .map(|t| t.iter().map(|tap| tap_status(tap, links.get(tap))).collect())
+                    .unwrap_or_default()
+            });
+
+            complete &= ours
+                && address_present != Some(false)
+                && interfaces
+                    .iter()
+                    .all(|i| i.exists && i.up && i.operstate.as_deref() == Some("UP") && i.master == i.expected_master)
+                && taps.iter().flatten().all(|t: &TapStatus| t.exists && t.up);
+            namespaces.push(NsStatus {
+                role,
+                netns: ns,
+                exists: presence != Presence::Absent,
+                created_by_lab: ours,
+                foreign: presence == Presence::Foreign,
+                address,
+                address_dev: role.address_dev(),
+                address_present,
+                ipv4,
+                interfaces,
+                taps,
+                pids,
+            });
+        }
+        Ok(Status {
+            name: self.name.clone(),
+            state_file: state::path(&self.name),
+            state_file_exists: state.is_some(),
+            subnet: topology::SUBNET,
+            guest_range: format!("{}-{}", topology::GUEST_FIRST, topology::GUEST_LAST),
+            complete,
+            namespaces,
+        })
+    }
+
+    /// The interfaces in `ns`, by name.
+    fn links(&self, ns: &str) -> Result<BTreeMap<String, Link>, LabError> {
+        let v = self.ip.json(Some(ns), &["-d", "link", "show"])?;
+        Ok(parse_links(&v).into_iter().map(|l| (l.name.clone(), l)).collect())
+    }
+
+    /// "ADDR/LEN dev IF" for every IPv4 address in `ns`.
+    fn ipv4(&self, ns: &str) -> Result<Vec<String>, LabError> {
+        let v = self.ip.json(Some(ns), &["-4", "addr", "show"])?;
+        let mut out = vec![];
+        for dev in v.as_array().into_iter().flatten() {
+            let ifname = dev["ifname"].as_str().unwrap_or("?");
+            for a in dev["addr_info"].as_array().into_iter().flatten() {
+                if let (Some(local), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) {
+                    out.push(format!("{local}/{len} dev {ifname}"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn pids(&self, ns: &str) -> Result<Vec<u32>, LabError> {
+        let out = self.ip.run(&["netns", "pids", ns])?;
+        Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+    }
+}
+
+fn tap_status(name: &str, l: Option<&Link>) -> TapStatus {
+    TapStatus {
+        name: name.into(),
+        exists: l.is_some_and(|l| l.tun_type.as_deref() == Some("tap")),
+        up: l.is_some_and(|l| l.up),
+        master: l.and_then(|l| l.master.clone()),
+        vnet_hdr: l.and_then(|l| l.vnet_hdr),
+    }
+}
+
+fn parse_links(v: &serde_json::Value) -> Vec<Link> {
+    let mut out = vec![];
+    for l in v.as_array().into_iter().flatten() {
+        let Some(name) = l["ifname"].as_str() else { continue };
+        let flags: Vec<&str> = l["flags"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+        let info = &l["linkinfo"];
+        out.push(Link {
+            name: name.to_owned(),
+            kind: info["info_kind"].as_str().map(str::to_owned),
+            up: flags.contains(&"UP"),
+            operstate: l["operstate"].as_str().unwrap_or("UNKNOWN").to_owned(),
+            master: l["master"].as_str().map(str::to_owned),
+            tun_type: info["info_data"]["type"].as_str().map(str::to_owned),
+            vnet_hdr: info["info_data"]["vnet_hdr"].as_bool(),
+        });
+    }
+    out
+}
+
+/// Turns IPv6 off inside `ns` (all, default and existing interfaces), so no
+/// duplicate address detection, router or multicast listener traffic flows:
+/// only what the tests send. A kernel without IPv6 needs nothing.
+fn quiet_ipv6(ns: &str) -> Result<(), LabError> {
+    netns::run_in(ns, || {
+        for conf in ["all", "default", "lo"] {
+            let p = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+            match std::fs::write(&p, b"1") {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.map_err(|e| std::io::Error::new(e.kind(), format!("{p}: {e}")))?,
+            }
+        }
+        Ok(())
+    })
+    .map_err(|source| LabError::Io { what: format!("cannot turn IPv6 off in {ns}"), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_parse_ip_json() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"]},
+                {"ifindex":3,"ifname":"tp0","flags":["BROADCAST","MULTICAST"],"master":"br0",
+                 "linkinfo":{"info_kind":"tun","info_data":{"type":"tap","pi":false,"vnet_hdr":true}}},
+                {"ifindex":2,"ifname":"br0","flags":["UP"],"linkinfo":{"info_kind":"bridge"}}]"#,
+        )
+        .unwrap();
+        let links = parse_links(&v);
+        assert_eq!(links.len(), 3);
+        assert!(links[0].up && links[0].kind.is_none());
+        assert_eq!(links[1].tun_type.as_deref(), Some("tap"));
+        assert_eq!(links[1].vnet_hdr, Some(true));
+        assert_eq!(links[1].master.as_deref(), Some("br0"));
+        assert!(!links[1].up);
+        assert_eq!(links[2].kind.as_deref(), Some("bridge"));
+        let t = tap_status("tp0", Some(&links[1]));
+        assert!(t.exists && !t.up);
+        assert!(!tap_status("x", None).exists);
+    }
+}
