@@ -2,6 +2,9 @@
 //! side of devices, today the taps, and moves their input into the guest.
 //! It pauses with the vCPUs, so nothing touches guest memory while a VM is
 //! paused: a paused VM's state is frozen, which snapshots and migration need.
+//! While paused it drains and drops tap input, as a stopped machine's NIC
+//! would: a resumed guest gets fresh traffic, not a burst of stale frames
+//! (and a ping sent to a paused VM is lost, not answered late).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
@@ -76,7 +79,11 @@ impl EventLoop {
     }
 
     pub fn resume(&self) {
-        self.set(|s| s.paused = false);
+        // Clear the acknowledgement too: a later pause must wait for a fresh one.
+        self.set(|s| {
+            s.paused = false;
+            s.parked = false;
+        });
     }
 }
 
@@ -93,19 +100,33 @@ fn run(shared: Arc<Shared>, epoll: Epoll, sources: Vec<Arc<Mutex<MmioTransport>>
     let mut events = vec![EpollEvent::default(); sources.len() + 1];
     let mut waiting = vec![false; sources.len()];
     let fds: Vec<RawFd> = sources.iter().map(|t| lock(t).device().backend_fd().expect("filtered in start")).collect();
+    let rearm = |i: usize, on: bool| {
+        let interest = if on { EventSet::IN } else { EventSet::empty() };
+        if let Err(e) = epoll.ctl(ControlOperation::Modify, fds[i], EpollEvent::new(interest, i as u64)) {
+            tracing::warn!("device event loop: cannot re-arm a backend: {e}");
+        }
+    };
     loop {
-        {
+        let paused = {
             let mut st = lock(&shared.state);
-            if st.paused && !st.stop {
-                st.parked = true;
-                shared.changed.notify_all();
-                while st.paused && !st.stop {
-                    st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-                }
-                st.parked = false;
-            }
             if st.stop {
                 return;
+            }
+            if st.paused && !st.parked {
+                st.parked = true;
+                shared.changed.notify_all();
+            } else if !st.paused {
+                st.parked = false;
+            }
+            st.paused
+        };
+        if paused {
+            // Drain every backend, waiting or not.
+            for (i, w) in waiting.iter_mut().enumerate() {
+                if *w {
+                    rearm(i, true);
+                    *w = false;
+                }
             }
         }
         let timeout = if waiting.iter().any(|w| *w) { RETRY_MS } else { -1 };
@@ -126,17 +147,20 @@ fn run(shared: Arc<Shared>, epoll: Epoll, sources: Vec<Arc<Mutex<MmioTransport>>
                 i => ready[i as usize] = true,
             }
         }
+        // A pause requested while we slept must not see guest memory touched.
+        let paused = paused || lock(&shared.state).paused;
         for (i, t) in sources.iter().enumerate() {
             if !ready[i] {
+                continue;
+            }
+            if paused {
+                lock(t).device_mut().discard_backend_input();
                 continue;
             }
             let was_waiting = waiting[i];
             waiting[i] = lock(t).backend_ready();
             if waiting[i] != was_waiting {
-                let interest = if waiting[i] { EventSet::empty() } else { EventSet::IN };
-                if let Err(e) = epoll.ctl(ControlOperation::Modify, fds[i], EpollEvent::new(interest, i as u64)) {
-                    tracing::warn!("device event loop: cannot re-arm a backend: {e}");
-                }
+                rearm(i, !waiting[i]);
             }
         }
     }

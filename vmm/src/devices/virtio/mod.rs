@@ -75,6 +75,9 @@ pub trait VirtioDevice: Send {
     fn backend_ready(&mut self, _queues: &mut [Queue], _mem: &GuestMemory, _irq: &Interrupt) -> bool {
         false
     }
+    /// The VM is paused: read and drop host input (nothing touches guest
+    /// memory).
+    fn discard_backend_input(&mut self) {}
     /// The host file descriptor whose readability calls `backend_ready`.
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         None

@@ -202,6 +202,15 @@ impl VirtioDevice for Net {
         self.receive(&mut queues[RX], mem, irq)
     }
 
+    fn discard_backend_input(&mut self) {
+        if self.pending.take().is_some() {
+            self.stats.rx_dropped += 1;
+        }
+        while let Ok(Some(_)) = self.tap.read_frame(&mut self.frame) {
+            self.stats.rx_dropped += 1;
+        }
+    }
+
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         Some(self.tap.as_raw_fd())
