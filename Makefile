@@ -49,6 +49,7 @@ demo: deps build guest
 bench: deps build guest
 	@mkdir -p target/bench
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-boot -- target/bench/boot.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 
 lint:
 	$(CARGO) fmt --all --check

@@ -17,6 +17,17 @@ pub struct Figures {
     /// Of the downtime: restoring the VM on the destination.
     pub restore_ms: f64,
     pub destination: String,
+    /// Round-0 throughput, MiB/s.
+    pub round0_mib_s: f64,
+    /// Pages sent with the VM paused (the last dirty set).
+    pub final_pages: u64,
+    /// The highest auto-converge throttle used, %.
+    pub throttle_pct: u32,
+    /// Switched over by policy `force` before converging.
+    pub forced: bool,
+    /// KVM dirty log mode (ManualProtect or GetDirtyLog).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_log: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pings_sent: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

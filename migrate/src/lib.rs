@@ -2,12 +2,29 @@
 //!
 //! - `wire`: the framed, versioned, checksummed protocol;
 //! - `transport`: TCP between hosts, Unix sockets on one host;
-//! - `quick`: quick migration (pause, send state and memory, restore,
-//!   commit, resume on the destination);
+//! - `auth`: mutual challenge-response on the cluster key;
+//! - `preflight`: the destination proves it can run the guest;
+//! - `source`: quick and live (pre-copy) migration from this host;
+//! - `destination`: receiving a VM;
 //! - `figures`: what every migration reports.
+//!
+//! Never two running copies: the source stops for good once it sends
+//! `Commit`, and the destination runs the VM only after receiving it. If the
+//! source dies exactly at commit (after sending, before the destination
+//! confirms), the destination, having the commit, runs the VM, and the source
+//! is gone: one copy. If the commit never arrives, the destination discards
+//! the VM and the source is gone: no copy runs, and the disk is intact
+//! (flushed and unlocked before commit) for a restart. The shared-volume
+//! leases of the next issue make that restart safe across hosts: the
+//! destination takes the disk's lease with a new fencing epoch at commit, so
+//! a source that comes back cannot write.
 
+pub mod auth;
+pub mod destination;
 pub mod figures;
-pub mod quick;
+pub mod preflight;
+pub mod progress;
+pub mod source;
 pub mod transport;
 pub mod wire;
 

@@ -9,7 +9,8 @@
 //! guest.
 //!
 //! A migration, in order (source → destination unless marked ←):
-//! `Hello` ← `HelloAck`|`Refuse`, then `MemZero`/`MemData` frames, `State`,
+//! ← `AuthChallenge`, `AuthResponse`, ← `AuthProof` (see `auth`),
+//! `Hello` (with the guest's CPUID for the preflight) ← `HelloAck`|`Refuse`, then `MemZero`/`MemData` frames, `State`,
 //! ← `Ready` (restored, paused), `Commit` (the source will never run the VM
 //! again), ← `Resumed`. Either side may send `Abort` before `Commit`.
 
@@ -37,14 +38,30 @@ pub enum Kind {
     Commit = 8,
     Resumed = 9,
     Abort = 10,
+    AuthChallenge = 11,
+    AuthResponse = 12,
+    AuthProof = 13,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
-        [Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort]
-            .into_iter()
-            .find(|k| *k as u8 == v)
+        const ALL: [Kind; 13] = [
+            Hello,
+            HelloAck,
+            Refuse,
+            MemZero,
+            MemData,
+            State,
+            Ready,
+            Commit,
+            Resumed,
+            Abort,
+            AuthChallenge,
+            AuthResponse,
+            AuthProof,
+        ];
+        ALL.into_iter().find(|k| *k as u8 == v)
     }
 }
 
@@ -157,6 +174,23 @@ pub struct Hello {
     /// The VM's config as JSON (its guest-visible shape; the destination
     /// applies its own taps, console and KVM device).
     pub config_json: String,
+    /// vCPU 0's CPUID as the guest sees it.
+    pub guest_cpuid: Vec<CpuidEntry>,
+    /// The guest's TSC frequency (0 if unknown).
+    pub tsc_khz: u32,
+    /// Only run the preflight; no memory follows.
+    pub check_only: bool,
+}
+
+/// One CPUID leaf as the guest sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
 }
 
 /// A reason, for `Refuse` and `Abort`.

@@ -430,3 +430,19 @@ pub fn disk_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
 pub fn last_heartbeat(vm: &Vm) -> Option<u64> {
     vm.lines().iter().rev().find_map(|l| heartbeat_number(l))
 }
+
+/// A cluster key file shared by this test process's migrations.
+pub fn cluster_key() -> PathBuf {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("ferry-test-{}.key", std::process::id()));
+        std::fs::write(&p, "5f0e1d2c3b4a59687766554433221100ffeeddccbbaa99887766554433221100\n").unwrap();
+        p
+    })
+    .clone()
+}
+
+/// The key in [`cluster_key`], for fake peers.
+pub fn cluster_key_loaded() -> migrate::auth::Key {
+    migrate::auth::Key::load(&cluster_key()).unwrap()
+}

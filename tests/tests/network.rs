@@ -130,7 +130,12 @@ fn quick_migration_from_host_a_to_b_is_a_bounded_gap_for_the_client() {
     let lab = Lab::up("n4");
     let mut a = guest_on(&lab, "a", "vm0", "wss_mib=32 dirty_mib_s=16");
     lab.ok(&["tap", "add", "b", "vm0"]);
-    let b = Vm::launch(Some(&lab.netns("b")), "receive", &[s("--listen"), s("tcp:10.200.77.2:7700")]);
+    let key = ferry_e2e::cluster_key().display().to_string();
+    let b = Vm::launch(
+        Some(&lab.netns("b")),
+        "receive",
+        &[s("--listen"), s("tcp:10.200.77.2:7700"), s("--key-file"), key.clone()],
+    );
     lab.ping_from_client(GUEST_IP, &["--count", "5", "--wait-reply-ms", "3000"]);
     let migrator = {
         let api = a.api_sock.clone();
@@ -139,7 +144,8 @@ fn quick_migration_from_host_a_to_b_is_a_bounded_gap_for_the_client() {
             std::process::Command::new("ip")
                 .args(["netns", "exec", "n4-a"])
                 .arg(ferry_e2e::ferry_bin())
-                .args(["migrate", "--to", "tcp:10.200.77.2:7700", "--api-sock"])
+                .args(["migrate", "--mode", "quick", "--json", "--key-file", &key, "--to", "tcp:10.200.77.2:7700"])
+                .arg("--api-sock")
                 .arg(&api)
                 .output()
                 .unwrap()

@@ -6,7 +6,9 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{command, disk_image, heartbeat_number, kvm_available, last_heartbeat, TempDir, Vm};
+use ferry_e2e::{
+    cluster_key, cluster_key_loaded, command, disk_image, heartbeat_number, kvm_available, last_heartbeat, TempDir, Vm,
+};
 use migrate::wire::{self, Kind};
 
 const T: Duration = Duration::from_secs(30);
@@ -36,7 +38,17 @@ fn source_vm(cmdline: &str, mem_mib: u64, extra: &[String]) -> Vm {
 }
 
 fn receiver(endpoint: &str) -> Vm {
-    Vm::launch(None, "receive", &[s("--listen"), endpoint.to_owned()])
+    Vm::launch(
+        None,
+        "receive",
+        &[s("--listen"), endpoint.to_owned(), s("--key-file"), cluster_key().display().to_string()],
+    )
+}
+
+/// `ferry migrate --mode quick` to `to` (JSON figures on success).
+fn migrate_quick(vm: &Vm, to: &str) -> (bool, String, String) {
+    let key = cluster_key();
+    vm.ferry(&["migrate", "--mode", "quick", "--json", "--key-file", key.to_str().unwrap(), "--to", to])
 }
 
 fn wait_api(vm: &Vm) {
@@ -74,7 +86,8 @@ fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
     let mut b = receiver(&format!("tcp:127.0.0.1:{port}"));
     std::thread::sleep(Duration::from_millis(200));
     let last_a = last_heartbeat(&a).unwrap();
-    let out = a.control(&["migrate", "--to", &format!("tcp:127.0.0.1:{port}")]);
+    let (ok, out, err) = migrate_quick(&a, &format!("tcp:127.0.0.1:{port}"));
+    assert!(ok, "{err}");
     let figures: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(figures["mode"], "quick");
     assert_eq!(figures["mem_mib"], 256);
@@ -97,7 +110,8 @@ fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
     let sock = dir.path().join("mig.sock");
     let back = receiver(&format!("unix:{}", sock.display()));
     std::thread::sleep(Duration::from_millis(200));
-    b.control(&["migrate", "--to", &format!("unix:{}", sock.display())]);
+    let (ok, _, err) = migrate_quick(&b, &format!("unix:{}", sock.display()));
+    assert!(ok, "{err}");
     assert_eq!(b.wait_exit(T).code(), Some(0));
     wait_api(&back);
     let v = command(&back, "verify", "verify", T);
@@ -115,6 +129,7 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
     let t = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().unwrap();
         c.set_read_timeout(Some(T)).unwrap();
+        migrate::auth::accept(&mut c, &cluster_key_loaded()).unwrap();
         let hello = wire::read_frame(&mut c).unwrap();
         assert_eq!(hello.kind, Kind::Hello);
         match fail_at {
@@ -164,7 +179,7 @@ fn source_keeps_running_whichever_step_the_destination_fails_at() {
         ("abort", "restore failed here"),
     ] {
         let (port, t) = fake_destination(fail_at);
-        let (ok, _, err) = vm.ferry(&["migrate", "--to", &format!("tcp:127.0.0.1:{port}")]);
+        let (ok, _, err) = migrate_quick(&vm, &format!("tcp:127.0.0.1:{port}"));
         t.join().unwrap();
         assert!(!ok, "{fail_at}: migration must fail");
         assert!(err.contains(expect), "{fail_at}: error names the cause ({expect}): {err}");
@@ -172,7 +187,7 @@ fn source_keeps_running_whichever_step_the_destination_fails_at() {
     }
     let v = command(&vm, "verify", "verify", T);
     assert!(v.starts_with("verify ok"), "{v}");
-    let (ok, _, err) = vm.ferry(&["migrate", "--to", "tcp:127.0.0.1:1"]);
+    let (ok, _, err) = migrate_quick(&vm, "tcp:127.0.0.1:1");
     assert!(!ok && err.contains("cannot connect"), "{err}");
     assert_still_running(&vm, "nobody listening");
 }
@@ -195,7 +210,7 @@ fn killing_the_destination_mid_transfer_leaves_the_source_running() {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         })
     };
-    let (ok, out, err) = vm.ferry(&["migrate", "--to", &format!("tcp:127.0.0.1:{port}")]);
+    let (ok, out, err) = migrate_quick(&vm, &format!("tcp:127.0.0.1:{port}"));
     killer.join().unwrap();
     dest.wait_exit(T);
     assert!(!ok, "the migration cannot have succeeded: {out}");
@@ -220,13 +235,23 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
             c
         })
         .unwrap(),
+        guest_cpuid: Vec::new(),
+        tsc_khz: 0,
+        check_only: false,
     };
     type Feed = Box<dyn Fn(&mut TcpStream)>;
     let cases: Vec<(&str, Feed)> = vec![
-        ("bad frame magic", Box::new(|c: &mut TcpStream| c.write_all(&[0x42; 64]).unwrap())),
+        (
+            "bad frame magic",
+            Box::new(|c: &mut TcpStream| {
+                let _ = wire::read_frame(c); // the challenge
+                c.write_all(&[0x42; 64]).unwrap();
+            }),
+        ),
         (
             "outside guest memory",
             Box::new(move |c: &mut TcpStream| {
+                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
                 wire::send(c, Kind::Hello, &hello(32)).unwrap();
                 let _ = wire::read_frame(c);
                 wire::write_frame(c, Kind::MemData, &wire::mem_data_payload(1 << 40, &[1; 4096])).unwrap();
@@ -235,6 +260,7 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
         (
             "peer closed",
             Box::new(move |c: &mut TcpStream| {
+                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
                 wire::send(c, Kind::Hello, &hello(32)).unwrap();
                 let _ = wire::read_frame(c);
                 wire::write_frame(c, Kind::MemData, &wire::mem_data_payload(0, &[1; 4096])).unwrap();
@@ -244,6 +270,7 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
         (
             "checksum",
             Box::new(move |c: &mut TcpStream| {
+                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
                 wire::send(c, Kind::Hello, &hello(32)).unwrap();
                 let _ = wire::read_frame(c);
                 let mut frame = Vec::new();
@@ -255,6 +282,7 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
         (
             "more than this host has available",
             Box::new(move |c: &mut TcpStream| {
+                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
                 wire::send(c, Kind::Hello, &hello(64 << 20)).unwrap();
                 let _ = wire::read_frame(c);
             }),

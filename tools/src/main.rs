@@ -16,7 +16,15 @@ fn main() {
     match cli::dispatch(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            // Our errors already name their cause; add only causes not yet said.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !message.contains(&c) {
+                    message = format!("{message}: {c}");
+                }
+            }
+            eprintln!("ferry: {message}");
             std::process::exit(1);
         }
     }

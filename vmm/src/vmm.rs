@@ -30,6 +30,7 @@ use crate::state::devices::{BackendSnapshot, DevicesState};
 use crate::state::vcpu::VcpuState;
 use crate::state::vm::VmArchState;
 use crate::state::VmState as SavedState;
+use crate::vstate::dirty::{self, DirtyBitmap, DirtyLogMode};
 use crate::vstate::vcpu::{self, Vcpu, Vcpus};
 use crate::vstate::vm::{self, Vm};
 use crate::vstate::{ExitReason, VmEvent};
@@ -70,6 +71,8 @@ pub enum Error {
     NotPaused,
     #[error("backend handoff: {0}")]
     Handoff(String),
+    #[error("dirty tracking: {0}")]
+    Dirty(dirty::Error),
     #[error("cannot restore: {0}")]
     BadState(String),
     #[error("cannot write snapshot into {dir}: {source}")]
@@ -128,6 +131,8 @@ pub struct Vmm {
     event_loop: EventLoop,
     boot_protocol: &'static str,
     kernel_load: u64,
+    guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    tsc_khz: u32,
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
     started: Instant,
@@ -244,13 +249,33 @@ impl Vmm {
         }
         let control = Vcpus::new_control();
         let mut vcpus = Vec::new();
+        let mut guest_cpuid = Vec::new();
+        let mut tsc_khz = 0;
         for id in 0..config.vcpus {
             let vcpu = Vcpu::new(&vm.fd, id, bus.clone(), control.clone(), events_tx.clone())?;
-            match &restore {
+            let cpuid = match &restore {
                 None => {
-                    vcpu.configure_boot(config.vcpus, &vm.supported_cpuid, &ram.memory, boot_entry.filter(|_| id == 0))?
+                    let set = vcpu.configure_boot(
+                        config.vcpus,
+                        &vm.supported_cpuid,
+                        &ram.memory,
+                        boot_entry.filter(|_| id == 0),
+                    )?;
+                    // What the guest really sees can differ from what we set
+                    // (PVM adds host bits): read it back.
+                    vcpu.fd
+                        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                        .map(|c| c.as_slice().to_vec())
+                        .unwrap_or_else(|_| set.as_slice().to_vec())
                 }
-                Some((state, _)) => vcpu.restore(&state.vcpus[usize::from(id)])?,
+                Some((state, _)) => {
+                    vcpu.restore(&state.vcpus[usize::from(id)])?;
+                    state.vcpus[usize::from(id)].cpuid.clone()
+                }
+            };
+            if id == 0 {
+                guest_cpuid = cpuid;
+                tsc_khz = vcpu.fd.get_tsc_khz().unwrap_or(0);
             }
             vcpus.push(vcpu);
         }
@@ -271,6 +296,8 @@ impl Vmm {
             event_loop,
             boot_protocol,
             kernel_load,
+            guest_cpuid,
+            tsc_khz,
             events_tx,
             events_rx: Mutex::new(events_rx),
             started: Instant::now(),
@@ -302,6 +329,52 @@ impl Vmm {
                 virtio: self.virtio.iter().map(|t| lock(t).save()).collect(),
             },
         })
+    }
+
+    /// Turns on dirty tracking (KVM log + VMM bitmap) for a live migration.
+    pub fn start_dirty_log(&self) -> Result<DirtyLogMode, Error> {
+        dirty::reset_vmm_bitmap(&self.ram.memory);
+        dirty::set_logging(&self.vm.fd, &self.ram.memory, true).map_err(Error::Dirty)?;
+        Ok(self.vm.dirty_log_mode)
+    }
+
+    /// Pages dirtied since the last call (or since logging started).
+    pub fn take_dirty(&self) -> Result<DirtyBitmap, Error> {
+        dirty::take_dirty(&self.vm.fd, &self.ram.memory, self.vm.dirty_log_mode).map_err(Error::Dirty)
+    }
+
+    pub fn stop_dirty_log(&self) -> Result<(), Error> {
+        dirty::set_logging(&self.vm.fd, &self.ram.memory, false).map_err(Error::Dirty)
+    }
+
+    /// vCPU 0's CPUID as the guest sees it (for migration preflight).
+    pub fn guest_cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        &self.guest_cpuid
+    }
+
+    /// The guest's TSC frequency in kHz (0 if KVM could not say).
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Auto-converge: parks the vCPUs while devices keep running. Refused
+    /// if the VM is paused (a pause wins over a throttle).
+    pub fn hold_vcpus(&self) -> Result<(), Error> {
+        let vcpus = lock(&self.vcpus);
+        if vcpus.is_paused() {
+            return Err(Error::State(RunState::Paused));
+        }
+        vcpus.hold();
+        Ok(())
+    }
+
+    pub fn release_vcpus(&self) -> Result<(), Error> {
+        let vcpus = lock(&self.vcpus);
+        if !vcpus.is_paused() {
+            return Err(Error::State(RunState::Running));
+        }
+        vcpus.resume();
+        Ok(())
     }
 
     /// Guest RAM, for saving and sending memory.

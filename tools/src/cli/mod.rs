@@ -47,12 +47,14 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Start a VM from a snapshot directory, in this process, on this host.
     Restore(snapshot::RestoreArgs),
-    /// Move a running VM to another host's `ferry receive` and print the
-    /// migration figures (JSON). On any failure before the destination
-    /// confirms, the VM keeps running here.
+    /// Move a running VM to another host's `ferry receive` (live by default)
+    /// and print the migration figures. On any failure before the
+    /// destination confirms, the VM keeps running here.
     Migrate(migrate::MigrateArgs),
     /// Wait for one incoming migration, then run the VM here.
     Receive(migrate::ReceiveArgs),
+    /// Write a new cluster key for authenticating migrations.
+    Keygen(migrate::KeygenArgs),
     /// Build, inspect or tear down the lab: network namespaces that play a
     /// switch fabric, two VM hosts and a client on one machine (root).
     Lab(lab::LabArgs),
@@ -74,6 +76,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(args) => snapshot::restore(args),
         Command::Migrate(args) => migrate::migrate(args),
         Command::Receive(args) => migrate::receive(args),
+        Command::Keygen(args) => migrate::keygen(args),
         Command::Lab(args) => lab::lab(args),
         Command::Ping(args) => ping::ping(args),
     }

@@ -79,7 +79,7 @@ pub fn serve(vmm: Arc<Vmm>, api_sock: Option<&std::path::Path>) -> anyhow::Resul
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            Some(vmm::api::server::ApiServer::start(path, vmm.clone(), Some(super::migrate::api_handler()))?)
+            Some(vmm::api::server::ApiServer::start(path, vmm.clone(), Some(super::migrate::ApiMigrator::new()))?)
         }
         None => None,
     };

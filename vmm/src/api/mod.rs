@@ -10,7 +10,8 @@
 //! | PUT    | /api/v1/vm.console   | body typed on the serial console       |
 //! | PUT    | /api/v1/vm.announce  | RARP for the guest's MAC on every tap  |
 //! | PUT    | /api/v1/vm.snapshot  | `{"dir"}`: state + memory; VM left paused |
-//! | PUT    | /api/v1/vm.migrate   | `{"mode", "to"}`: move the VM; figures  |
+//! | PUT    | /api/v1/vm.migrate   | `{"mode", "to", "key_file", ...}`: move the VM; figures |
+//! | GET    | /api/v1/vm.migration | progress of the running migration      |
 //!
 //! Errors are `{"error": "..."}` with a 4xx/5xx status.
 //!

@@ -21,9 +21,13 @@ pub enum Error {
     Listen { path: PathBuf, reason: String },
 }
 
-/// `PUT vm.migrate` handler, supplied by the binary (migration lives in a
-/// crate above this one). Gets the request body; returns the figures.
-pub type MigrateHandler = Box<dyn Fn(&Vmm, &serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync>;
+/// Migration, supplied by the binary (it lives in a crate above this one).
+pub trait Migrator: Send + Sync {
+    /// Runs a migration described by the request body; returns the figures.
+    fn migrate(&self, vmm: &Arc<Vmm>, body: &serde_json::Value) -> Result<serde_json::Value, String>;
+    /// The running (or last) migration's progress.
+    fn progress(&self) -> serde_json::Value;
+}
 
 pub struct ApiServer {
     server: Arc<Server>,
@@ -33,7 +37,7 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds `path` (replacing a stale socket file) and serves `vmm`.
-    pub fn start(path: &Path, vmm: Arc<Vmm>, migrate: Option<MigrateHandler>) -> Result<ApiServer, Error> {
+    pub fn start(path: &Path, vmm: Arc<Vmm>, migrator: Option<Arc<dyn Migrator>>) -> Result<ApiServer, Error> {
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(Error::InUse(path.to_owned()));
@@ -48,7 +52,7 @@ impl ApiServer {
             .name("api".into())
             .spawn(move || {
                 for request in s.incoming_requests() {
-                    handle(request, &vmm, migrate.as_ref());
+                    handle(request, &vmm, migrator.as_ref());
                 }
             })
             .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
@@ -89,7 +93,7 @@ fn read_json(request: &mut Request) -> Result<serde_json::Value, String> {
     serde_json::from_slice(&body).map_err(|e| format!("request body is not JSON: {e}"))
 }
 
-fn handle(mut request: Request, vmm: &Vmm, migrate: Option<&MigrateHandler>) {
+fn handle(mut request: Request, vmm: &Arc<Vmm>, migrator: Option<&Arc<dyn Migrator>>) {
     let url = request.url().to_owned();
     let Some(endpoint) = url.strip_prefix(API_PREFIX).and_then(|p| p.strip_prefix('/')) else {
         return error(request, 404, format!("no such endpoint {url}"));
@@ -130,16 +134,25 @@ fn handle(mut request: Request, vmm: &Vmm, migrate: Option<&MigrateHandler>) {
                 Ok(b) => b,
                 Err(e) => return error(request, 400, e),
             };
-            let Some(migrate) = migrate else { return error(request, 501, "this VMM cannot migrate") };
-            match migrate(vmm, &body) {
+            let Some(migrator) = migrator.cloned() else { return error(request, 501, "this VMM cannot migrate") };
+            // Its own thread: the server keeps answering (progress) meanwhile.
+            let vmm = vmm.clone();
+            std::thread::spawn(move || match migrator.migrate(&vmm, &body) {
                 Ok(figures) => {
+                    let moved = figures.get("mode").and_then(|m| m.as_str()) != Some("check-only");
                     let to = body.get("to").and_then(|t| t.as_str()).unwrap_or("?").to_owned();
                     reply(request, 200, figures);
-                    let _ = vmm.events().send(VmEvent::Exit(ExitReason::Migrated(to)));
+                    if moved {
+                        let _ = vmm.events().send(VmEvent::Exit(ExitReason::Migrated(to)));
+                    }
                 }
                 Err(e) => error(request, 500, e),
-            }
+            });
         }
+        ("vm.migration", Method::Get) => match migrator {
+            Some(m) => reply(request, 200, m.progress()),
+            None => error(request, 501, "this VMM cannot migrate"),
+        },
         ("vm.snapshot", Method::Put) => {
             let dir =
                 read_json(&mut request).ok().and_then(|v| v.get("dir").and_then(|d| d.as_str()).map(PathBuf::from));

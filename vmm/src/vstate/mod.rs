@@ -1,5 +1,6 @@
 //! KVM state: the VM (memory slots, irqchip, PIT) and its vCPU threads.
 
+pub mod dirty;
 pub mod vcpu;
 pub mod vm;
 

@@ -149,7 +149,7 @@ impl Vcpu {
         supported_cpuid: &CpuId,
         mem: &GuestMemory,
         boot: Option<BootEntry>,
-    ) -> Result<(), Error> {
+    ) -> Result<CpuId, Error> {
         let (id, fd) = (self.id, &self.fd);
         let kvm = |what| move |source| Error::Kvm { id, what, source };
         let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
@@ -167,7 +167,7 @@ impl Vcpu {
             regs::setup_regs(fd, boot).map_err(|source| Error::Regs { id, source })?;
             regs::setup_sregs(mem, fd, boot).map_err(|source| Error::Regs { id, source })?;
         }
-        Ok(())
+        Ok(cpuid)
     }
 
     fn run_loop(mut self) {
@@ -356,6 +356,11 @@ impl Vcpus {
             }
             st = self.control.changed.wait_timeout(st, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// Throttling: parks the vCPUs (devices keep running).
+    pub fn hold(&self) {
+        self.pause();
     }
 
     /// Returns once every vCPU has left its parked state.

@@ -58,12 +58,14 @@ pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
     pub supported_cpuid: CpuId,
+    pub dirty_log_mode: super::dirty::DirtyLogMode,
 }
 
 impl Vm {
     pub fn new(kvm_device: &Path) -> Result<Vm, Error> {
         let kvm = open_kvm(kvm_device)?;
-        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let mut fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let dirty_log_mode = super::dirty::enable_manual_protect(&mut fd);
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm_err("set the identity map address"))?;
         fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
@@ -71,7 +73,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
-        Ok(Vm { kvm, fd, supported_cpuid })
+        Ok(Vm { kvm, fd, supported_cpuid, dirty_log_mode })
     }
 
     /// Registers every region of guest memory as a KVM memory slot.

@@ -1,0 +1,216 @@
+//! Receiving a VM: authenticate the source, run the preflight, take memory
+//! and state, restore paused with disks in standby, and run the VM only
+//! after the source's commit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm::memory::{self, GuestRam};
+use vmm::state::VmState;
+use vmm::{VmConfig, Vmm};
+
+use crate::auth::{self, Key};
+use crate::preflight;
+use crate::transport::{Listener, Stream};
+use crate::wire::{self, Hello, Kind, Reason, ZeroRange, PROTOCOL_VERSION};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Auth(#[from] auth::Error),
+    #[error("refused the migration: {0}")]
+    Refused(String),
+    #[error("source aborted: {0}")]
+    SourceAborted(String),
+    #[error(transparent)]
+    Wire(#[from] wire::Error),
+    #[error(transparent)]
+    Vmm(#[from] vmm::vmm::Error),
+    #[error("{0}")]
+    State(#[from] vmm::state::Error),
+    #[error("{0}")]
+    Memory(#[from] vmm::memory::Error),
+}
+
+/// What this host is and accepts.
+pub struct Host {
+    pub key: Key,
+    /// Turns the source's config into this host's (taps, console, KVM).
+    pub apply: Box<dyn Fn(VmConfig) -> Result<VmConfig, String> + Send + Sync>,
+    /// Features to treat as absent here, as if KVM lacked them (testing a
+    /// lesser host without one).
+    pub hide_cpu_features: Vec<String>,
+}
+
+/// Serves migrations on `listener` until one brings a VM; returns it
+/// running. A check-only preflight is answered and the wait goes on.
+pub fn receive(listener: &Listener, host: &Host) -> Result<Arc<Vmm>, Error> {
+    loop {
+        let mut stream = listener.accept().map_err(wire::Error::Io)?;
+        stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+        auth::accept(&mut stream, &host.key)?;
+        let hello: Hello = wire::read_frame(&mut stream)?.expect(Kind::Hello, "Hello")?.decode()?;
+        let config = match check(&hello, host) {
+            Ok(c) => c,
+            Err(problems) => {
+                let reason = problems.join("; ");
+                let _ = wire::send(&mut stream, Kind::Refuse, &Reason { reason: reason.clone() });
+                if hello.check_only {
+                    eprintln!("ferry: preflight refused: {reason}");
+                    continue;
+                }
+                return Err(Error::Refused(reason));
+            }
+        };
+        wire::write_frame(&mut stream, Kind::HelloAck, &[])?;
+        if hello.check_only {
+            eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.mem_bytes >> 20);
+            continue;
+        }
+        let ram = memory::create(config.mem_mib)?;
+        return match receive_vm(&mut stream, config, ram) {
+            Ok(vmm) => Ok(vmm),
+            Err(e) => {
+                let _ = wire::send(&mut stream, Kind::Abort, &Reason { reason: e.to_string() });
+                Err(e)
+            }
+        };
+    }
+}
+
+/// The preflight: every reason this host cannot run the guest.
+fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(vec![format!("protocol version {} (this host speaks {PROTOCOL_VERSION})", hello.protocol_version)]);
+    }
+    let config: VmConfig =
+        serde_json::from_str(&hello.config_json).map_err(|e| vec![format!("unreadable VM config: {e}")])?;
+    if config.mem_mib.checked_shl(20) != Some(hello.mem_bytes) {
+        return Err(vec!["memory size and config disagree".into()]);
+    }
+    let config = (host.apply)(config).map_err(|e| vec![e])?;
+    let mut problems = Vec::new();
+    if let Err(e) = memory::check_size(config.mem_mib) {
+        problems.push(e.to_string());
+    }
+    match vmm::vstate::vm::open_kvm(&config.kvm_device) {
+        Err(e) => problems.push(e.to_string()),
+        Ok(kvm) => match probe_vcpu(&kvm) {
+            Ok((mut offered, host_khz)) => {
+                if let Err(e) = preflight::mask(&mut offered, &host.hide_cpu_features) {
+                    problems.push(e);
+                }
+                let (missing, vendor) = preflight::compare_cpuid(&hello.guest_cpuid, &offered);
+                if !missing.is_empty() {
+                    let names: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
+                    problems.push(format!("missing CPU features: {}", names.join(", ")));
+                }
+                problems.extend(vendor);
+                let g = hello.tsc_khz;
+                if g != 0 && host_khz.abs_diff(g) > g / 4000 && !kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+                    problems.push(format!(
+                        "guest TSC runs at {g} kHz, this host at {host_khz} kHz, and KVM here cannot scale it"
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("KVM cannot create a vCPU to check CPU features: {e}")),
+        },
+    }
+    for n in &config.net {
+        let exists = std::ffi::CString::new(n.tap.as_str())
+            // SAFETY: if_nametoindex reads a NUL-terminated string.
+            .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+            .unwrap_or(false);
+        if !exists {
+            problems.push(format!("tap {} does not exist on this host", n.tap));
+        }
+    }
+    for d in &config.disks {
+        if let Err(e) = std::fs::metadata(&d.path) {
+            problems.push(format!("disk image {} is not reachable here: {e}", d.path.display()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// What a vCPU on this host offers a guest: the supported CPUID as set on a
+/// scratch vCPU and read back (PVM adds host bits on the way), and its TSC
+/// frequency in kHz.
+fn probe_vcpu(kvm: &kvm_ioctls::Kvm) -> Result<(Vec<wire::CpuidEntry>, u32), kvm_ioctls::Error> {
+    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+    let vm = kvm.create_vm()?;
+    let vcpu = vm.create_vcpu(0)?;
+    vcpu.set_cpuid2(&supported)?;
+    let effective = vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+    let khz = vcpu.get_tsc_khz().unwrap_or(0);
+    Ok((effective.as_slice().iter().map(preflight::entry).collect(), khz))
+}
+
+fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Arc<Vmm>, Error> {
+    let state = loop {
+        let frame = wire::read_frame(stream)?;
+        match frame.kind {
+            Kind::MemZero => {
+                let z: ZeroRange = frame.decode()?;
+                // A page may have become zero since an earlier round.
+                ram.zero_range(z.offset, z.len).map_err(|e| wire::Error::Payload(e.to_string()))?;
+            }
+            Kind::MemData => {
+                let (offset, bytes) = wire::parse_mem_data(&frame.payload)?;
+                ram.write_at(offset, bytes).map_err(|e| wire::Error::Payload(e.to_string()))?;
+            }
+            Kind::State => break VmState::decode(&frame.payload)?,
+            Kind::Abort => return Err(Error::SourceAborted(frame.decode::<Reason>()?.reason)),
+            other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
+        }
+    };
+    let vmm = Arc::new(Vmm::restore_standby(config, state, ram)?);
+    wire::write_frame(stream, Kind::Ready, &[])?;
+    let commit = wire::read_frame(stream)?;
+    match commit.kind {
+        Kind::Commit => {}
+        Kind::Abort => return Err(Error::SourceAborted(commit.decode::<Reason>()?.reason)),
+        other => return Err(wire::Error::Unexpected { expected: "Commit", got: other }.into()),
+    }
+    acquire_with_retry(&vmm)?;
+    vmm.resume()?;
+    // Announce at once: the reply gap a client sees ends here.
+    if let Err(e) = vmm.announce() {
+        tracing::warn!("announce after migration: {e}");
+    }
+    wire::write_frame(stream, Kind::Resumed, &[])?;
+    announce_again(vmm.clone());
+    Ok(vmm)
+}
+
+/// Takes the disks the source just released. The source unlocks before it
+/// sends Commit, so this rarely waits.
+fn acquire_with_retry(vmm: &Vmm) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match vmm.acquire_backends() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Repeats the announcement as QEMU does (50 ms, then 100 ms steps), for
+/// switches that missed the first.
+pub fn announce_again(vmm: Arc<Vmm>) {
+    std::thread::spawn(move || {
+        for delay_ms in [50, 100, 100, 100] {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            if vmm.announce().is_err() {
+                return;
+            }
+        }
+    });
+}
