@@ -446,3 +446,14 @@ pub fn cluster_key() -> PathBuf {
 pub fn cluster_key_loaded() -> migrate::auth::Key {
     migrate::auth::Key::load(&cluster_key()).unwrap()
 }
+
+impl Vm {
+    /// Waits until the VMM's stderr contains `text`.
+    pub fn wait_stderr(&self, timeout: Duration, text: &str) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            assert!(Instant::now() < deadline, "timed out waiting for '{text}' on stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
