@@ -42,6 +42,9 @@ pub struct Host {
     /// Features to treat as absent here, as if KVM lacked them (testing a
     /// lesser host without one).
     pub hide_cpu_features: Vec<String>,
+    /// Offer no more than this profile, as a host whose KVM offered only
+    /// that would.
+    pub cpu_profile: Option<vmm::arch::x86_64::cpu_profile::CpuProfile>,
 }
 
 /// Serves migrations on `listener` until one brings a VM; returns it
@@ -102,6 +105,9 @@ fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
                 if let Err(e) = preflight::mask(&mut offered, &host.hide_cpu_features) {
                     problems.push(e);
                 }
+                if let Some(profile) = &host.cpu_profile {
+                    profile.apply_leaves(&mut offered);
+                }
                 let (missing, vendor) = preflight::compare_cpuid(&hello.guest_cpuid, &offered);
                 if !missing.is_empty() {
                     let names: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
@@ -143,13 +149,9 @@ fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
 /// scratch vCPU and read back (PVM adds host bits on the way), and its TSC
 /// frequency in kHz.
 fn probe_vcpu(kvm: &kvm_ioctls::Kvm) -> Result<(Vec<wire::CpuidEntry>, u32), kvm_ioctls::Error> {
-    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
-    let vm = kvm.create_vm()?;
-    let vcpu = vm.create_vcpu(0)?;
-    vcpu.set_cpuid2(&supported)?;
-    let effective = vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
-    let khz = vcpu.get_tsc_khz().unwrap_or(0);
-    Ok((effective.as_slice().iter().map(preflight::entry).collect(), khz))
+    let effective = vmm::arch::x86_64::cpu_profile::effective_cpuid(kvm)?;
+    let khz = kvm.create_vm()?.create_vcpu(0)?.get_tsc_khz().unwrap_or(0);
+    Ok((effective, khz))
 }
 
 fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Arc<Vmm>, Error> {

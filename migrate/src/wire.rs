@@ -183,15 +183,7 @@ pub struct Hello {
 }
 
 /// One CPUID leaf as the guest sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuidEntry {
-    pub function: u32,
-    pub index: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
+pub use vmm::arch::x86_64::cpu_features::CpuidLeaf as CpuidEntry;
 
 /// A reason, for `Refuse` and `Abort`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::cpu_profile::CpuProfile;
 use crate::boot::BootProtocol;
 use crate::devices::serial::SerialOutput;
 use crate::devices::virtio::net::MacAddr;
@@ -26,6 +27,10 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Start the guest on exactly this CPU baseline (it travels with the
+    /// VM, so a migrated guest keeps it).
+    #[serde(default)]
+    pub cpu_profile: Option<CpuProfile>,
 }
 
 /// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing tap.
@@ -86,6 +91,7 @@ impl VmConfig {
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             net: Vec::new(),
             disks: Vec::new(),
+            cpu_profile: None,
         }
     }
 }

@@ -258,15 +258,22 @@ impl Vmm {
                     let set = vcpu.configure_boot(
                         config.vcpus,
                         &vm.supported_cpuid,
+                        config.cpu_profile.as_ref(),
                         &ram.memory,
                         boot_entry.filter(|_| id == 0),
                     )?;
                     // What the guest really sees can differ from what we set
-                    // (PVM adds host bits): read it back.
-                    vcpu.fd
+                    // (PVM adds host bits): read it back, then keep a
+                    // profile's limits on what we report.
+                    let mut seen = vcpu
+                        .fd
                         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                         .map(|c| c.as_slice().to_vec())
-                        .unwrap_or_else(|_| set.as_slice().to_vec())
+                        .unwrap_or_else(|_| set.as_slice().to_vec());
+                    if let Some(p) = &config.cpu_profile {
+                        p.apply(&mut seen);
+                    }
+                    seen
                 }
                 Some((state, _)) => {
                     vcpu.restore(&state.vcpus[usize::from(id)])?;

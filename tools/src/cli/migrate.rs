@@ -220,6 +220,10 @@ pub struct ReceiveArgs {
     /// host whose KVM lacks them would.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     hide_cpu_features: Vec<String>,
+    /// Offer guests no more than this CPU profile, as a host whose KVM
+    /// offered only that would (a lesser host, for testing baselines).
+    #[arg(long, value_name = "FILE")]
+    cpu_profile: Option<PathBuf>,
     #[command(flatten)]
     host: super::snapshot::HostArgs,
 }
@@ -234,6 +238,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
         key,
         apply: Box::new(move |config| host_args.apply(config).map_err(|e| e.to_string())),
         hide_cpu_features: args.hide_cpu_features.clone(),
+        cpu_profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
     };
     let vmm = migrate::destination::receive(&listener, &host)?;
     drop(listener);

@@ -1,11 +1,13 @@
 //! The command line: one module per command family.
 
 mod control;
+mod cpu;
 mod lab;
 mod migrate;
 mod ping;
 mod run;
 mod snapshot;
+mod validate;
 
 use std::path::PathBuf;
 
@@ -55,6 +57,15 @@ enum Command {
     Receive(migrate::ReceiveArgs),
     /// Write a new cluster key for authenticating migrations.
     Keygen(migrate::KeygenArgs),
+    /// CPU feature profiles: export this host's, compute a cluster
+    /// baseline, compare two.
+    CpuProfile(cpu::CpuProfileArgs),
+    /// Check that lab hosts can form a cluster (KVM, CPU compatibility,
+    /// network, clocks, shared volume) and write a JSON and HTML report.
+    Validate(validate::ValidateArgs),
+    /// One host's side of `ferry validate` (run inside the host).
+    #[command(hide = true)]
+    ValidateProbe(validate::ProbeArgs),
     /// Build, inspect or tear down the lab: network namespaces that play a
     /// switch fabric, two VM hosts and a client on one machine (root).
     Lab(lab::LabArgs),
@@ -77,6 +88,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Migrate(args) => migrate::migrate(args),
         Command::Receive(args) => migrate::receive(args),
         Command::Keygen(args) => migrate::keygen(args),
+        Command::CpuProfile(args) => cpu::cpu_profile(args),
+        Command::Validate(args) => validate::validate(args),
+        Command::ValidateProbe(args) => validate::probe_main(args),
         Command::Lab(args) => lab::lab(args),
         Command::Ping(args) => ping::ping(args),
     }

@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// Flush requests are durable (fdatasync).
     #[arg(long, value_name = "PATH[,readonly]")]
     disk: Vec<DiskConfig>,
+    /// Start the guest on exactly this CPU baseline (from `ferry cpu-profile
+    /// export` or `common`), so it can move to any host that meets it.
+    #[arg(long, value_name = "FILE")]
+    cpu_profile: Option<PathBuf>,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -65,6 +69,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         kvm_device: args.kvm_device,
         net: args.net,
         disks: args.disk,
+        cpu_profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
     };
     serve(Arc::new(Vmm::start(config)?), args.api_sock.as_deref())
 }

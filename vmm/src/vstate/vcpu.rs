@@ -147,6 +147,7 @@ impl Vcpu {
         &self,
         count: u8,
         supported_cpuid: &CpuId,
+        profile: Option<&crate::arch::x86_64::cpu_profile::CpuProfile>,
         mem: &GuestMemory,
         boot: Option<BootEntry>,
     ) -> Result<CpuId, Error> {
@@ -154,6 +155,9 @@ impl Vcpu {
         let kvm = |what| move |source| Error::Kvm { id, what, source };
         let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
         let mut cpuid = supported_cpuid.clone();
+        if let Some(p) = profile {
+            p.apply(cpuid.as_mut_slice());
+        }
         cpuid::normalize(&mut cpuid, id, count, tsc_khz);
         fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
         let msrs = msr::boot_msrs();
