@@ -50,6 +50,7 @@ bench: deps build guest
 	@mkdir -p target/bench
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-boot -- target/bench/boot.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
 
 lint:
 	$(CARGO) fmt --all --check

@@ -198,7 +198,7 @@ fn validate_passes_a_healthy_lab_and_names_an_unreachable_host_and_unshared_lock
     if !kvm_available("validate_passes_a_healthy_lab_and_names_an_unreachable_host_and_unshared_locks") {
         return;
     }
-    let lab = Lab::up("v1");
+    let _lab = Lab::up("v1");
     let dir = TempDir::new("val");
     let (vol, other) = (dir.path().join("vol"), dir.path().join("other"));
     std::fs::create_dir_all(&vol).unwrap();
