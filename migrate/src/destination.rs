@@ -73,7 +73,10 @@ pub fn receive(listener: &Listener, host: &Host) -> Result<Arc<Vmm>, Error> {
             continue;
         }
         let ram = memory::create(config.mem_mib)?;
-        return match receive_vm(&mut stream, config, ram) {
+        // The KVM VM and its memory slots now, while round 0 is in flight:
+        // they cost milliseconds that do not belong in the downtime.
+        let vm = Vmm::prepare(&config, &ram)?;
+        return match receive_vm(&mut stream, config, ram, vm) {
             Ok(vmm) => Ok(vmm),
             Err(e) => {
                 let _ = wire::send(&mut stream, Kind::Abort, &Reason { reason: e.to_string() });
@@ -154,7 +157,12 @@ fn probe_vcpu(kvm: &kvm_ioctls::Kvm) -> Result<(Vec<wire::CpuidEntry>, u32), kvm
     Ok((effective, khz))
 }
 
-fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Arc<Vmm>, Error> {
+fn receive_vm(
+    stream: &mut Stream,
+    config: VmConfig,
+    ram: GuestRam,
+    vm: vmm::vstate::vm::Vm,
+) -> Result<Arc<Vmm>, Error> {
     let state = loop {
         let frame = wire::read_frame(stream)?;
         match frame.kind {
@@ -172,7 +180,7 @@ fn receive_vm(stream: &mut Stream, config: VmConfig, ram: GuestRam) -> Result<Ar
             other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
         }
     };
-    let vmm = Arc::new(Vmm::restore_standby(config, state, ram)?);
+    let vmm = Arc::new(Vmm::restore_standby(config, state, ram, Some(vm))?);
     wire::write_frame(stream, Kind::Ready, &[])?;
     let commit = wire::read_frame(stream)?;
     match commit.kind {

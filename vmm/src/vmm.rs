@@ -144,8 +144,9 @@ pub enum Launch {
     Boot,
     /// Take on saved state; guest RAM already holds the saved memory.
     /// `standby`: open disks without their locks (a migration destination,
-    /// until `acquire_backends`).
-    Restore { state: Box<SavedState>, ram: GuestRam, paused: bool, standby: bool },
+    /// until `acquire_backends`). `vm`: a KVM VM already made for this RAM
+    /// (see [`Vmm::prepare`]), so restoring costs less downtime.
+    Restore { state: Box<SavedState>, ram: GuestRam, paused: bool, standby: bool, vm: Option<Vm> },
 }
 
 impl Vmm {
@@ -157,12 +158,21 @@ impl Vmm {
     /// Rebuilds a saved VM on this host: `state.config` with `config`'s
     /// host-side choices (taps, serial, KVM device) applied by the caller.
     pub fn restore(config: VmConfig, state: SavedState, ram: GuestRam, paused: bool) -> Result<Vmm, Error> {
-        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused, standby: false })
+        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused, standby: false, vm: None })
+    }
+
+    /// Makes the KVM VM and registers guest RAM with it ahead of a restore:
+    /// a migration destination does this while memory is still arriving,
+    /// outside the downtime window (memory slots cost milliseconds per GiB).
+    pub fn prepare(config: &VmConfig, ram: &GuestRam) -> Result<Vm, Error> {
+        let vm = Vm::new(&config.kvm_device)?;
+        vm.register_memory(&ram.memory)?;
+        Ok(vm)
     }
 
     /// Restores paused with disks in standby: a migration destination.
-    pub fn restore_standby(config: VmConfig, state: SavedState, ram: GuestRam) -> Result<Vmm, Error> {
-        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused: true, standby: true })
+    pub fn restore_standby(config: VmConfig, state: SavedState, ram: GuestRam, vm: Option<Vm>) -> Result<Vmm, Error> {
+        Vmm::build(config, Launch::Restore { state: Box::new(state), ram, paused: true, standby: true, vm })
     }
 
     fn build(config: VmConfig, launch: Launch) -> Result<Vmm, Error> {
@@ -172,18 +182,20 @@ impl Vmm {
         // Backends first: a missing tap or disk is reported before any boot work.
         let standby = matches!(launch, Launch::Restore { standby: true, .. });
         let devices = open_virtio_backends(&config, standby)?;
-        let (ram, restore) = match launch {
+        let (ram, restore, prepared) = match launch {
             Launch::Boot => {
                 memory::check_size(config.mem_mib)?;
-                (memory::create(config.mem_mib)?, None)
+                (memory::create(config.mem_mib)?, None, None)
             }
-            Launch::Restore { state, ram, paused, .. } => {
+            Launch::Restore { state, ram, paused, vm, .. } => {
                 check_restorable(&config, &state, &ram, &devices)?;
-                (ram, Some((state, paused)))
+                (ram, Some((state, paused)), vm)
             }
         };
-        let vm = Vm::new(&config.kvm_device)?;
-        vm.register_memory(&ram.memory)?;
+        let vm = match prepared {
+            Some(vm) => vm,
+            None => Vmm::prepare(&config, &ram)?,
+        };
 
         let mut cmdline = config.cmdline.clone();
         let mut virtio = Vec::new();
