@@ -8,6 +8,7 @@ mod ping;
 mod run;
 mod snapshot;
 mod validate;
+mod volume;
 
 use std::path::PathBuf;
 
@@ -66,6 +67,10 @@ enum Command {
     /// One host's side of `ferry validate` (run inside the host).
     #[command(hide = true)]
     ValidateProbe(validate::ProbeArgs),
+    /// Create or inspect a cluster shared volume.
+    Volume(volume::VolumeArgs),
+    /// Create and inspect disks on a volume, and manage their ownership leases.
+    Disk(volume::DiskArgs),
     /// Build, inspect or tear down the lab: network namespaces that play a
     /// switch fabric, two VM hosts and a client on one machine (root).
     Lab(lab::LabArgs),
@@ -91,6 +96,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::CpuProfile(args) => cpu::cpu_profile(args),
         Command::Validate(args) => validate::validate(args),
         Command::ValidateProbe(args) => validate::probe_main(args),
+        Command::Volume(args) => volume::volume(args),
+        Command::Disk(args) => volume::disk(args),
         Command::Lab(args) => lab::lab(args),
         Command::Ping(args) => ping::ping(args),
     }

@@ -1,0 +1,96 @@
+//! Keeps a lease alive from a background thread, renewing it every third
+//! of its TTL, and notices when it is lost.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{Lease, LeaseStore};
+use crate::error::{now_ms, Error};
+
+struct State {
+    lease: Lease,
+    /// Why the lease is gone, once it is: no more renewals after that.
+    lost: Option<String>,
+    stop: bool,
+}
+
+pub struct LeaseKeeper {
+    shared: Arc<(Mutex<State>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    pub fn start(store: Arc<dyn LeaseStore>, lease: Lease) -> LeaseKeeper {
+        let shared = Arc::new((Mutex::new(State { lease, lost: None, stop: false }), Condvar::new()));
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("lease-keeper".into())
+            .spawn(move || renew_loop(store, s))
+            .expect("spawn the lease keeper thread");
+        LeaseKeeper { shared, thread: Some(thread) }
+    }
+
+    /// The current lease, or why it was lost (taken over, expired, stale).
+    pub fn lease(&self) -> Result<Lease, String> {
+        let st = self.shared.0.lock().unwrap();
+        match &st.lost {
+            Some(why) => Err(why.clone()),
+            None => Ok(st.lease.clone()),
+        }
+    }
+
+    /// Stops renewing and returns the last lease (to release or hand off).
+    pub fn stop(mut self) -> Result<Lease, String> {
+        self.halt();
+        self.lease()
+    }
+
+    fn halt(&mut self) {
+        self.shared.0.lock().unwrap().stop = true;
+        self.shared.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn renew_loop(store: Arc<dyn LeaseStore>, shared: Arc<(Mutex<State>, Condvar)>) {
+    let (lock, cv) = &*shared;
+    let period = Duration::from_millis((store.ttl().as_millis() as u64 / 3).max(1));
+    let mut st = lock.lock().unwrap();
+    loop {
+        st = cv.wait_timeout(st, period).unwrap().0;
+        if st.stop {
+            return;
+        }
+        let lease = st.lease.clone();
+        drop(st);
+        let result = store.renew(&lease);
+        st = lock.lock().unwrap();
+        match result {
+            Ok(l) => st.lease = l,
+            // Someone else owns it now: final.
+            Err(e @ (Error::StaleEpoch { .. } | Error::NotOwner { .. })) => {
+                tracing::error!(disk = lease.disk, host = lease.host, "lease lost: {e}");
+                st.lost = Some(e.to_string());
+                return;
+            }
+            // Storage trouble: keep trying until the lease runs out.
+            Err(e) if now_ms() < lease.expires_unix_ms => {
+                tracing::warn!(disk = lease.disk, "lease renewal failed, retrying: {e}")
+            }
+            Err(e) => {
+                tracing::error!(disk = lease.disk, "lease expired while renewals failed: {e}");
+                st.lost = Some(format!("lease expired while renewals failed: {e}"));
+                return;
+            }
+        }
+    }
+}
