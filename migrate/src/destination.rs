@@ -67,7 +67,7 @@ pub fn receive(listener: &Listener, host: &Host) -> Result<Arc<Vmm>, Error> {
                 return Err(Error::Refused(reason));
             }
         };
-        wire::write_frame(&mut stream, Kind::HelloAck, &[])?;
+        wire::send(&mut stream, Kind::HelloAck, &wire::Ack { host_id: config.host_id.clone() })?;
         if hello.check_only {
             eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.mem_bytes >> 20);
             continue;
@@ -137,8 +137,13 @@ fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
         }
     }
     for d in &config.disks {
-        if let Err(e) = std::fs::metadata(&d.path) {
-            problems.push(format!("disk image {} is not reachable here: {e}", d.path.display()));
+        match d.image_path() {
+            Ok(p) => {
+                if let Err(e) = std::fs::metadata(&p) {
+                    problems.push(format!("disk image {} is not reachable here: {e}", p.display()));
+                }
+            }
+            Err(e) => problems.push(format!("disk {} is not reachable here: {e}", d.path.display())),
         }
     }
     if problems.is_empty() {

@@ -16,6 +16,8 @@ pub struct Figures {
     pub pages_sent: u64,
     /// Of the downtime: restoring the VM on the destination.
     pub restore_ms: f64,
+    /// Of the downtime: flushing disks and handing their leases over.
+    pub handoff_ms: f64,
     pub destination: String,
     /// Round-0 throughput, MiB/s.
     pub round0_mib_s: f64,

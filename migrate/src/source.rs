@@ -264,11 +264,11 @@ pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared)
     wire::send(&mut w, Kind::Hello, &hello)?;
     w.flush().map_err(wire::Error::Io)?;
     let reply = wire::read_frame(&mut reader)?;
-    match reply.kind {
-        Kind::HelloAck => {}
+    let destination_host = match reply.kind {
+        Kind::HelloAck => reply.decode::<wire::Ack>()?.host_id,
         Kind::Refuse => return Err(Error::Refused(reply.decode::<Reason>()?.reason)),
         other => return Err(wire::Error::Unexpected { expected: "HelloAck", got: other }.into()),
-    }
+    };
     let mut figures = Figures {
         mode: match opts.mode {
             Mode::Quick => "quick",
@@ -312,7 +312,7 @@ pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared)
     if was_running {
         vmm.pause()?;
     }
-    match switchover(vmm, &mut w, &mut reader, logging, pending, &mut figures) {
+    match switchover(vmm, &mut w, &mut reader, logging, pending, &destination_host, &mut figures) {
         Ok(()) => {}
         Err(Failure::BeforeCommit(e)) => {
             abort(&mut w, &e);
@@ -436,6 +436,7 @@ fn switchover(
     reader: &mut Stream,
     logging: bool,
     mut pending: DirtyBitmap,
+    destination_host: &str,
     figures: &mut Figures,
 ) -> Result<(), Failure> {
     let before = |e: Error| Failure::BeforeCommit(e);
@@ -465,8 +466,11 @@ fn switchover(
         other => return Err(before(wire::Error::Unexpected { expected: "Ready", got: other }.into())),
     }
     figures.restore_ms = ms(t_restore.elapsed());
-    // Disks are durable and unlocked before the destination may write them.
-    vmm.release_backends().map_err(|e| before(e.into()))?;
+    // Disks are durable and handed over (shared-volume leases to the
+    // destination, epoch + 1; local locks released) before it may write.
+    let t_handoff = Instant::now();
+    vmm.release_backends(destination_host).map_err(|e| before(e.into()))?;
+    figures.handoff_ms = ms(t_handoff.elapsed());
     // The point of no return: from here the VM never runs on this host.
     wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
     w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;

@@ -185,6 +185,13 @@ pub struct Hello {
 /// One CPUID leaf as the guest sees it.
 pub use vmm::arch::x86_64::cpu_features::CpuidLeaf as CpuidEntry;
 
+/// The destination's `HelloAck`: who it is, so the source can hand shared
+/// disks' leases to it at commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ack {
+    pub host_id: String,
+}
+
 /// A reason, for `Refuse` and `Abort`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Reason {

@@ -142,7 +142,7 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
                 c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
                 return;
             }
-            _ => wire::write_frame(&mut c, Kind::HelloAck, &[]).unwrap(),
+            _ => wire::send(&mut c, Kind::HelloAck, &wire::Ack { host_id: "fake".into() }).unwrap(),
         }
         let mut frames = 0;
         loop {

@@ -31,6 +31,23 @@ pub struct VmConfig {
     /// VM, so a migrated guest keeps it).
     #[serde(default)]
     pub cpu_profile: Option<CpuProfile>,
+    /// This host's name in disk leases (host-side: a destination sets its own).
+    #[serde(default = "default_host_id")]
+    pub host_id: String,
+    /// Lease TTL for disks on a shared volume, milliseconds.
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// Take the leases of a crashed host's disks once they have expired.
+    #[serde(default)]
+    pub takeover: bool,
+}
+
+pub fn default_host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+pub fn default_lease_ttl_ms() -> u64 {
+    10_000
 }
 
 /// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing tap.
@@ -40,11 +57,32 @@ pub struct NetConfig {
     pub mac: MacAddr,
 }
 
-/// `--disk PATH[,readonly]`: a virtio-blk device on a raw image.
+/// `--disk PATH[,readonly]` or `--disk csv:VOLUME/disks/NAME[,readonly]`:
+/// a virtio-blk device on an image (raw, VHD or qcow2). A disk on a shared
+/// volume is written only under its ownership lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
+    /// The shared volume and disk name, for `csv:` disks.
+    #[serde(default)]
+    pub volume: Option<VolumeDisk>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDisk {
+    pub volume: PathBuf,
+    pub name: String,
+}
+
+impl DiskConfig {
+    /// The image file this disk names (on a volume: found by its name).
+    pub fn image_path(&self) -> Result<PathBuf, String> {
+        match &self.volume {
+            None => Ok(self.path.clone()),
+            Some(vd) => csv_fs::Volume::open(&vd.volume).and_then(|v| v.disk_path(&vd.name)).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl std::str::FromStr for NetConfig {
@@ -72,9 +110,17 @@ impl std::str::FromStr for DiskConfig {
             None => (s, false),
         };
         if path.is_empty() || path.contains(',') {
-            return Err(format!("bad --disk '{s}' (expected PATH[,readonly])"));
+            return Err(format!("bad --disk '{s}' (expected PATH[,readonly] or csv:VOLUME/disks/NAME[,readonly])"));
         }
-        Ok(DiskConfig { path: PathBuf::from(path), readonly })
+        if let Some(rest) = path.strip_prefix("csv:") {
+            let (volume, name) = rest
+                .rsplit_once("/disks/")
+                .filter(|(v, n)| !v.is_empty() && !n.is_empty() && !n.contains('/'))
+                .ok_or_else(|| format!("bad --disk '{s}' (expected csv:VOLUME/disks/NAME)"))?;
+            let volume = VolumeDisk { volume: PathBuf::from(volume), name: name.to_owned() };
+            return Ok(DiskConfig { path: PathBuf::from(rest), readonly, volume: Some(volume) });
+        }
+        Ok(DiskConfig { path: PathBuf::from(path), readonly, volume: None })
     }
 }
 
@@ -92,6 +138,9 @@ impl VmConfig {
             net: Vec::new(),
             disks: Vec::new(),
             cpu_profile: None,
+            host_id: default_host_id(),
+            lease_ttl_ms: default_lease_ttl_ms(),
+            takeover: false,
         }
     }
 }
@@ -113,5 +162,9 @@ mod tests {
         assert_eq!((d.path.to_str().unwrap(), d.readonly), ("/v/d.img", true));
         assert!(!"/v/d.img".parse::<DiskConfig>().unwrap().readonly);
         assert!("/v/d.img,rw".parse::<DiskConfig>().is_err());
+        let c: DiskConfig = "csv:/vol/disks/web0,readonly".parse().unwrap();
+        assert_eq!(c.volume, Some(VolumeDisk { volume: "/vol".into(), name: "web0".into() }));
+        assert!(c.readonly);
+        assert!("csv:/vol/web0".parse::<DiskConfig>().is_err());
     }
 }

@@ -476,9 +476,9 @@ impl Vmm {
 
     /// Hands every backend over at a migration's commit: disks flushed and
     /// unlocked. The VM must be paused and never run here again.
-    pub fn release_backends(&self) -> Result<(), Error> {
+    pub fn release_backends(&self, to_host: &str) -> Result<(), Error> {
         for t in &self.virtio {
-            lock(t).device_mut().release_backend().map_err(Error::Handoff)?;
+            lock(t).device_mut().release_backend(to_host).map_err(Error::Handoff)?;
         }
         Ok(())
     }
@@ -556,8 +556,12 @@ fn open_virtio_backends(config: &VmConfig, standby: bool) -> Result<Vec<Box<dyn 
         devices.push(Box::new(Net::new(Tap::open(&n.tap)?, n.mac)));
     }
     for d in &config.disks {
-        let block = if standby { Block::open_standby(&d.path, d.readonly)? } else { Block::open(&d.path, d.readonly)? };
-        devices.push(Box::new(block));
+        let host = crate::devices::virtio::blk::HostSide {
+            host_id: config.host_id.clone(),
+            lease_ttl: std::time::Duration::from_millis(config.lease_ttl_ms.max(100)),
+            takeover: config.takeover,
+        };
+        devices.push(Box::new(Block::from_config(d, &host, standby)?));
     }
     Ok(devices)
 }

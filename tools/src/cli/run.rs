@@ -48,6 +48,17 @@ pub struct RunArgs {
     /// export` or `common`), so it can move to any host that meets it.
     #[arg(long, value_name = "FILE")]
     cpu_profile: Option<PathBuf>,
+    /// This host's name in shared-volume disk leases (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
+    /// TTL of the leases on shared-volume disks; the VMM renews them every
+    /// third of it and stops writing if it cannot.
+    #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms())]
+    lease_ttl_ms: u64,
+    /// Take over the leases of a crashed host's disks once they have
+    /// expired (refused while the old owner still renews them).
+    #[arg(long)]
+    takeover: bool,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -70,6 +81,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         net: args.net,
         disks: args.disk,
         cpu_profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
+        host_id: args.host_id.unwrap_or_else(vmm::config::default_host_id),
+        lease_ttl_ms: args.lease_ttl_ms,
+        takeover: args.takeover,
     };
     serve(Arc::new(Vmm::start(config)?), args.api_sock.as_deref())
 }

@@ -47,6 +47,9 @@ pub struct HostArgs {
     /// The KVM device to use.
     #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::DEFAULT_KVM_DEVICE)]
     pub kvm_device: PathBuf,
+    /// This host's name in shared-volume disk leases (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    pub host_id: Option<String>,
 }
 
 impl HostArgs {
@@ -62,6 +65,8 @@ impl HostArgs {
         }
         config.serial = self.serial.clone();
         config.kvm_device = self.kvm_device.clone();
+        config.host_id = self.host_id.clone().unwrap_or_else(vmm::config::default_host_id);
+        config.takeover = false;
         Ok(config)
     }
 }

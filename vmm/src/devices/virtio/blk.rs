@@ -1,17 +1,23 @@
-//! virtio-blk backed by a raw image file. Requests are served on the thread
-//! that notified (the vCPU), so a FLUSH returns to the guest only once the
-//! data is durable (fdatasync).
+//! virtio-blk backed by a disk image (raw, VHD fixed or dynamic, qcow2; see
+//! csv-fs). Requests are served on the thread that notified (the vCPU), so
+//! a FLUSH returns to the guest only once the data is durable. A disk on a
+//! shared volume is written only while this host holds its lease.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use csv_fs::image::{BlockBackend, Image, OpenMode};
+use csv_fs::volume::Volume;
+use csv_fs::{Lease, LeaseKeeper, LeaseStore};
 
 use serde::Serialize;
 use virtio_queue::{Queue, QueueT};
 
 use super::{complete, read_config_bytes, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::config::DiskConfig;
 use crate::memory::GuestMemory;
 
 pub const SECTOR: u64 = 512;
@@ -40,6 +46,10 @@ pub enum Error {
     BadSize { path: PathBuf, size: u64 },
     #[error("disk image {path} is in use by another VMM")]
     Locked { path: PathBuf },
+    #[error("{0}")]
+    Image(csv_fs::Error),
+    #[error("{0}")]
+    Lease(csv_fs::Error),
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -51,14 +61,71 @@ pub struct BlockStats {
     pub bad_chains: u64,
 }
 
+/// Who this host is to the volume's lease store.
+#[derive(Clone, Debug)]
+pub struct HostSide {
+    pub host_id: String,
+    pub lease_ttl: std::time::Duration,
+    /// Take a crashed host's expired lease rather than refusing it.
+    pub takeover: bool,
+}
+
+/// A disk on a shared volume: written only while its lease is live. The
+/// keeper renews it; a lease that is lost or past its expiry stops all
+/// writes (self-fencing) before another host can have taken the disk.
+struct Fence {
+    store: Arc<dyn LeaseStore>,
+    disk: String,
+    host: String,
+    keeper: Option<LeaseKeeper>,
+    /// Logged once, when writes are first refused.
+    refused: bool,
+}
+
+impl Fence {
+    fn start(&mut self, lease: Lease) {
+        self.keeper = Some(LeaseKeeper::start(self.store.clone(), lease));
+    }
+
+    /// Why this host may not write now, if it may not.
+    fn refusal(&self) -> Option<String> {
+        let Some(keeper) = &self.keeper else {
+            return Some("no lease held (standby)".into());
+        };
+        match keeper.lease() {
+            Err(why) => Some(why),
+            Ok(l) if csv_fs::error::now_ms() >= l.expires_unix_ms => {
+                Some(format!("lease at epoch {} expired without renewal", l.epoch))
+            }
+            Ok(_) => None,
+        }
+    }
+}
+
 pub struct Block {
-    file: File,
+    image: Image,
+    /// A second descriptor on the image file for the host-local flock.
+    lock_file: File,
     path: PathBuf,
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
+    fence: Option<Fence>,
     pub stats: BlockStats,
+}
+
+fn image_error(path: &Path, e: csv_fs::Error) -> Error {
+    match e {
+        csv_fs::Error::Io { source, .. } => match source.raw_os_error() {
+            Some(libc::ENOENT) => Error::Missing { path: path.to_owned() },
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => {
+                Error::ReadOnly { path: path.to_owned(), source }
+            }
+            _ => Error::Open { path: path.to_owned(), source },
+        },
+        other => Error::Image(other),
+    }
 }
 
 impl Block {
@@ -67,52 +134,146 @@ impl Block {
     pub fn open(path: &Path, readonly: bool) -> Result<Block, Error> {
         let block = Block::open_standby(path, readonly)?;
         block.lock()?;
-        Ok(block)
+        block.activated()
     }
 
-    /// Opens `path` without taking its lock: a migration destination holds
-    /// the image this way until the source hands it over at commit.
+    /// Opens `path` without taking its lock or writing: a migration
+    /// destination holds the image this way until the source hands it over.
     pub fn open_standby(path: &Path, readonly: bool) -> Result<Block, Error> {
-        let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(|source| {
-            match source.raw_os_error() {
-                Some(libc::ENOENT) => Error::Missing { path: path.to_owned() },
-                Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => {
-                    Error::ReadOnly { path: path.to_owned(), source }
-                }
-                _ => Error::Open { path: path.to_owned(), source },
-            }
-        })?;
-        let size = file.metadata().map_err(|source| Error::Open { path: path.to_owned(), source })?.len();
-        if size == 0 || size % SECTOR != 0 {
+        if !path.exists() {
+            return Err(Error::Missing { path: path.to_owned() });
+        }
+        let mode = if readonly { OpenMode::ReadOnly } else { OpenMode::Standby };
+        let image = Image::open(path, mode).map_err(|e| image_error(path, e))?;
+        let lock_file = File::open(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
+        let size = image.len();
+        if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(Error::BadSize { path: path.to_owned(), size });
         }
         Ok(Block {
             id: disk_id(path),
-            file,
+            image,
+            lock_file,
             path: path.to_owned(),
             sectors: size / SECTOR,
             readonly,
             buf: vec![0; CHUNK],
+            fence: None,
             stats: BlockStats::default(),
         })
     }
 
-    /// Takes the image's lock (exclusive unless read-only).
+    /// Opens a configured disk: on a shared volume under its lease
+    /// (acquired, or taken over with `host.takeover`), else under the
+    /// host-local lock. `standby` defers both to `acquire_backend`.
+    pub fn from_config(cfg: &DiskConfig, host: &HostSide, standby: bool) -> Result<Block, Error> {
+        let Some(vd) = &cfg.volume else {
+            return if standby {
+                Block::open_standby(&cfg.path, cfg.readonly)
+            } else {
+                Block::open(&cfg.path, cfg.readonly)
+            };
+        };
+        let volume = Volume::open(&vd.volume).map_err(Error::Image)?;
+        let path = volume.disk_path(&vd.name).map_err(Error::Image)?;
+        let mut block = Block::open_standby(&path, cfg.readonly)?;
+        let store: Arc<dyn LeaseStore> = Arc::new(volume.lease_store(host.lease_ttl));
+        block.fence =
+            Some(Fence { store, disk: vd.name.clone(), host: host.host_id.clone(), keeper: None, refused: false });
+        if standby || cfg.readonly {
+            return Ok(block);
+        }
+        let fence = block.fence.as_mut().expect("set above");
+        let lease = if host.takeover {
+            fence.store.takeover(&vd.name, &host.host_id)
+        } else {
+            fence.store.acquire(&vd.name, &host.host_id)
+        }
+        .map_err(Error::Lease)?;
+        fence.start(lease);
+        // No host-local flock here: the lease is the authority, and a hung
+        // previous owner on the same kernel must not block a takeover.
+        block.activated()
+    }
+
+    fn activated(mut self) -> Result<Block, Error> {
+        if !self.readonly {
+            self.image.activate().map_err(Error::Image)?;
+        }
+        Ok(self)
+    }
+
+    /// Takes the image's host-local lock (exclusive unless read-only).
     pub fn lock(&self) -> Result<(), Error> {
         let lock = if self.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(self.file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(self.lock_file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
             return Err(Error::Locked { path: self.path.clone() });
         }
         Ok(())
     }
 
-    /// Makes every write durable and lets go of the lock (handoff).
-    pub fn flush_and_unlock(&self) -> std::io::Result<()> {
-        self.file.sync_data()?;
+    /// True if writes may go to the image now; logs the first refusal.
+    fn may_write(&mut self) -> bool {
+        let Some(fence) = &mut self.fence else { return true };
+        match fence.refusal() {
+            None => true,
+            Some(why) => {
+                if !fence.refused {
+                    fence.refused = true;
+                    tracing::error!(
+                        "disk {} on the shared volume: writes refused, this host no longer owns it ({why}); \
+                         the guest sees I/O errors (self-fencing)",
+                        fence.disk
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Hands the disk over at a migration's commit: every write durable,
+    /// then the lease to `to_host` (epoch + 1) or the local lock released.
+    pub fn hand_over(&mut self, to_host: &str) -> Result<(), String> {
+        let path = self.path.display().to_string();
+        self.image.flush().map_err(|e| format!("disk {path}: flush before handoff failed: {e}"))?;
+        if let Some(fence) = &mut self.fence {
+            if !self.readonly {
+                let lease = fence
+                    .keeper
+                    .take()
+                    .ok_or_else(|| format!("disk {path}: no lease to hand over"))?
+                    .stop()
+                    .map_err(|why| format!("disk {path}: lease lost before handoff: {why}"))?;
+                fence.store.handoff(&lease, to_host).map_err(|e| e.to_string())?;
+            }
+        }
         // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        unsafe { libc::flock(self.lock_file.as_raw_fd(), libc::LOCK_UN) };
         Ok(())
+    }
+
+    /// Takes a disk opened in standby: adopts the lease the source handed
+    /// this host (or takes the local lock) and re-reads the image.
+    pub fn take_over_from_standby(&mut self) -> Result<(), String> {
+        match &mut self.fence {
+            Some(fence) => {
+                if !self.readonly {
+                    let lease = fence.store.adopt(&fence.disk, &fence.host).map_err(|e| e.to_string())?;
+                    fence.start(lease);
+                }
+            }
+            None => self.lock().map_err(|e| e.to_string())?,
+        }
+        if !self.readonly {
+            self.image.activate().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The lease epoch this device writes under (shared-volume disks).
+    pub fn lease_epoch(&self) -> Option<u64> {
+        self.fence.as_ref().and_then(|f| f.keeper.as_ref()).and_then(|k| k.lease().ok()).map(|l| l.epoch)
     }
 
     pub fn path(&self) -> &Path {
@@ -184,8 +345,7 @@ impl Block {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if self.file.read_exact_at(&mut self.buf[..n], offset).is_err() || writer.write_all(&self.buf[..n]).is_err()
-            {
+            if self.image.read_at(&mut self.buf[..n], offset).is_err() || writer.write_all(&self.buf[..n]).is_err() {
                 return (S_IOERR, done);
             }
             done += n;
@@ -196,7 +356,7 @@ impl Block {
     }
 
     fn write(&mut self, sector: u64, reader: &mut virtio_queue::Reader<'_, impl vm_memory::bitmap::BitmapSlice>) -> u8 {
-        if self.readonly {
+        if self.readonly || !self.may_write() {
             return S_IOERR;
         }
         let len = reader.available_bytes();
@@ -204,8 +364,7 @@ impl Block {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if reader.read_exact(&mut self.buf[..n]).is_err() || self.file.write_all_at(&self.buf[..n], offset).is_err()
-            {
+            if reader.read_exact(&mut self.buf[..n]).is_err() || self.image.write_at(&self.buf[..n], offset).is_err() {
                 return S_IOERR;
             }
             done += n;
@@ -217,7 +376,10 @@ impl Block {
 
     fn flush(&mut self) -> u8 {
         self.stats.flushes += 1;
-        match self.file.sync_data() {
+        if !self.readonly && !self.may_write() {
+            return S_IOERR;
+        }
+        match self.image.flush() {
             Ok(()) => S_OK,
             Err(e) => {
                 tracing::error!("disk {}: flush failed: {e}", self.path.display());
@@ -257,12 +419,12 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn release_backend(&mut self) -> Result<(), String> {
-        self.flush_and_unlock().map_err(|e| format!("disk {}: flush before handoff failed: {e}", self.path.display()))
+    fn release_backend(&mut self, to_host: &str) -> Result<(), String> {
+        self.hand_over(to_host)
     }
 
     fn acquire_backend(&mut self) -> Result<(), String> {
-        self.lock().map_err(|e| e.to_string())
+        self.take_over_from_standby()
     }
 
     fn features(&self) -> u64 {
@@ -294,6 +456,8 @@ impl VirtioDevice for Block {
             "path": self.path,
             "sectors": self.sectors,
             "readonly": self.readonly,
+            "format": self.image.format().name(),
+            "lease_epoch": self.lease_epoch(),
             "stats": self.stats,
         })
     }

@@ -91,7 +91,7 @@ pub trait VirtioDevice: Send {
     /// What the device is, for `vm.info`.
     fn describe(&self) -> serde_json::Value;
     /// Hands the backend over (a disk: flush, unlock) at migration commit.
-    fn release_backend(&mut self) -> Result<(), String> {
+    fn release_backend(&mut self, _to_host: &str) -> Result<(), String> {
         Ok(())
     }
     /// Takes a backend opened in standby (a disk: lock it).
