@@ -308,6 +308,10 @@ pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared)
     };
 
     progress::update(progress, |p| p.phase = "switchover".into());
+    // Most of the disks' flush happens here, with the guest still running.
+    if let Err(e) = vmm.flush_backends() {
+        tracing::warn!("pre-switchover flush: {e}");
+    }
     let t_pause = Instant::now();
     if was_running {
         vmm.pause()?;

@@ -483,6 +483,15 @@ impl Vmm {
         Ok(())
     }
 
+    /// Flushes every disk while the VM runs, so the flush inside a
+    /// switchover only covers the last moments.
+    pub fn flush_backends(&self) -> Result<(), Error> {
+        for t in &self.virtio {
+            lock(t).device_mut().flush_backend().map_err(Error::Handoff)?;
+        }
+        Ok(())
+    }
+
     /// Takes backends opened in standby (a migration destination, after
     /// the source's commit).
     pub fn acquire_backends(&self) -> Result<(), Error> {

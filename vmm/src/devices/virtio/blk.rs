@@ -427,6 +427,13 @@ impl VirtioDevice for Block {
         self.take_over_from_standby()
     }
 
+    fn flush_backend(&mut self) -> Result<(), String> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.image.flush().map_err(|e| format!("disk {}: flush failed: {e}", self.path.display()))
+    }
+
     fn features(&self) -> u64 {
         let ro = if self.readonly { VIRTIO_BLK_F_RO } else { 0 };
         VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro

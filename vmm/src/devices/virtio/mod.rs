@@ -94,6 +94,11 @@ pub trait VirtioDevice: Send {
     fn release_backend(&mut self, _to_host: &str) -> Result<(), String> {
         Ok(())
     }
+    /// Makes completed writes durable ahead of a handoff (outside the
+    /// downtime window, so the final flush has little left to do).
+    fn flush_backend(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Takes a backend opened in standby (a disk: lock it).
     fn acquire_backend(&mut self) -> Result<(), String> {
         Ok(())
