@@ -251,8 +251,10 @@ impl Guest {
         if behind == 0 {
             return false;
         }
-        if behind > pages_per_s {
-            // More than a second behind (we were stopped): do not burst.
+        if behind > (pages_per_s / 100).max(DIRTY_BATCH) {
+            // More than 10 ms behind (we were stopped or throttled): drop the
+            // backlog rather than burst, as a CPU-bound workload loses the
+            // time it did not run. This is what makes throttling slow us.
             self.dirty_origin = now;
             self.dirtied_since_origin = 0;
             return false;

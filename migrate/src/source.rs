@@ -51,6 +51,8 @@ pub struct Options {
     pub auto_converge: bool,
     /// Only run the destination's preflight.
     pub check_only: bool,
+    /// Cap on migration bandwidth, MiB/s (None: as fast as the link goes).
+    pub max_bandwidth_mib_s: Option<f64>,
 }
 
 impl Options {
@@ -64,6 +66,7 @@ impl Options {
             policy: Policy::Cancel,
             auto_converge: true,
             check_only: false,
+            max_bandwidth_mib_s: None,
         }
     }
 }
@@ -90,16 +93,25 @@ pub enum Error {
     Uncertain(String),
 }
 
-/// Counts what goes on the wire.
+/// Counts what goes on the wire, and holds it to a bandwidth cap.
 struct Counting<W> {
     inner: W,
     bytes: u64,
+    /// Bytes per second allowed, and when counting started.
+    cap: Option<(f64, Instant)>,
 }
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.bytes += n as u64;
+        if let Some((rate, since)) = self.cap {
+            // Sleep until the bytes so far fit the cap.
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate);
+            if let Some(ahead) = due.checked_sub(since.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -249,7 +261,8 @@ pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared)
     stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
     auth::connect(&mut stream, &opts.key)?;
     let mut reader = stream.try_clone().map_err(wire::Error::Io)?;
-    let mut w = Counting { inner: BufWriter::with_capacity(CHUNK + 64, stream), bytes: 0 };
+    let cap = opts.max_bandwidth_mib_s.filter(|r| *r > 0.0).map(|r| (r * MIB, Instant::now()));
+    let mut w = Counting { inner: BufWriter::with_capacity(CHUNK + 64, stream), bytes: 0, cap };
 
     progress::update(progress, |p| p.phase = "preflight".into());
     let hello = Hello {

@@ -65,6 +65,9 @@ pub struct MigrateArgs {
     /// Only run the destination's preflight (CPU, memory, devices).
     #[arg(long)]
     check_only: bool,
+    /// Cap the migration's bandwidth (MiB/s), to spare a shared network.
+    #[arg(long, value_name = "MIB_S")]
+    max_bandwidth: Option<f64>,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -83,6 +86,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
         "policy": match args.policy { PolicyArg::Cancel => "cancel", PolicyArg::Force => "force" },
         "auto_converge": !args.no_auto_converge,
         "check_only": args.check_only,
+        "max_bandwidth_mib_s": args.max_bandwidth,
     })
     .to_string();
     let sock = args.api.api_sock.clone();
@@ -179,6 +183,7 @@ fn options(body: &serde_json::Value) -> Result<(Endpoint, Options), String> {
         o.auto_converge = v;
     }
     o.check_only = body.get("check_only").and_then(|v| v.as_bool()).unwrap_or(false);
+    o.max_bandwidth_mib_s = body.get("max_bandwidth_mib_s").and_then(|v| v.as_f64());
     Ok((to, o))
 }
 
