@@ -51,6 +51,7 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-boot -- target/bench/boot.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-storage -- target/bench/storage.json
 
 lint:
 	$(CARGO) fmt --all --check

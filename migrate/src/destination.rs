@@ -220,11 +220,14 @@ fn acquire_with_retry(vmm: &Vmm) -> Result<(), Error> {
 /// Repeats the announcement as QEMU does (50 ms, then 100 ms steps), for
 /// switches that missed the first.
 pub fn announce_again(vmm: Arc<Vmm>) {
+    // A weak handle: announcing must not keep a stopped VM alive.
+    let vmm = Arc::downgrade(&vmm);
     std::thread::spawn(move || {
         for delay_ms in [50, 100, 100, 100] {
             std::thread::sleep(Duration::from_millis(delay_ms));
-            if vmm.announce().is_err() {
-                return;
+            match vmm.upgrade() {
+                Some(vmm) if vmm.announce().is_ok() => {}
+                _ => return,
             }
         }
     });

@@ -125,6 +125,14 @@ fn shared_disk_moves_with_the_vm_and_its_lease_hands_over() {
     }
     let v = command(&vm, "disk-verify 1024 256 11", "disk-verify", T);
     assert!(v.starts_with("disk-verify ok"), "{v}");
+    vm.control(&["shutdown"]);
+    vm.wait_exit(T);
+    assert!(
+        lease(&vol, "d0")["owner"].is_null(),
+        "a clean shutdown releases the lease: {} {}",
+        lease(&vol, "d0"),
+        vm.stderr()
+    );
     eprintln!("{}", legs.join("\n"));
 }
 

@@ -547,9 +547,14 @@ impl Vmm {
         }
     }
 
-    /// Stops every vCPU and flushes the console.
+    /// Stops every vCPU, flushes the console, and gives backends up (shared
+    /// disks' leases released, so another host can start the VM at once).
     pub fn stop(&self) {
         lock(&self.vcpus).stop();
+        self.event_loop.pause();
+        for t in &self.virtio {
+            lock(t).device_mut().close_backend();
+        }
         lock(&self.serial).flush();
     }
 }

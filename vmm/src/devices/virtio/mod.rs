@@ -99,6 +99,9 @@ pub trait VirtioDevice: Send {
     fn flush_backend(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// The VM has stopped for good here: give the backend up (a shared
+    /// disk: flush and release its lease).
+    fn close_backend(&mut self) {}
     /// Takes a backend opened in standby (a disk: lock it).
     fn acquire_backend(&mut self) -> Result<(), String> {
         Ok(())
