@@ -273,23 +273,34 @@ pub fn root_available(test: &str) -> bool {
 
 /// Runs `ferry ARGS`, killing it (and failing the test) if it runs past `timeout`.
 pub fn ferry_bounded(args: &[&str], timeout: Duration) -> std::process::Output {
-    let mut child = Command::new(ferry_bin())
-        .args(args)
+    run_bounded(Command::new(ferry_bin()).args(args), timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `cmd` to completion, killing it past `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<std::process::Output, String> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn ferry");
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("ferry {args:?} ran past {timeout:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "{cmd:?} ran past {timeout:?} and was killed; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
-    child.wait_with_output().unwrap()
+    child.wait_with_output().map_err(|e| e.to_string())
 }
 
 /// Names of all named network namespaces (`ip netns list`).
@@ -448,6 +459,16 @@ pub fn cluster_key_loaded() -> migrate::auth::Key {
 }
 
 impl Vm {
+    /// Waits until the VMM's API socket exists (a restored or received VM
+    /// is up).
+    pub fn wait_api(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.api_sock.exists() {
+            assert!(Instant::now() < deadline, "VMM API never came up: {}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the VMM's stderr contains `text`.
     pub fn wait_stderr(&self, timeout: Duration, text: &str) {
         let deadline = Instant::now() + timeout;

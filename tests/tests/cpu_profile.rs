@@ -184,11 +184,7 @@ fn baseline_guests_move_to_a_lesser_host_and_full_cpu_guests_are_refused_by_name
     assert!(ok, "{err}");
     based.wait_exit(T);
     std::mem::swap(&mut based, &mut dest);
-    let deadline = std::time::Instant::now() + T;
-    while !based.api_sock.exists() {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    based.wait_api(T);
     let v = command(&based, "verify", "verify", T);
     assert!(v.starts_with("verify ok"), "{v}");
 }

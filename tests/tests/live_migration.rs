@@ -71,14 +71,6 @@ fn migrate(lab: &Lab, from: &str, vm: &Vm, to: &str, extra: &[&str]) -> (bool, s
     (out.status.success(), figures, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-fn wait_api(vm: &Vm) {
-    let deadline = std::time::Instant::now() + T;
-    while !vm.api_sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "VMM API never came up: {}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn assert_intact(vm: &Vm, disk_seed: Option<u64>, why: &str) {
     let v = command(vm, "verify", "verify", T);
     assert!(v.starts_with("verify ok"), "{why}: every page stamp intact: {v}");
@@ -124,7 +116,7 @@ fn dirtying_and_idle_guests_move_a_to_b_and_back_intact() {
         assert!(f["downtime_ms"].as_f64().unwrap() < 1000.0, "{f}");
         assert_eq!(vm.wait_exit(T).code(), Some(0), "the source stops after commit");
         std::mem::swap(&mut vm, &mut dest);
-        wait_api(&vm);
+        vm.wait_api(T);
         let (_, hb) = vm.wait_line_from(0, T, |l| heartbeat_number(l).is_some());
         assert!(heartbeat_number(&hb).unwrap() > before, "leg {leg}: heartbeat continues: {hb}");
         assert_intact(&vm, Some(99), &format!("leg {leg} (dirty {dirty} MiB/s)"));
@@ -175,7 +167,7 @@ fn twenty_ping_pong_live_migrations_without_an_integrity_error() {
         let ping = pinger.join().unwrap();
         vm.wait_exit(T);
         std::mem::swap(&mut vm, &mut dest);
-        wait_api(&vm);
+        vm.wait_api(T);
         assert_intact(&vm, None, &format!("move {i}"));
         report.push(format!(
             "move {i:2} {host}->{to}: downtime {:6.1} ms, rounds {}, pings lost {}, max gap {} ms",
@@ -309,6 +301,6 @@ fn a_guest_dirtying_faster_than_the_link_is_cancelled_cleanly_or_converges_with_
     assert!(f["throttle_pct"].as_u64().unwrap() > 0, "the throttle had to engage: {f}");
     vm.wait_exit(T);
     std::mem::swap(&mut vm, &mut dest);
-    wait_api(&vm);
+    vm.wait_api(T);
     assert_intact(&vm, None, "after an auto-converged move");
 }

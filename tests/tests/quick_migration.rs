@@ -51,14 +51,6 @@ fn migrate_quick(vm: &Vm, to: &str) -> (bool, String, String) {
     vm.ferry(&["migrate", "--mode", "quick", "--json", "--key-file", key.to_str().unwrap(), "--to", to])
 }
 
-fn wait_api(vm: &Vm) {
-    let deadline = Instant::now() + T;
-    while !vm.api_sock.exists() {
-        assert!(Instant::now() < deadline, "VMM API never came up: {}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The source still runs: a new heartbeat arrives after `from`.
 fn assert_still_running(vm: &Vm, why: &str) {
     assert_eq!(vm.info()["state"], "Running", "{why}");
@@ -98,7 +90,7 @@ fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
     assert_eq!(a.wait_exit(T).code(), Some(0), "source exits after the move");
     assert!(a.stderr().contains("migrated to tcp:"), "{}", a.stderr());
 
-    wait_api(&b);
+    b.wait_api(T);
     let (_, hb) = b.wait_line_from(0, T, |l| heartbeat_number(l).is_some());
     assert!(heartbeat_number(&hb).unwrap() > last_a, "counter continues on b: {hb} after {last_a}");
     let v = command(&b, "verify", "verify", T);
@@ -113,7 +105,7 @@ fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
     let (ok, _, err) = migrate_quick(&b, &format!("unix:{}", sock.display()));
     assert!(ok, "{err}");
     assert_eq!(b.wait_exit(T).code(), Some(0));
-    wait_api(&back);
+    back.wait_api(T);
     let v = command(&back, "verify", "verify", T);
     assert!(v.starts_with("verify ok"), "{v}");
     let d = command(&back, "disk-verify 0 128 4242", "disk-verify", T);

@@ -80,14 +80,6 @@ fn migrate(lab: &Lab, from: &str, vm: &Vm, to_host: &str, port: u16, mode: &str)
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn wait_api(vm: &Vm) {
-    let deadline = std::time::Instant::now() + T;
-    while !vm.api_sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "{}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn shared_disk_moves_with_the_vm_and_its_lease_hands_over() {
     if !kvm_available("shared_disk_moves_with_the_vm_and_its_lease_hands_over") {
@@ -109,7 +101,7 @@ fn shared_disk_moves_with_the_vm_and_its_lease_hands_over() {
         let f = migrate(&lab, from, &vm, to, 7730 + i as u16, mode);
         vm.wait_exit(T);
         std::mem::swap(&mut vm, &mut dest);
-        wait_api(&vm);
+        vm.wait_api(T);
         let l = lease(&vol, "d0");
         assert_eq!(l["owner"], to, "the lease moved with the VM: {l}");
         assert_eq!(l["epoch"].as_u64().unwrap(), epoch_a + 1 + i as u64, "each handoff raises the epoch: {l}");

@@ -90,11 +90,7 @@ fn every_vcpu_comes_back_intact() {
     // Restore paused and snapshot again without running a single
     // instruction: both vCPUs must read back exactly as saved.
     let restored = Vm::launch(None, "restore", &[s("--from"), a.display().to_string(), s("--paused")]);
-    let deadline = std::time::Instant::now() + T;
-    while !restored.api_sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "restore did not come up: {}", restored.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    restored.wait_api(T);
     assert_eq!(restored.info()["state"], "Paused");
     restored.control(&["snapshot", "--to", b.to_str().unwrap()]);
     let load = |d: &std::path::Path| VmState::decode(&std::fs::read(d.join("state.bin")).unwrap()).unwrap();

@@ -29,10 +29,12 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{cluster_key, ferry_bin, field, guest_elf, heartbeat_number, kvm_available, root_available, Lab, Vm};
+use ferry_e2e::{
+    cluster_key, ferry_bin, field, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, Lab, Vm,
+};
 use serde_json::{json, Value};
 
 const LAB: &str = "bl";
@@ -98,33 +100,6 @@ fn other(host: &str) -> &'static str {
         "a" => "b",
         _ => "a",
     }
-}
-
-/// Runs `cmd` to completion, killing it past `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let out = child.wait_with_output().map_err(|e| e.to_string())?;
-                return Err(format!(
-                    "{cmd:?} ran past {timeout:?} and was killed; stderr: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
-        }
-    }
-    child.wait_with_output().map_err(|e| e.to_string())
 }
 
 /// True while `pid` exists and is not a zombie.

@@ -26,11 +26,11 @@
 //!   after it.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use csv_fs::{LeaseStore, Volume};
-use ferry_e2e::{ferry_bin, guest_elf, heartbeat_number, kvm_available, root_available, Lab, TempDir, Vm};
+use ferry_e2e::{ferry_bin, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, Lab, TempDir, Vm};
 use serde_json::{json, Value};
 
 const LAB: &str = "bs";
@@ -116,30 +116,6 @@ fn other(host: &str) -> &'static str {
 
 fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_owned()
-}
-
-/// Runs `cmd` to completion, killing it past `timeout`.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let out = child.wait_with_output().map_err(|e| e.to_string())?;
-                return Err(format!("{cmd:?} ran past {timeout:?} and was killed; stderr: {}", stderr_of(&out)));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
-        }
-    }
-    child.wait_with_output().map_err(|e| e.to_string())
 }
 
 /// Runs `ferry ARGS` (bounded); its stdout if it succeeded.
