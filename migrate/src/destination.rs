@@ -93,7 +93,7 @@ fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
     }
     let config: VmConfig =
         serde_json::from_str(&hello.config_json).map_err(|e| vec![format!("unreadable VM config: {e}")])?;
-    if config.mem_mib.checked_shl(20) != Some(hello.mem_bytes) {
+    if config.mem_mib.checked_mul(1 << 20) != Some(hello.mem_bytes) {
         return Err(vec!["memory size and config disagree".into()]);
     }
     let config = (host.apply)(config).map_err(|e| vec![e])?;

@@ -255,6 +255,13 @@ impl Drop for Throttle {
 /// Moves the VM to `to`. On success the VM no longer runs here and the
 /// caller should let this VMM exit.
 pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared) -> Result<Figures, Error> {
+    vmm.begin_migration()?;
+    let result = migrate_claimed(vmm, to, opts, progress);
+    vmm.end_migration();
+    result
+}
+
+fn migrate_claimed(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared) -> Result<Figures, Error> {
     let t0 = Instant::now();
     progress::update(progress, |p| p.phase = "connecting".into());
     let mut stream = connect(to, CONNECT_TIMEOUT).map_err(|source| Error::Connect { endpoint: to.clone(), source })?;
@@ -327,7 +334,14 @@ pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared)
     }
     let t_pause = Instant::now();
     if was_running {
-        vmm.pause()?;
+        if let Err(e) = vmm.pause() {
+            let e = Error::from(e);
+            if logging {
+                let _ = vmm.stop_dirty_log();
+            }
+            abort(&mut w, &e);
+            return Err(e);
+        }
     }
     match switchover(vmm, &mut w, &mut reader, logging, pending, &destination_host, &mut figures) {
         Ok(()) => {}
@@ -341,7 +355,13 @@ pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared)
             }
             return Err(e);
         }
-        Err(Failure::AfterCommit(e)) => return Err(Error::Uncertain(e.to_string())),
+        Err(Failure::AfterCommit(e)) => {
+            // Never resumable here (retired at commit); stop this VMM.
+            let _ = vmm.events().send(vmm::VmEvent::Exit(vmm::ExitReason::Error(format!(
+                "migration outcome unknown after commit: {e}; the VM is stopped here"
+            ))));
+            return Err(Error::Uncertain(e.to_string()));
+        }
     }
     figures.downtime_ms = ms(t_pause.elapsed());
     figures.total_ms = ms(t0.elapsed());
@@ -489,6 +509,7 @@ fn switchover(
     vmm.release_backends(destination_host).map_err(|e| before(e.into()))?;
     figures.handoff_ms = ms(t_handoff.elapsed());
     // The point of no return: from here the VM never runs on this host.
+    vmm.retire();
     wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
     w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;
     let resumed = wire::read_frame(reader).map_err(|e| Failure::AfterCommit(e.into()))?;

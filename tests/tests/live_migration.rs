@@ -280,14 +280,26 @@ fn a_guest_dirtying_faster_than_the_link_is_cancelled_cleanly_or_converges_with_
     vm.wait_line(T, |l| heartbeat_number(l).is_some());
 
     // Without auto-converge and with policy cancel: cancelled, still here.
+    // Meanwhile the migration owns the VM: the API may not pause it.
     let dest = receiver(&lab, "b", 7710, &[]);
-    let (ok, f, err) = migrate(
-        &lab,
-        "a",
-        &vm,
-        "tcp:10.200.77.2:7710",
-        &["--max-bandwidth", "16", "--no-auto-converge", "--max-rounds", "3", "--policy", "cancel"],
-    );
+    let (ok, f, err) = std::thread::scope(|scope| {
+        let m = scope.spawn(|| {
+            migrate(
+                &lab,
+                "a",
+                &vm,
+                "tcp:10.200.77.2:7710",
+                &["--max-bandwidth", "16", "--no-auto-converge", "--max-rounds", "3", "--policy", "cancel"],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        for op in ["pause", "snapshot"] {
+            let args: Vec<&str> = if op == "snapshot" { vec![op, "--to", "/tmp/ferry-never"] } else { vec![op] };
+            let (ok, _, err) = vm.ferry(&args);
+            assert!(!ok && err.contains("a migration is running"), "{op} during a migration: {err}");
+        }
+        m.join().unwrap()
+    });
     assert!(!ok && err.contains("did not converge") && err.contains("cancelled"), "{f} {err}");
     drop(dest);
     assert_eq!(vm.info()["state"], "Running");

@@ -71,6 +71,10 @@ pub enum Error {
     NotPaused,
     #[error("backend handoff: {0}")]
     Handoff(String),
+    #[error("a migration is running: the VM's run state belongs to it until it ends")]
+    Migrating,
+    #[error("the VM was handed to another host and never runs here again")]
+    Retired,
     #[error("dirty tracking: {0}")]
     Dirty(dirty::Error),
     #[error("cannot restore: {0}")]
@@ -136,6 +140,11 @@ pub struct Vmm {
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
     started: Instant,
+    /// A migration owns the VM's run state: the API may not pause, resume
+    /// or snapshot it meanwhile.
+    migrating: std::sync::atomic::AtomicBool,
+    /// The VM was committed to another host: it never runs here again.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// How a VM comes to life.
@@ -320,6 +329,8 @@ impl Vmm {
             events_tx,
             events_rx: Mutex::new(events_rx),
             started: Instant::now(),
+            migrating: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -452,6 +463,41 @@ impl Vmm {
         }
     }
 
+    /// Claims the VM for a migration; refused if one already runs or the
+    /// VM was committed elsewhere.
+    pub fn begin_migration(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if self.retired.load(Ordering::SeqCst) {
+            return Err(Error::Retired);
+        }
+        if self.migrating.swap(true, Ordering::SeqCst) {
+            return Err(Error::Migrating);
+        }
+        Ok(())
+    }
+
+    pub fn end_migration(&self) {
+        self.migrating.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The VM now belongs to another host (commit sent): it must never run
+    /// here again, whatever the API asks.
+    pub fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What the API may do now, or why not.
+    pub fn check_api_control(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if self.retired.load(Ordering::SeqCst) {
+            return Err(Error::Retired);
+        }
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(Error::Migrating);
+        }
+        Ok(())
+    }
+
     /// Returns once no vCPU is in the guest and no device touches guest
     /// memory.
     pub fn pause(&self) -> Result<(), Error> {
@@ -465,6 +511,9 @@ impl Vmm {
     }
 
     pub fn resume(&self) -> Result<(), Error> {
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Retired);
+        }
         let vcpus = lock(&self.vcpus);
         if !vcpus.is_paused() {
             return Err(Error::State(RunState::Running));
@@ -477,6 +526,11 @@ impl Vmm {
     /// Hands every backend over at a migration's commit: disks flushed and
     /// unlocked. The VM must be paused and never run here again.
     pub fn release_backends(&self, to_host: &str) -> Result<(), Error> {
+        if !lock(&self.vcpus).is_paused() {
+            return Err(Error::NotPaused);
+        }
+        // Everything durable first: a failing flush hands nothing over.
+        self.flush_backends()?;
         for t in &self.virtio {
             lock(t).device_mut().release_backend(to_host).map_err(Error::Handoff)?;
         }

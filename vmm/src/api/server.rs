@@ -107,14 +107,18 @@ fn handle(mut request: Request, vmm: &Arc<Vmm>, migrator: Option<&Arc<dyn Migrat
             Ok(v) => reply(request, 200, v),
             Err(e) => error(request, 500, e),
         },
-        ("vm.pause", Method::Put) => match vmm.pause() {
+        ("vm.pause", Method::Put) => match vmm.check_api_control().and_then(|()| vmm.pause()) {
             Ok(()) => no_content(request),
-            Err(e @ (vmm::Error::State(_) | vmm::Error::NotPaused)) => error(request, 409, e),
+            Err(e @ (vmm::Error::State(_) | vmm::Error::NotPaused | vmm::Error::Migrating | vmm::Error::Retired)) => {
+                error(request, 409, e)
+            }
             Err(e) => error(request, 500, e),
         },
-        ("vm.resume", Method::Put) => match vmm.resume() {
+        ("vm.resume", Method::Put) => match vmm.check_api_control().and_then(|()| vmm.resume()) {
             Ok(()) => no_content(request),
-            Err(e @ (vmm::Error::State(_) | vmm::Error::NotPaused)) => error(request, 409, e),
+            Err(e @ (vmm::Error::State(_) | vmm::Error::NotPaused | vmm::Error::Migrating | vmm::Error::Retired)) => {
+                error(request, 409, e)
+            }
             Err(e) => error(request, 500, e),
         },
         ("vm.shutdown", Method::Put) => {
@@ -159,7 +163,7 @@ fn handle(mut request: Request, vmm: &Arc<Vmm>, migrator: Option<&Arc<dyn Migrat
             let Some(dir) = dir else {
                 return error(request, 400, "vm.snapshot needs a JSON body {\"dir\": \"/path\"}");
             };
-            match vmm.snapshot(&dir) {
+            match vmm.check_api_control().and_then(|()| vmm.snapshot(&dir)) {
                 Ok(report) => reply(request, 200, serde_json::to_value(report).unwrap_or_default()),
                 Err(e) => error(request, 500, e),
             }

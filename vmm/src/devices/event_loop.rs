@@ -134,7 +134,12 @@ fn run(shared: Arc<Shared>, epoll: Epoll, sources: Vec<Arc<Mutex<MmioTransport>>
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::error!("device event loop: epoll failed: {e}");
+                tracing::error!("device event loop: epoll failed: {e}; network input stops");
+                // Never touches guest memory again: a pause must not wait.
+                let mut st = lock(&shared.state);
+                st.parked = true;
+                st.stop = true;
+                shared.changed.notify_all();
                 return;
             }
         };

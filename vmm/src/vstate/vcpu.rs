@@ -224,9 +224,21 @@ impl Vcpu {
     /// until asked to run or stop.
     fn park(&mut self) {
         self.fd.set_kvm_immediate_exit(1);
-        match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => {}
-            other => tracing::debug!(vcpu = self.id, "completing in-flight exit before pause: {:?}", other.err()),
+        // Completing an in-flight exit can raise another (more MMIO
+        // fragments, string I/O): serve those until KVM says EINTR.
+        for _ in 0..1024 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR => break,
+                Ok(exit) => {
+                    if let Some(reason) = handle_exit(self.id, exit, &self.bus, &self.control) {
+                        let _ = self.events.send(VmEvent::Exit(reason));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(vcpu = self.id, "KVM_RUN while parking: {e}");
+                    break;
+                }
+            }
         }
         self.fd.set_kvm_immediate_exit(0);
         let mut st = self.control.lock();

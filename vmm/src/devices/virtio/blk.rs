@@ -94,8 +94,11 @@ impl Fence {
         };
         match keeper.lease() {
             Err(why) => Some(why),
-            Ok(l) if csv_fs::error::now_ms() >= l.expires_unix_ms => {
-                Some(format!("lease at epoch {} expired without renewal", l.epoch))
+            // Stop a third of the TTL before expiry: a healthy keeper renews
+            // every third, and the margin covers a stall between this check
+            // and the write, so nothing lands after another host may take over.
+            Ok(l) if csv_fs::error::now_ms() + l.ttl_ms / 3 >= l.expires_unix_ms => {
+                Some(format!("lease at epoch {} not renewed in time", l.epoch))
             }
             Ok(_) => None,
         }
@@ -236,6 +239,9 @@ impl Block {
     /// then the lease to `to_host` (epoch + 1) or the local lock released.
     pub fn hand_over(&mut self, to_host: &str) -> Result<(), String> {
         let path = self.path.display().to_string();
+        if !self.readonly && !self.may_write() {
+            return Err(format!("disk {path}: this host no longer owns it; nothing to hand over"));
+        }
         self.image.flush().map_err(|e| format!("disk {path}: flush before handoff failed: {e}"))?;
         if let Some(fence) = &mut self.fence {
             if !self.readonly {
@@ -410,9 +416,11 @@ impl Block {
     /// can acquire it at once instead of waiting for a takeover. (After a
     /// handoff the keeper is gone and there is nothing to release.)
     fn close(&mut self) {
+        // A host that lost the lease must not even flush (qcow2 metadata).
+        let owned = self.readonly || self.may_write();
         if let Some(fence) = &mut self.fence {
             if let Some(keeper) = fence.keeper.take() {
-                if let Ok(lease) = keeper.stop() {
+                if let (true, Ok(lease)) = (owned, keeper.stop()) {
                     let _ = self.image.flush();
                     if let Err(e) = fence.store.release(&lease) {
                         tracing::warn!("disk {}: lease not released: {e}", fence.disk);
@@ -458,6 +466,9 @@ impl VirtioDevice for Block {
     fn flush_backend(&mut self) -> Result<(), String> {
         if self.readonly {
             return Ok(());
+        }
+        if !self.may_write() {
+            return Err(format!("disk {}: this host no longer owns it", self.path.display()));
         }
         self.image.flush().map_err(|e| format!("disk {}: flush failed: {e}", self.path.display()))
     }
