@@ -35,7 +35,9 @@ impl Dma {
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `bytes`; `&mut self` keeps the driver from aliasing it.
+        // SAFETY: as for `bytes`. `Dma` is Copy, so `&mut self` does not
+        // prevent aliasing by itself: each driver keeps exactly one handle
+        // per buffer and never holds two views of it at once.
         unsafe { core::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
     }
 

@@ -4,15 +4,21 @@
 
 use core::arch::asm;
 
+/// # Safety
+/// `dest` and `src` valid for `n` bytes. Overlap is allowed only with `dest`
+/// at or below `src` (a forward byte copy), which `memmove` relies on.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees non-overlapping valid ranges of n bytes.
+    // SAFETY: both ranges are valid for n bytes; `rep movsb` copies forward
+    // a byte at a time, so dest <= src overlap is also correct.
     unsafe {
         asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _, inout("rsi") src => _, options(nostack, preserves_flags))
     };
     dest
 }
 
+/// # Safety
+/// `dest` and `src` valid for `n` bytes; they may overlap.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dest as usize) <= (src as usize) || (dest as usize) >= (src as usize) + n {
@@ -28,6 +34,8 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
     dest
 }
 
+/// # Safety
+/// `dest` valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees dest is valid for n bytes.
@@ -37,6 +45,8 @@ pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
     dest
 }
 
+/// # Safety
+/// `a` and `b` valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     for i in 0..n {
@@ -49,6 +59,8 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     0
 }
 
+/// # Safety
+/// As for `memcmp`.
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.

@@ -89,7 +89,9 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     let run = KVM_RUN.with(|c| c.get());
     if !run.is_null() {
         // SAFETY: the pointer is this thread's own kvm_run mapping, set while
-        // its VcpuFd is alive; a byte store is async-signal-safe.
+        // its VcpuFd is alive. It aliases the `&mut kvm_run` kvm-ioctls holds
+        // (as in Firecracker): a volatile byte store to a field KVM reads at
+        // entry, and the handler runs on the same thread, never concurrently.
         unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
     }
     std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
