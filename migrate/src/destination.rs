@@ -15,6 +15,8 @@ use crate::transport::{Listener, Stream};
 use crate::wire::{self, Hello, Kind, Reason, ZeroRange, PROTOCOL_VERSION};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Authentication and the hello must come this quickly.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,41 +50,51 @@ pub struct Host {
 }
 
 /// Serves migrations on `listener` until one brings a VM; returns it
-/// running. A check-only preflight is answered and the wait goes on.
+/// running. A check-only preflight is answered and the wait goes on, and so
+/// does a failed attempt (a peer without the key, garbage, a refused
+/// preflight, a source that aborts or vanishes): nothing of it ever ran,
+/// and one bad connection must not end the wait for the real one.
 pub fn receive(listener: &Listener, host: &Host) -> Result<Arc<Vmm>, Error> {
     loop {
         let mut stream = listener.accept().map_err(wire::Error::Io)?;
-        stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
-        auth::accept(&mut stream, &host.key)?;
-        let hello: Hello = wire::read_frame(&mut stream)?.expect(Kind::Hello, "Hello")?.decode()?;
-        let config = match check(&hello, host) {
-            Ok(c) => c,
-            Err(problems) => {
-                let reason = problems.join("; ");
-                let _ = wire::send(&mut stream, Kind::Refuse, &Reason { reason: reason.clone() });
-                if hello.check_only {
-                    eprintln!("ferry: preflight refused: {reason}");
-                    continue;
-                }
-                return Err(Error::Refused(reason));
-            }
-        };
-        wire::send(&mut stream, Kind::HelloAck, &wire::Ack { host_id: config.host_id.clone() })?;
-        if hello.check_only {
-            eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.mem_bytes >> 20);
-            continue;
+        match attempt(&mut stream, host) {
+            Ok(Some(vmm)) => return Ok(vmm),
+            Ok(None) => {}
+            Err(e) => eprintln!("ferry: migration attempt failed, nothing kept: {e}; still waiting"),
         }
-        let ram = memory::create(config.mem_mib)?;
-        // The KVM VM and its memory slots now, while round 0 is in flight:
-        // they cost milliseconds that do not belong in the downtime.
-        let vm = Vmm::prepare(&config, &ram)?;
-        return match receive_vm(&mut stream, config, ram, vm) {
-            Ok(vmm) => Ok(vmm),
-            Err(e) => {
-                let _ = wire::send(&mut stream, Kind::Abort, &Reason { reason: e.to_string() });
-                Err(e)
-            }
-        };
+    }
+}
+
+/// One connection: `Some` VM once it runs here, `None` after a check-only.
+fn attempt(stream: &mut Stream, host: &Host) -> Result<Option<Arc<Vmm>>, Error> {
+    // A peer that says nothing must not hold the listener for long.
+    stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
+    auth::accept(stream, &host.key)?;
+    let hello: Hello = wire::read_frame(stream)?.expect(Kind::Hello, "Hello")?.decode()?;
+    let config = match check(&hello, host) {
+        Ok(c) => c,
+        Err(problems) => {
+            let reason = problems.join("; ");
+            let _ = wire::send(stream, Kind::Refuse, &Reason { reason: reason.clone() });
+            return Err(Error::Refused(reason));
+        }
+    };
+    wire::send(stream, Kind::HelloAck, &wire::Ack { host_id: config.host_id.clone() })?;
+    if hello.check_only {
+        eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.mem_bytes >> 20);
+        return Ok(None);
+    }
+    stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+    let ram = memory::create(config.mem_mib)?;
+    // The KVM VM and its memory slots now, while round 0 is in flight:
+    // they cost milliseconds that do not belong in the downtime.
+    let vm = Vmm::prepare(&config, &ram)?;
+    match receive_vm(stream, config, ram, vm) {
+        Ok(vmm) => Ok(Some(vmm)),
+        Err(e) => {
+            let _ = wire::send(stream, Kind::Abort, &Reason { reason: e.to_string() });
+            Err(e)
+        }
     }
 }
 
