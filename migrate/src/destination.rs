@@ -115,7 +115,7 @@ fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
     }
     match vmm::vstate::vm::open_kvm(&config.kvm_device) {
         Err(e) => problems.push(e.to_string()),
-        Ok(kvm) => match probe_vcpu(&kvm) {
+        Ok(kvm) => match vmm::arch::x86_64::cpu_profile::probe_vcpu(&kvm) {
             Ok((mut offered, host_khz)) => {
                 if let Err(e) = preflight::mask(&mut offered, &host.hide_cpu_features) {
                     problems.push(e);
@@ -163,15 +163,6 @@ fn check(hello: &Hello, host: &Host) -> Result<VmConfig, Vec<String>> {
     } else {
         Err(problems)
     }
-}
-
-/// What a vCPU on this host offers a guest: the supported CPUID as set on a
-/// scratch vCPU and read back (PVM adds host bits on the way), and its TSC
-/// frequency in kHz.
-fn probe_vcpu(kvm: &kvm_ioctls::Kvm) -> Result<(Vec<wire::CpuidEntry>, u32), kvm_ioctls::Error> {
-    let effective = vmm::arch::x86_64::cpu_profile::effective_cpuid(kvm)?;
-    let khz = kvm.create_vm()?.create_vcpu(0)?.get_tsc_khz().unwrap_or(0);
-    Ok((effective, khz))
 }
 
 fn receive_vm(

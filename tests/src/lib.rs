@@ -328,6 +328,22 @@ pub struct Lab {
 impl Lab {
     pub const SUBNET_HOST_A: &'static str = "10.200.77.1";
     pub const SUBNET_HOST_B: &'static str = "10.200.77.2";
+
+    /// The address of lab host `host` ("a" or "b").
+    pub fn host_ip(host: &str) -> &'static str {
+        match host {
+            "a" => Lab::SUBNET_HOST_A,
+            _ => Lab::SUBNET_HOST_B,
+        }
+    }
+
+    /// The other of the two VM hosts.
+    pub fn other_host(host: &str) -> &'static str {
+        match host {
+            "a" => "b",
+            _ => "a",
+        }
+    }
     pub const SUBNET_CLIENT: &'static str = "10.200.77.100";
 
     /// Brings the lab up (the guard exists first, so a failed `up` is

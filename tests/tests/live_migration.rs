@@ -13,14 +13,6 @@ fn s(v: &str) -> String {
     v.to_owned()
 }
 
-fn host_ip(host: &str) -> &'static str {
-    if host == "a" {
-        "10.200.77.1"
-    } else {
-        "10.200.77.2"
-    }
-}
-
 fn boot(lab: &Lab, host: &str, cmdline: &str, disk: Option<&std::path::Path>) -> Vm {
     let guest = ferry_e2e::guest_elf();
     let mut args = vec![
@@ -45,7 +37,7 @@ fn boot(lab: &Lab, host: &str, cmdline: &str, disk: Option<&std::path::Path>) ->
 fn receiver(lab: &Lab, host: &str, port: u16, extra: &[&str]) -> Vm {
     let mut args = vec![
         s("--listen"),
-        format!("tcp:{}:{port}", host_ip(host)),
+        format!("tcp:{}:{port}", Lab::host_ip(host)),
         s("--key-file"),
         cluster_key().display().to_string(),
     ];
@@ -80,14 +72,6 @@ fn assert_intact(vm: &Vm, disk_seed: Option<u64>, why: &str) {
     }
 }
 
-fn other(host: &str) -> &'static str {
-    if host == "a" {
-        "b"
-    } else {
-        "a"
-    }
-}
-
 #[test]
 fn dirtying_and_idle_guests_move_a_to_b_and_back_intact() {
     if !kvm_available("dirtying_and_idle_guests_move_a_to_b_and_back_intact") {
@@ -106,10 +90,10 @@ fn dirtying_and_idle_guests_move_a_to_b_and_back_intact() {
         if dirty == 0 {
             command(&vm, "dirty 0", "dirty rate set", T);
         }
-        let to = other(host);
+        let to = Lab::other_host(host);
         let mut dest = receiver(&lab, to, 7800 + leg, &[]);
         let before = last_heartbeat(&vm).unwrap();
-        let (ok, f, err) = migrate(&lab, host, &vm, &format!("tcp:{}:{}", host_ip(to), 7800 + leg), &[]);
+        let (ok, f, err) = migrate(&lab, host, &vm, &format!("tcp:{}:{}", Lab::host_ip(to), 7800 + leg), &[]);
         assert!(ok, "leg {leg}: {err}");
         assert_eq!(f["mode"], "live");
         assert!(f["rounds"].as_u64().unwrap() >= 2, "pre-copy rounds: {f}");
@@ -139,7 +123,7 @@ fn twenty_ping_pong_live_migrations_without_an_integrity_error() {
     let mut host = "a";
     let mut report = Vec::new();
     for i in 0..20u16 {
-        let to = other(host);
+        let to = Lab::other_host(host);
         let mut dest = receiver(&lab, to, 7900 + i, &[]);
         let pinger = {
             let ns = lab.netns("client");
@@ -162,7 +146,7 @@ fn twenty_ping_pong_live_migrations_without_an_integrity_error() {
             })
         };
         std::thread::sleep(Duration::from_millis(200));
-        let (ok, f, err) = migrate(&lab, host, &vm, &format!("tcp:{}:{}", host_ip(to), 7900 + i), &[]);
+        let (ok, f, err) = migrate(&lab, host, &vm, &format!("tcp:{}:{}", Lab::host_ip(to), 7900 + i), &[]);
         assert!(ok, "move {i}: {err}");
         let ping = pinger.join().unwrap();
         vm.wait_exit(T);

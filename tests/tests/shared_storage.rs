@@ -49,7 +49,7 @@ fn boot(lab: &Lab, host: &str, vol: &str, extra: &[&str]) -> Vm {
 }
 
 fn receiver(lab: &Lab, host: &str, port: u16) -> Vm {
-    let ip = if host == "a" { "10.200.77.1" } else { "10.200.77.2" };
+    let ip = Lab::host_ip(host);
     let vm = Vm::launch(
         Some(&lab.netns(host)),
         "receive",
@@ -67,7 +67,7 @@ fn receiver(lab: &Lab, host: &str, port: u16) -> Vm {
 }
 
 fn migrate(lab: &Lab, from: &str, vm: &Vm, to_host: &str, port: u16, mode: &str) -> Value {
-    let ip = if to_host == "a" { "10.200.77.1" } else { "10.200.77.2" };
+    let ip = Lab::host_ip(to_host);
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.netns(from)])
         .arg(ferry_e2e::ferry_bin())

@@ -40,6 +40,16 @@ impl LeaseKeeper {
         }
     }
 
+    /// The current lease's expiry and TTL (ms), or why it was lost: the
+    /// per-write fence check, without cloning the lease.
+    pub fn validity(&self) -> Result<(u64, u64), String> {
+        let st = self.shared.0.lock().unwrap();
+        match &st.lost {
+            Some(why) => Err(why.clone()),
+            None => Ok((st.lease.expires_unix_ms, st.lease.ttl_ms)),
+        }
+    }
+
     /// Stops renewing and returns the last lease (to release or hand off).
     pub fn stop(mut self) -> Result<Lease, String> {
         self.halt();

@@ -88,20 +88,6 @@ fn ms(d: Duration) -> f64 {
     round3(d.as_secs_f64() * 1000.0)
 }
 
-fn host_ip(host: &str) -> &'static str {
-    match host {
-        "a" => Lab::SUBNET_HOST_A,
-        _ => Lab::SUBNET_HOST_B,
-    }
-}
-
-fn other(host: &str) -> &'static str {
-    match host {
-        "a" => "b",
-        _ => "a",
-    }
-}
-
 /// True while `pid` exists and is not a zombie.
 fn process_running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -211,7 +197,7 @@ fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize) ->
     let serial = dir.join(format!("receive-{seq}.log"));
     let args: Vec<String> = vec![
         "--listen".into(),
-        format!("tcp:{}:{port}", host_ip(host)),
+        format!("tcp:{}:{port}", Lab::host_ip(host)),
         "--key-file".into(),
         cluster_key().display().to_string(),
         "--net".into(),
@@ -271,7 +257,7 @@ struct Moved {
 
 /// Moves the VM in `src` to the other host, measuring it from the client.
 fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64) -> Moved {
-    let (from, to) = (src.host, other(src.host));
+    let (from, to) = (src.host, Lab::other_host(src.host));
     let port = PORT_BASE + seq as u16;
     let mut record = json!({ "seq": seq, "from": from, "to": to });
     let dst = match receiver(lab, dir, to, port, seq) {
@@ -290,7 +276,7 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64) -
     std::thread::sleep(Duration::from_millis(PING_LEAD_MS));
     let t_start = t_ping.elapsed();
     let key = cluster_key().display().to_string();
-    let endpoint = format!("tcp:{}:{port}", host_ip(to));
+    let endpoint = format!("tcp:{}:{port}", Lab::host_ip(to));
     let out = run_bounded(
         Command::new(ferry_bin())
             .args(["migrate", "--mode", "live", "--json", "--key-file", &key, "--to", &endpoint, "--api-sock"])
@@ -387,7 +373,7 @@ fn enter_netns(name: &str) -> Result<(), String> {
 /// returns the receiver's seconds from accept to end of stream.
 fn tcp_once(lab: &Lab, from: &str, to: &'static str, port: u16) -> Result<f64, String> {
     let (ns_from, ns_to) = (lab.netns(from), lab.netns(to));
-    let to_ip: Ipv4Addr = host_ip(to).parse().unwrap();
+    let to_ip: Ipv4Addr = Lab::host_ip(to).parse().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || -> Result<(u64, f64), String> {
         enter_netns(&ns_to)?;

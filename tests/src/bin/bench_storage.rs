@@ -100,20 +100,6 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn host_ip(host: &str) -> &'static str {
-    match host {
-        "a" => Lab::SUBNET_HOST_A,
-        _ => Lab::SUBNET_HOST_B,
-    }
-}
-
-fn other(host: &str) -> &'static str {
-    match host {
-        "a" => "b",
-        _ => "a",
-    }
-}
-
 fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_owned()
 }
@@ -598,7 +584,7 @@ struct Placed {
 fn receiver(lab: &Lab, key: &Path, host: &'static str, port: u16) -> Result<Placed, String> {
     let args: Vec<String> = vec![
         "--listen".into(),
-        format!("tcp:{}:{port}", host_ip(host)),
+        format!("tcp:{}:{port}", Lab::host_ip(host)),
         "--key-file".into(),
         key.display().to_string(),
         "--host-id".into(),
@@ -637,7 +623,7 @@ fn wait_gone(vm: &Vm, timeout: Duration) -> bool {
 
 /// Moves `src` to the other host once; the record and where the VM runs.
 fn migrate_once(lab: &Lab, key: &Path, src: Placed, seq: usize, csv: Option<(&Path, &str)>) -> (Value, Option<Placed>) {
-    let (from, to) = (src.host, other(src.host));
+    let (from, to) = (src.host, Lab::other_host(src.host));
     let port = PORT_BASE + seq as u16;
     let mut rec = json!({ "seq": seq, "from": from, "to": to });
     let seed = 9000 + seq as u64;
@@ -663,7 +649,7 @@ fn migrate_once(lab: &Lab, key: &Path, src: Placed, seq: usize, csv: Option<(&Pa
             .arg(ferry_bin())
             .args(["migrate", "--mode", "live", "--json", "--key-file"])
             .arg(key)
-            .args(["--to", &format!("tcp:{}:{port}", host_ip(to)), "--api-sock"])
+            .args(["--to", &format!("tcp:{}:{port}", Lab::host_ip(to)), "--api-sock"])
             .arg(&src.vm.api_sock),
         MIGRATE_T,
     );

@@ -262,11 +262,18 @@ impl CpuProfile {
 /// What a vCPU on this host offers: KVM's supported CPUID set on a scratch
 /// vCPU and read back.
 pub fn effective_cpuid(kvm: &Kvm) -> Result<Vec<CpuidLeaf>, kvm_ioctls::Error> {
+    probe_vcpu(kvm).map(|(leaves, _)| leaves)
+}
+
+/// The same, and that scratch vCPU's TSC frequency in kHz (0 if unknown):
+/// one scratch VM answers both questions a preflight asks.
+pub fn probe_vcpu(kvm: &Kvm) -> Result<(Vec<CpuidLeaf>, u32), kvm_ioctls::Error> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let vm = kvm.create_vm()?;
     let vcpu = vm.create_vcpu(0)?;
     vcpu.set_cpuid2(&supported)?;
-    Ok(vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)?.as_slice().iter().map(CpuidLeaf::from).collect())
+    let leaves = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)?.as_slice().iter().map(CpuidLeaf::from).collect();
+    Ok((leaves, vcpu.get_tsc_khz().unwrap_or(0)))
 }
 
 #[cfg(test)]

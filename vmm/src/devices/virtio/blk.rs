@@ -92,13 +92,13 @@ impl Fence {
         let Some(keeper) = &self.keeper else {
             return Some("no lease held (standby)".into());
         };
-        match keeper.lease() {
+        match keeper.validity() {
             Err(why) => Some(why),
             // Stop a third of the TTL before expiry: a healthy keeper renews
             // every third, and the margin covers a stall between this check
             // and the write, so nothing lands after another host may take over.
-            Ok(l) if csv_fs::error::now_ms() + l.ttl_ms / 3 >= l.expires_unix_ms => {
-                Some(format!("lease at epoch {} not renewed in time", l.epoch))
+            Ok((expires, ttl)) if csv_fs::error::now_ms() + ttl / 3 >= expires => {
+                Some(format!("lease not renewed in time (it expires at unix ms {expires})"))
             }
             Ok(_) => None,
         }
@@ -235,14 +235,14 @@ impl Block {
         }
     }
 
-    /// Hands the disk over at a migration's commit: every write durable,
-    /// then the lease to `to_host` (epoch + 1) or the local lock released.
+    /// Hands the disk over at a migration's commit: the lease to `to_host`
+    /// (epoch + 1) or the local lock released. The caller has flushed
+    /// (`Vmm::release_backends` flushes every disk before any handoff).
     pub fn hand_over(&mut self, to_host: &str) -> Result<(), String> {
         let path = self.path.display().to_string();
         if !self.readonly && !self.may_write() {
             return Err(format!("disk {path}: this host no longer owns it; nothing to hand over"));
         }
-        self.image.flush().map_err(|e| format!("disk {path}: flush before handoff failed: {e}"))?;
         if let Some(fence) = &mut self.fence {
             if !self.readonly {
                 let lease = fence
