@@ -46,7 +46,7 @@ tr -d '\r' < "$dir/a1.log" | head -3
 
 move() { # move FROM TO N: live-migrate the VM at $sock from host FROM to host TO
   local from=$1 to=$2 n=$3 port=$((7600 + $3))
-  ip netns exec "$lab-$to" "$ferry" receive --listen "tcp:$(host_ip "$to"):$port" --key-file "$key" \
+  ip netns exec "$lab-$to" "$ferry" receive --listen "tcp:$(host_ip "$to"):$port" --key-file "$key" --net tap=vm0 \
     --serial "file:$dir/$to$n.log" --api-sock "$dir/$to$n.sock" 2>"$dir/$to$n.err" &
   pids+=($!)
   wait_for "$dir/$to$n.err" "waiting for a migration"

@@ -6,7 +6,12 @@
 //! - `preflight`: the destination proves it can run the guest;
 //! - `source`: quick and live (pre-copy) migration from this host;
 //! - `destination`: receiving a VM;
+//! - `api`: the typed `vm.migrate` request and the VMM-side migrator;
 //! - `figures`: what every migration reports.
+//!
+//! Everything reaches the VM through `vmm::migration`'s traits
+//! (`MigratableVm` on the source, `Destination` on the receiving host), so
+//! the logic here is tested against an in-memory fake guest (`tests`).
 //!
 //! Never two running copies: the source stops for good once it sends
 //! `Commit`, and the destination runs the VM only after receiving it. If the
@@ -14,11 +19,12 @@
 //! confirms), the destination, having the commit, runs the VM, and the source
 //! is gone: one copy. If the commit never arrives, the destination discards
 //! the VM and the source is gone: no copy runs, and the disk is intact
-//! (flushed and unlocked before commit) for a restart. The shared-volume
-//! leases of the next issue make that restart safe across hosts: the
-//! destination takes the disk's lease with a new fencing epoch at commit, so
-//! a source that comes back cannot write.
+//! (flushed and handed over before commit) for a restart. Shared-volume
+//! leases make that restart safe across hosts: the destination takes the
+//! disk's lease with a new fencing epoch at commit, so a source that comes
+//! back cannot write.
 
+pub mod api;
 pub mod auth;
 pub mod destination;
 pub mod figures;
@@ -27,6 +33,9 @@ pub mod progress;
 pub mod source;
 pub mod transport;
 pub mod wire;
+
+#[cfg(test)]
+mod tests;
 
 pub use figures::Figures;
 pub use transport::Endpoint;

@@ -9,10 +9,44 @@
 //! - Backends: each tap exists here, each disk image exists with the size
 //!   the guest knows.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use vmm::arch::x86_64::cpu_features::CpuidLeaf as CpuidEntry;
 pub use vmm::arch::x86_64::cpu_features::{feature, Reg, FEATURE_NAMES, FEATURE_REGISTERS, IGNORED};
+use vmm::arch::x86_64::cpu_profile::CpuProfile;
+use vmm::migration::{HostOffer, Requirements};
 
-use crate::wire::CpuidEntry;
+/// How a destination judges a guest's CPU beyond what its KVM offers.
+#[derive(Clone, Debug, Default)]
+pub struct CpuPolicy {
+    /// Features to treat as absent here, as if KVM lacked them (testing a
+    /// lesser host without one).
+    pub hide_features: Vec<String>,
+    /// Offer no more than this profile, as a host whose KVM offered only
+    /// that would.
+    pub profile: Option<CpuProfile>,
+}
+
+/// Every CPU and clock reason this host cannot run the guest.
+pub fn check_cpu(req: &Requirements, offer: &HostOffer, policy: &CpuPolicy) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut offered = offer.cpuid.clone();
+    if let Err(e) = mask(&mut offered, &policy.hide_features) {
+        problems.push(e);
+    }
+    if let Some(profile) = &policy.profile {
+        profile.apply_leaves(&mut offered);
+    }
+    let (missing, vendor) = compare_cpuid(&req.guest_cpuid, &offered);
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
+        problems.push(format!("missing CPU features: {}", names.join(", ")));
+    }
+    problems.extend(vendor);
+    let (g, h) = (req.tsc_khz, offer.tsc_khz);
+    if g != 0 && h.abs_diff(g) > g / 4000 && !offer.tsc_scaling {
+        problems.push(format!("guest TSC runs at {g} kHz, this host at {h} kHz, and KVM here cannot scale it"));
+    }
+    problems
+}
 
 /// One feature the guest has and this host does not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,10 +62,6 @@ impl std::fmt::Display for Missing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&vmm::arch::x86_64::cpu_features::describe(self.leaf, self.subleaf, self.reg, self.bit))
     }
-}
-
-pub fn entry(e: &kvm_cpuid_entry2) -> CpuidEntry {
-    CpuidEntry { function: e.function, index: e.index, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx }
 }
 
 /// Clears the named features from `host`, as if this host's KVM lacked them.

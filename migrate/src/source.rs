@@ -1,35 +1,32 @@
 //! Migration from this host: quick (pause, copy, resume there) or live
-//! (pre-copy with dirty logging, then a short switchover).
+//! (pre-copy with dirty logging, then a short switchover). It drives the VM
+//! only through [`MigratableVm`].
 //!
-//! Until `Commit` is sent, any failure resumes the VM here and the
-//! destination discards what it built (it never ran). After `Commit` the VM
-//! never runs here again.
+//! Until `Commit` is sent, any failure gives the VM back here in the run
+//! state it had, and the destination discards what it built (it never
+//! ran). After `Commit` the VM never runs here again.
 
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm::memory::{self, Extent, GuestRam, PAGE_SIZE};
-use vmm::vstate::dirty::DirtyBitmap;
-use vmm::Vmm;
+use vmm::migration::{DirtyBitmap, Extent, MemorySource, MigratableVm, RunState, ScanStats, PAGE_SIZE};
 
 use crate::auth::{self, Key};
 use crate::figures::Figures;
 use crate::progress::{self, Shared};
 use crate::transport::{connect, Endpoint, Stream};
-use crate::wire::{self, Hello, Kind, Mode, Reason, ZeroRange, PROTOCOL_VERSION};
+use crate::wire::{self, Hello, Kind, Mode, Reason, ZeroRange, MEM_CHUNK, PROTOCOL_VERSION};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any single read or write that takes longer means the peer is gone.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Memory travels in frames of at most this much data.
-const CHUNK: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
 
 /// What to do when pre-copy does not converge in time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Give up; the VM keeps running here.
     Cancel,
@@ -51,8 +48,11 @@ pub struct Options {
     pub auto_converge: bool,
     /// Only run the destination's preflight.
     pub check_only: bool,
-    /// Cap on migration bandwidth, MiB/s (None: as fast as the link goes).
+    /// Cap on pre-copy bandwidth, MiB/s (None: as fast as the link goes).
+    /// Never applied inside the downtime window.
     pub max_bandwidth_mib_s: Option<f64>,
+    /// Set from outside (`vm.migration-cancel`) to give up before the commit.
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl Options {
@@ -67,6 +67,7 @@ impl Options {
             auto_converge: true,
             check_only: false,
             max_bandwidth_mib_s: None,
+            cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -84,30 +85,36 @@ pub enum Error {
     #[error(transparent)]
     Wire(#[from] wire::Error),
     #[error(transparent)]
-    Vmm(#[from] vmm::vmm::Error),
-    #[error("{0}")]
-    State(#[from] vmm::state::Error),
+    Vm(#[from] vmm::migration::Error),
     #[error("pre-copy did not converge ({0}); cancelled by policy, the VM keeps running here")]
     Cancelled(String),
+    #[error("cancelled on request before the commit; the VM keeps running here")]
+    CancelledByRequest,
     #[error("the destination did not confirm it runs the VM after commit ({0}); the VM is stopped on the source so it never runs twice")]
     Uncertain(String),
 }
 
-/// Counts what goes on the wire, and holds it to a bandwidth cap.
+/// Counts what goes on the wire, holds it to a bandwidth cap, and stops it
+/// when the migration is cancelled.
 struct Counting<W> {
     inner: W,
     bytes: u64,
-    /// Bytes per second allowed, and when counting started.
-    cap: Option<(f64, Instant)>,
+    /// Bytes per second allowed, and the byte count and time it started at.
+    cap: Option<(f64, u64, Instant)>,
+    /// Checked on every write until the commit is near.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(std::io::Error::other("migration cancelled"));
+        }
         let n = self.inner.write(buf)?;
         self.bytes += n as u64;
-        if let Some((rate, since)) = self.cap {
+        if let Some((rate, from, since)) = self.cap {
             // Sleep until the bytes so far fit the cap.
-            let due = Duration::from_secs_f64(self.bytes as f64 / rate);
+            let due = Duration::from_secs_f64((self.bytes - from) as f64 / rate);
             if let Some(ahead) = due.checked_sub(since.elapsed()) {
                 std::thread::sleep(ahead);
             }
@@ -124,16 +131,16 @@ type Writer = Counting<BufWriter<Stream>>;
 fn send_extent(w: &mut impl Write, extent: Extent<'_>) -> Result<(), wire::Error> {
     match extent {
         Extent::Zero { offset, len } => wire::send(w, Kind::MemZero, &ZeroRange { offset, len }),
-        Extent::Data { offset, bytes } => bytes.chunks(CHUNK).enumerate().try_for_each(|(i, chunk)| {
-            wire::write_frame(w, Kind::MemData, &wire::mem_data_payload(offset + (i * CHUNK) as u64, chunk))
+        Extent::Data { offset, bytes } => bytes.chunks(MEM_CHUNK).enumerate().try_for_each(|(i, chunk)| {
+            wire::write_frame(w, Kind::MemData, &wire::mem_data_payload(offset + (i * MEM_CHUNK) as u64, chunk))
         }),
     }
 }
 
 /// Sends all of guest memory: untouched and zero pages as markers.
-fn send_all_memory(ram: &GuestRam, w: &mut impl Write) -> Result<memory::ScanStats, wire::Error> {
+fn send_all_memory(mem: &dyn MemorySource, w: &mut impl Write) -> Result<ScanStats, wire::Error> {
     let mut failure = None;
-    let stats = memory::scan(&ram.memfd, ram.size, |extent| {
+    let stats = mem.scan(&mut |extent| {
         send_extent(w, extent).map_err(|e| {
             let msg = e.to_string();
             failure = Some(e);
@@ -148,12 +155,12 @@ fn send_all_memory(ram: &GuestRam, w: &mut impl Write) -> Result<memory::ScanSta
 }
 
 /// Sends the pages in `dirty`, reading runs of consecutive pages at once.
-fn send_dirty(ram: &GuestRam, dirty: &DirtyBitmap, w: &mut impl Write) -> Result<memory::ScanStats, wire::Error> {
-    let mut stats = memory::ScanStats::default();
-    let mut buf = vec![0u8; CHUNK];
-    let mut flush_run = |start: u64, len: u64, stats: &mut memory::ScanStats| -> Result<(), wire::Error> {
+fn send_dirty(mem: &dyn MemorySource, dirty: &DirtyBitmap, w: &mut impl Write) -> Result<ScanStats, wire::Error> {
+    let mut stats = ScanStats::default();
+    let mut buf = vec![0u8; MEM_CHUNK];
+    let mut flush_run = |start: u64, len: u64, stats: &mut ScanStats| -> Result<(), wire::Error> {
         let bytes = &mut buf[..len as usize];
-        ram.memfd.read_exact_at(bytes, start)?;
+        mem.read_at(start, bytes)?;
         let mut run: Option<(bool, usize)> = None;
         for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
             let zero = page.iter().all(|b| *b == 0);
@@ -176,10 +183,11 @@ fn send_dirty(ram: &GuestRam, dirty: &DirtyBitmap, w: &mut impl Write) -> Result
         }
         Ok(())
     };
+    let size = mem.size();
     let mut run: Option<(u64, u64)> = None;
-    for off in dirty.offsets().filter(|o| *o < ram.size) {
+    for off in dirty.offsets().filter(|o| *o < size) {
         match run {
-            Some((start, len)) if start + len == off && len < CHUNK as u64 => run = Some((start, len + PAGE_SIZE)),
+            Some((start, len)) if start + len == off && len < MEM_CHUNK as u64 => run = Some((start, len + PAGE_SIZE)),
             Some((start, len)) => {
                 flush_run(start, len, &mut stats)?;
                 run = Some((off, PAGE_SIZE));
@@ -212,7 +220,7 @@ struct Throttle {
 }
 
 impl Throttle {
-    fn start(vmm: Arc<Vmm>) -> Throttle {
+    fn start(vm: Arc<dyn MigratableVm>) -> Throttle {
         let pct = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s) = (pct.clone(), stop.clone());
@@ -220,9 +228,9 @@ impl Throttle {
             const SLICE_US: u64 = 20_000;
             while !s.load(Ordering::Relaxed) {
                 let held = SLICE_US * u64::from(p.load(Ordering::Relaxed)) / 100;
-                if held > 0 && vmm.hold_vcpus().is_ok() {
+                if held > 0 && vm.throttle(true).is_ok() {
                     std::thread::sleep(Duration::from_micros(held));
-                    let _ = vmm.release_vcpus();
+                    let _ = vm.throttle(false);
                 }
                 std::thread::sleep(Duration::from_micros(SLICE_US - held));
             }
@@ -238,6 +246,7 @@ impl Throttle {
         self.pct.load(Ordering::Relaxed)
     }
 
+    /// Stops the throttle with the vCPUs released.
     fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -252,35 +261,49 @@ impl Drop for Throttle {
     }
 }
 
-/// Moves the VM to `to`. On success the VM no longer runs here and the
-/// caller should let this VMM exit.
-pub fn migrate(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared) -> Result<Figures, Error> {
-    vmm.begin_migration()?;
-    let result = migrate_claimed(vmm, to, opts, progress);
-    vmm.end_migration();
+/// Moves the VM to `to`. On success the VM is retired here (it runs on the
+/// destination) and the caller should let this VMM exit. On any error but
+/// [`Error::Uncertain`] the VM is this host's again, as it was.
+pub fn migrate(vm: &Arc<dyn MigratableVm>, to: &Endpoint, opts: &Options, progress: &Shared) -> Result<Figures, Error> {
+    let before = vm.begin_migration()?;
+    let result = migrate_claimed(vm, before, to, opts, progress);
+    match &result {
+        Ok(f) if f.mode == "check-only" => vm.end_migration()?,
+        Ok(_) | Err(Error::Uncertain(_)) => {}
+        Err(_) => {
+            if let Err(e) = vm.end_migration() {
+                tracing::error!("after a failed migration the VM could not be given back: {e}");
+            }
+        }
+    }
     result
 }
 
-fn migrate_claimed(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Shared) -> Result<Figures, Error> {
+fn migrate_claimed(
+    vm: &Arc<dyn MigratableVm>,
+    before: RunState,
+    to: &Endpoint,
+    opts: &Options,
+    progress: &Shared,
+) -> Result<Figures, Error> {
     let t0 = Instant::now();
     progress::update(progress, |p| p.phase = "connecting".into());
     let mut stream = connect(to, CONNECT_TIMEOUT).map_err(|source| Error::Connect { endpoint: to.clone(), source })?;
     stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
     auth::connect(&mut stream, &opts.key)?;
     let mut reader = stream.try_clone().map_err(wire::Error::Io)?;
-    let cap = opts.max_bandwidth_mib_s.filter(|r| *r > 0.0).map(|r| (r * MIB, Instant::now()));
-    let mut w = Counting { inner: BufWriter::with_capacity(CHUNK + 64, stream), bytes: 0, cap };
+    let cap = opts.max_bandwidth_mib_s.filter(|r| *r > 0.0).map(|r| (r * MIB, 0, Instant::now()));
+    let mut w = Counting {
+        inner: BufWriter::with_capacity(MEM_CHUNK + 64, stream),
+        bytes: 0,
+        cap,
+        cancel: Some(opts.cancel.clone()),
+    };
 
     progress::update(progress, |p| p.phase = "preflight".into());
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        mode: opts.mode,
-        mem_bytes: vmm.ram().size,
-        config_json: serde_json::to_string(vmm.config()).expect("config serialises"),
-        guest_cpuid: vmm.guest_cpuid().iter().map(crate::preflight::entry).collect(),
-        tsc_khz: vmm.tsc_khz(),
-        check_only: opts.check_only,
-    };
+    let requirements = vm.requirements();
+    let hello =
+        Hello { protocol_version: PROTOCOL_VERSION, mode: opts.mode, requirements, check_only: opts.check_only };
     wire::send(&mut w, Kind::Hello, &hello)?;
     w.flush().map_err(wire::Error::Io)?;
     let reply = wire::read_frame(&mut reader)?;
@@ -289,12 +312,13 @@ fn migrate_claimed(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Sha
         Kind::Refuse => return Err(Error::Refused(reply.decode::<Reason>()?.reason)),
         other => return Err(wire::Error::Unexpected { expected: "HelloAck", got: other }.into()),
     };
+    let mem = vm.memory();
     let mut figures = Figures {
         mode: match opts.mode {
             Mode::Quick => "quick",
             Mode::Live => "live",
         },
-        mem_mib: vmm.ram().size >> 20,
+        mem_mib: mem.size() >> 20,
         destination: to.to_string(),
         ..Default::default()
     };
@@ -304,24 +328,23 @@ fn migrate_claimed(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Sha
         return Ok(figures);
     }
 
-    let was_running = vmm.state() == vmm::RunState::Running;
+    let was_running = before == RunState::Running;
     let logging = opts.mode == Mode::Live && was_running;
-    let mut throttle = None;
     let precopy = if logging {
-        let t = Throttle::start(vmm.clone());
-        let r = precopy(vmm, &mut w, opts, progress, &t, &mut figures, t0);
-        throttle = Some(t);
+        let mut throttle = Throttle::start(vm.clone());
+        let r = precopy(vm.as_ref(), &mut w, opts, progress, &throttle, &mut figures, t0);
+        throttle.stop();
         r
     } else {
         Ok(DirtyBitmap::default())
     };
-    if let Some(t) = &mut throttle {
-        t.stop();
-    }
     let pending = match precopy {
         Ok(p) => p,
         Err(e) => {
-            let _ = vmm.stop_dirty_log();
+            let e = cancelled_by_request(opts, e);
+            if logging {
+                let _ = vm.stop_dirty_log();
+            }
             abort(&mut w, &e);
             return Err(e);
         }
@@ -329,39 +352,36 @@ fn migrate_claimed(vmm: &Arc<Vmm>, to: &Endpoint, opts: &Options, progress: &Sha
 
     progress::update(progress, |p| p.phase = "switchover".into());
     // Most of the disks' flush happens here, with the guest still running.
-    if let Err(e) = vmm.flush_backends() {
+    if let Err(e) = vm.flush_backends() {
         tracing::warn!("pre-switchover flush: {e}");
     }
+    // The downtime window: as fast as the link goes.
+    w.cap = None;
     let t_pause = Instant::now();
     if was_running {
-        if let Err(e) = vmm.pause() {
+        if let Err(e) = vm.pause() {
             let e = Error::from(e);
             if logging {
-                let _ = vmm.stop_dirty_log();
+                let _ = vm.stop_dirty_log();
             }
             abort(&mut w, &e);
             return Err(e);
         }
     }
-    match switchover(vmm, &mut w, &mut reader, logging, pending, &destination_host, &mut figures) {
+    match switchover(vm.as_ref(), &mut w, &mut reader, logging, pending, &destination_host, opts, &mut figures) {
         Ok(()) => {}
         Err(Failure::BeforeCommit(e)) => {
+            let e = cancelled_by_request(opts, e);
             abort(&mut w, &e);
             if logging {
-                let _ = vmm.stop_dirty_log();
+                let _ = vm.stop_dirty_log();
             }
             if was_running {
-                vmm.resume()?;
+                vm.resume()?;
             }
             return Err(e);
         }
-        Err(Failure::AfterCommit(e)) => {
-            // Never resumable here (retired at commit); stop this VMM.
-            let _ = vmm.events().send(vmm::VmEvent::Exit(vmm::ExitReason::Error(format!(
-                "migration outcome unknown after commit: {e}; the VM is stopped here"
-            ))));
-            return Err(Error::Uncertain(e.to_string()));
-        }
+        Err(Failure::AfterCommit(e)) => return Err(Error::Uncertain(e.to_string())),
     }
     figures.downtime_ms = ms(t_pause.elapsed());
     figures.total_ms = ms(t0.elapsed());
@@ -374,15 +394,25 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A write that failed because of a cancel request reads as one.
+fn cancelled_by_request(opts: &Options, e: Error) -> Error {
+    if opts.cancel.load(Ordering::Relaxed) {
+        Error::CancelledByRequest
+    } else {
+        e
+    }
+}
+
 /// Tells the destination (best effort) that we give up.
 fn abort(w: &mut Writer, e: &Error) {
+    w.cancel = None;
     let _ = wire::send(w, Kind::Abort, &Reason { reason: e.to_string() });
     let _ = w.flush();
 }
 
 /// Round 0 and the iterative rounds; returns the dirty set not yet sent.
 fn precopy(
-    vmm: &Arc<Vmm>,
+    vm: &dyn MigratableVm,
     w: &mut Writer,
     opts: &Options,
     progress: &Shared,
@@ -390,18 +420,18 @@ fn precopy(
     figures: &mut Figures,
     t0: Instant,
 ) -> Result<DirtyBitmap, Error> {
-    let ram = vmm.ram();
-    figures.dirty_log = Some(format!("{:?}", vmm.start_dirty_log()?));
+    let mem = vm.memory();
+    figures.dirty_log = Some(vm.start_dirty_log()?.to_owned());
     // Consume what logging starts with (everything, with INITIALLY_SET):
     // round 0 sends all of it, and this re-protects every page.
-    vmm.take_dirty()?;
+    vm.take_dirty()?;
     progress::update(progress, |p| {
         p.phase = "round".into();
         p.round = 0;
-        p.remaining_mib = ram.size as f64 / MIB;
+        p.remaining_mib = mem.size() as f64 / MIB;
     });
     let t = Instant::now();
-    let stats = send_all_memory(ram, w)?;
+    let stats = send_all_memory(mem, w)?;
     w.flush().map_err(wire::Error::Io)?;
     let mut bandwidth = (stats.pages_data * PAGE_SIZE) as f64 / t.elapsed().as_secs_f64().max(1e-6);
     figures.round0_mib_s = bandwidth / MIB;
@@ -410,7 +440,7 @@ fn precopy(
     figures.rounds = 1;
     let mut previous_dirty = u64::MAX;
     loop {
-        let dirty = vmm.take_dirty()?;
+        let dirty = vm.take_dirty()?;
         let pages = dirty.pages();
         let remaining = (pages * PAGE_SIZE) as f64;
         let estimate_ms = remaining / bandwidth * 1000.0;
@@ -423,6 +453,9 @@ fn precopy(
             p.throttle_pct = throttle.get();
             p.elapsed_ms = ms(t0.elapsed());
         });
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(Error::CancelledByRequest);
+        }
         if estimate_ms <= opts.downtime_ms {
             return Ok(dirty);
         }
@@ -449,7 +482,7 @@ fn precopy(
         }
         previous_dirty = pages;
         let t = Instant::now();
-        let stats = send_dirty(ram, &dirty, w)?;
+        let stats = send_dirty(mem, &dirty, w)?;
         w.flush().map_err(wire::Error::Io)?;
         let secs = t.elapsed().as_secs_f64();
         if secs > 0.0005 {
@@ -467,30 +500,31 @@ enum Failure {
 }
 
 /// With the VM paused: the last memory, the state, and the commit.
+#[allow(clippy::too_many_arguments)]
 fn switchover(
-    vmm: &Vmm,
+    vm: &dyn MigratableVm,
     w: &mut Writer,
     reader: &mut Stream,
     logging: bool,
     mut pending: DirtyBitmap,
     destination_host: &str,
+    opts: &Options,
     figures: &mut Figures,
 ) -> Result<(), Failure> {
     let before = |e: Error| Failure::BeforeCommit(e);
     let stats = if logging {
-        pending.merge(&vmm.take_dirty().map_err(|e| before(e.into()))?);
+        pending.merge(&vm.take_dirty().map_err(|e| before(e.into()))?);
         figures.rounds += 1;
-        send_dirty(vmm.ram(), &pending, w).map_err(|e| before(e.into()))?
+        send_dirty(vm.memory(), &pending, w).map_err(|e| before(e.into()))?
     } else {
         figures.rounds = 1;
-        send_all_memory(vmm.ram(), w).map_err(|e| before(e.into()))?
+        send_all_memory(vm.memory(), w).map_err(|e| before(e.into()))?
     };
     figures.pages_sent += stats.pages_data;
     figures.pages_zero += stats.pages_zero;
     figures.final_pages = stats.pages_data + stats.pages_zero;
-    let state = vmm.save_state().map_err(|e| before(e.into()))?;
-    let bytes = state.encode().map_err(|e| before(e.into()))?;
-    wire::write_frame(w, Kind::State, &bytes).map_err(|e| before(e.into()))?;
+    let state = vm.save_state().map_err(|e| before(e.into()))?;
+    wire::write_frame(w, Kind::State, &state).map_err(|e| before(e.into()))?;
     w.flush().map_err(|e| before(wire::Error::Io(e).into()))?;
     let t_restore = Instant::now();
     let ready = wire::read_frame(reader).map_err(|e| before(e.into()))?;
@@ -503,13 +537,18 @@ fn switchover(
         other => return Err(before(wire::Error::Unexpected { expected: "Ready", got: other }.into())),
     }
     figures.restore_ms = ms(t_restore.elapsed());
+    if opts.cancel.load(Ordering::Relaxed) {
+        return Err(before(Error::CancelledByRequest));
+    }
+    // Past here nothing cancels: the commit is near.
+    w.cancel = None;
     // Disks are durable and handed over (shared-volume leases to the
     // destination, epoch + 1; local locks released) before it may write.
     let t_handoff = Instant::now();
-    vmm.release_backends(destination_host).map_err(|e| before(e.into()))?;
+    vm.release_backends(destination_host).map_err(|e| before(e.into()))?;
     figures.handoff_ms = ms(t_handoff.elapsed());
     // The point of no return: from here the VM never runs on this host.
-    vmm.retire();
+    vm.retire().map_err(|e| before(e.into()))?;
     wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
     w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;
     let resumed = wire::read_frame(reader).map_err(|e| Failure::AfterCommit(e.into()))?;

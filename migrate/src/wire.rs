@@ -5,12 +5,15 @@
 //! ```
 //! The CRC covers kind, length and payload. A receiver treats every byte as
 //! hostile: it refuses unknown kinds, lengths over `MAX_PAYLOAD` (before
-//! allocating), bad checksums, and (in `quick`) any memory range outside the
-//! guest.
+//! allocating) and bad checksums, and the destination refuses any memory
+//! range outside the guest.
 //!
 //! A migration, in order (source → destination unless marked ←):
 //! ← `AuthChallenge`, `AuthResponse`, ← `AuthProof` (see `auth`),
-//! `Hello` (with the guest's CPUID for the preflight) ← `HelloAck`|`Refuse`, then `MemZero`/`MemData` frames, `State`,
+//! `Hello` (what the preflight checks: memory, devices, the guest's CPUID
+//! and TSC; not the config, which travels once, inside `State`)
+//! ← `HelloAck`|`Refuse`, then `MemZero`/`MemData` frames, `State` (the
+//! encoded VM state with its machine config and run state),
 //! ← `Ready` (restored, paused), `Commit` (the source will never run the VM
 //! again), ← `Resumed`. Either side may send `Abort` before `Commit`.
 
@@ -20,9 +23,14 @@ use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 4] = b"FMIG";
 /// Bumped on any incompatible change; peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest payload: a memory chunk of 4 MiB plus its offset.
-pub const MAX_PAYLOAD: u32 = (4 << 20) + 64;
+/// 2: `Hello` carries requirements instead of the config; the state
+/// carries the run state.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Memory travels in frames of at most this much data.
+pub const MEM_CHUNK: usize = 1 << 20;
+/// Largest payload: a state blob or a memory chunk with its offset, with
+/// room to spare (refused before allocating).
+pub const MAX_PAYLOAD: u32 = 4 << 20;
 const HEADER_LEN: usize = 12;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +101,10 @@ pub struct Frame {
 }
 
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), Error> {
-    let len = u32::try_from(payload.len()).ok().filter(|l| *l <= MAX_PAYLOAD).ok_or(Error::TooLarge(u32::MAX))?;
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| *l <= MAX_PAYLOAD)
+        .ok_or(Error::TooLarge(payload.len().min(u32::MAX as usize) as u32))?;
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(MAGIC);
     header[4] = kind as u8;
@@ -160,6 +171,7 @@ impl Frame {
 
 /// What a migration is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     Quick,
     Live,
@@ -170,20 +182,13 @@ pub enum Mode {
 pub struct Hello {
     pub protocol_version: u32,
     pub mode: Mode,
-    pub mem_bytes: u64,
-    /// The VM's config as JSON (its guest-visible shape; the destination
-    /// applies its own taps, console and KVM device).
-    pub config_json: String,
-    /// vCPU 0's CPUID as the guest sees it.
-    pub guest_cpuid: Vec<CpuidEntry>,
-    /// The guest's TSC frequency (0 if unknown).
-    pub tsc_khz: u32,
+    /// What the destination must offer (the preflight's input).
+    pub requirements: Requirements,
     /// Only run the preflight; no memory follows.
     pub check_only: bool,
 }
 
-/// One CPUID leaf as the guest sees it.
-pub use vmm::arch::x86_64::cpu_features::CpuidLeaf as CpuidEntry;
+pub use vmm::migration::Requirements;
 
 /// The destination's `HelloAck`: who it is, so the source can hand shared
 /// disks' leases to it at commit.

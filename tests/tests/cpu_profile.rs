@@ -116,6 +116,8 @@ fn receiver(lab: &Lab, port: u16, profile: &Path) -> Vm {
             cluster_key().display().to_string(),
             s("--cpu-profile"),
             profile.display().to_string(),
+            s("--net"),
+            s("tap=vm0"),
         ],
     );
     vm.wait_stderr(T, "waiting for a migration");

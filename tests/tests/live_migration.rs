@@ -40,6 +40,8 @@ fn receiver(lab: &Lab, host: &str, port: u16, extra: &[&str]) -> Vm {
         format!("tcp:{}:{port}", Lab::host_ip(host)),
         s("--key-file"),
         cluster_key().display().to_string(),
+        s("--net"),
+        s("tap=vm0"),
     ];
     args.extend(extra.iter().map(|e| e.to_string()));
     let vm = Vm::launch(Some(&lab.netns(host)), "receive", &args);

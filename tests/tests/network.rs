@@ -134,7 +134,7 @@ fn quick_migration_from_host_a_to_b_is_a_bounded_gap_for_the_client() {
     let b = Vm::launch(
         Some(&lab.netns("b")),
         "receive",
-        &[s("--listen"), s("tcp:10.200.77.2:7700"), s("--key-file"), key.clone()],
+        &[s("--listen"), s("tcp:10.200.77.2:7700"), s("--key-file"), key.clone(), s("--net"), s("tap=vm0")],
     );
     lab.ping_from_client(GUEST_IP, &["--count", "5", "--wait-reply-ms", "3000"]);
     let migrator = {

@@ -220,15 +220,14 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
     let hello = |mem_mib: u64| wire::Hello {
         protocol_version: wire::PROTOCOL_VERSION,
         mode: wire::Mode::Quick,
-        mem_bytes: mem_mib << 20,
-        config_json: serde_json::to_string(&{
-            let mut c = vmm::VmConfig::new("/k");
-            c.mem_mib = mem_mib;
-            c
-        })
-        .unwrap(),
-        guest_cpuid: Vec::new(),
-        tsc_khz: 0,
+        requirements: vmm::migration::Requirements {
+            mem_bytes: mem_mib << 20,
+            vcpus: 1,
+            nics: Vec::new(),
+            disks: Vec::new(),
+            guest_cpuid: Vec::new(),
+            tsc_khz: 0,
+        },
         check_only: false,
     };
     type Feed = Box<dyn Fn(&mut TcpStream)>;

@@ -1,4 +1,11 @@
-//! What a VM is made of, as the CLI and the API describe it.
+//! What a VM is made of, split by who decides it:
+//!
+//! - [`MachineConfig`]: what the guest sees (memory, vCPUs, kernel and
+//!   command line, CPU baseline, each device's guest-visible identity). It
+//!   travels with the VM inside its saved state, and the cluster stores it.
+//! - [`HostConfig`]: this host's choices for running it (which tap backs
+//!   each NIC, where the console goes, the KVM device, the host's name in
+//!   disk leases). Every host supplies its own; it never travels.
 
 use std::path::PathBuf;
 
@@ -7,31 +14,52 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::cpu_profile::CpuProfile;
 use crate::boot::BootProtocol;
 use crate::devices::serial::SerialOutput;
-use crate::devices::virtio::net::MacAddr;
+use crate::mac::MacAddr;
 use crate::vstate::vm::DEFAULT_KVM_DEVICE;
 
 pub const DEFAULT_MEM_MIB: u64 = 128;
 pub const MAX_VCPUS: u8 = 64;
+/// Guest memory beyond this (1 TiB) is refused before any arithmetic on it.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Shortest disk-lease TTL accepted (see csv-fs leases: renewed every third).
+pub const MIN_LEASE_TTL_MS: u64 = 100;
 
+/// The guest-visible machine: the same on every host the VM runs on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmConfig {
+pub struct MachineConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub mem_mib: u64,
     pub vcpus: u8,
     pub boot: BootProtocol,
-    pub serial: SerialOutput,
-    pub kvm_device: PathBuf,
+    /// NICs in device order, by their guest-visible MAC.
     #[serde(default)]
-    pub net: Vec<NetConfig>,
+    pub nics: Vec<NicConfig>,
+    /// Disks in device order (after the NICs).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
     /// Start the guest on exactly this CPU baseline (it travels with the
     /// VM, so a migrated guest keeps it).
     #[serde(default)]
     pub cpu_profile: Option<CpuProfile>,
-    /// This host's name in disk leases (host-side: a destination sets its own).
+}
+
+/// A virtio-net device as the guest sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    pub mac: MacAddr,
+}
+
+/// This host's side of running a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostConfig {
+    /// The tap behind each NIC, in the machine's NIC order.
+    #[serde(default)]
+    pub taps: Vec<String>,
+    pub serial: SerialOutput,
+    pub kvm_device: PathBuf,
+    /// This host's name in disk leases.
     #[serde(default = "default_host_id")]
     pub host_id: String,
     /// Lease TTL for disks on a shared volume, milliseconds.
@@ -42,6 +70,13 @@ pub struct VmConfig {
     pub takeover: bool,
 }
 
+/// A VM on this host: the machine and how this host runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub machine: MachineConfig,
+    pub host: HostConfig,
+}
+
 pub fn default_host_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
 }
@@ -50,11 +85,23 @@ pub fn default_lease_ttl_ms() -> u64 {
     10_000
 }
 
-/// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing tap.
+/// `--net tap=NAME[,mac=MAC]`: a virtio-net device on an existing tap. The
+/// command line's pairing of a NIC with its tap; [`NetConfig::split`] gives
+/// the machine's half and the host's half.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     pub tap: String,
-    pub mac: MacAddr,
+    /// None: derived from the tap name (at boot), or the saved MAC (on a
+    /// destination or restore).
+    pub mac: Option<MacAddr>,
+}
+
+impl NetConfig {
+    /// The NIC (its MAC, derived from the tap name if none was given) and
+    /// the tap behind it.
+    pub fn split(&self) -> (NicConfig, String) {
+        (NicConfig { mac: self.mac.unwrap_or_else(|| MacAddr::derived_from(&self.tap)) }, self.tap.clone())
+    }
 }
 
 /// `--disk PATH[,readonly]` or `--disk csv:VOLUME/disks/NAME[,readonly]`:
@@ -77,10 +124,10 @@ pub struct VolumeDisk {
 
 impl DiskConfig {
     /// The image file this disk names (on a volume: found by its name).
-    pub fn image_path(&self) -> Result<PathBuf, String> {
+    pub fn image_path(&self) -> Result<PathBuf, csv_fs::Error> {
         match &self.volume {
             None => Ok(self.path.clone()),
-            Some(vd) => csv_fs::Volume::open(&vd.volume).and_then(|v| v.disk_path(&vd.name)).map_err(|e| e.to_string()),
+            Some(vd) => csv_fs::Volume::open(&vd.volume).and_then(|v| v.disk_path(&vd.name)),
         }
     }
 }
@@ -97,7 +144,6 @@ impl std::str::FromStr for NetConfig {
             }
         }
         let tap = tap.ok_or_else(|| format!("bad --net '{s}': tap=NAME is required"))?;
-        let mac = mac.unwrap_or_else(|| MacAddr::derived_from(&tap));
         Ok(NetConfig { tap, mac })
     }
 }
@@ -124,20 +170,34 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
-impl VmConfig {
-    pub fn new(kernel: impl Into<PathBuf>) -> VmConfig {
-        VmConfig {
+impl MachineConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> MachineConfig {
+        MachineConfig {
             kernel: kernel.into(),
             initrd: None,
             cmdline: String::new(),
             mem_mib: DEFAULT_MEM_MIB,
             vcpus: 1,
             boot: BootProtocol::Auto,
-            serial: SerialOutput::Stdout,
-            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
-            net: Vec::new(),
+            nics: Vec::new(),
             disks: Vec::new(),
             cpu_profile: None,
+        }
+    }
+
+    /// Guest memory in bytes, once [`crate::memory::check_size`] has
+    /// bounded `mem_mib` (saturating, so a hostile value cannot wrap).
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib.saturating_mul(crate::memory::MIB)
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> HostConfig {
+        HostConfig {
+            taps: Vec::new(),
+            serial: SerialOutput::Stdout,
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             host_id: default_host_id(),
             lease_ttl_ms: default_lease_ttl_ms(),
             takeover: false,
@@ -153,9 +213,9 @@ mod tests {
     fn device_options_parse() {
         let n: NetConfig = "tap=vm0,mac=52:54:00:00:00:01".parse().unwrap();
         assert_eq!(n.tap, "vm0");
-        assert_eq!(n.mac.to_string(), "52:54:00:00:00:01");
+        assert_eq!(n.split().0.mac.to_string(), "52:54:00:00:00:01");
         let n: NetConfig = "tap=vm1".parse().unwrap();
-        assert_eq!(n.mac, MacAddr::derived_from("vm1"));
+        assert_eq!(n.split(), (NicConfig { mac: MacAddr::derived_from("vm1") }, "vm1".to_owned()));
         assert!("mac=52:54:00:00:00:01".parse::<NetConfig>().unwrap_err().contains("tap=NAME is required"));
         assert!("tap=vm0,speed=10".parse::<NetConfig>().is_err());
         let d: DiskConfig = "/v/d.img,readonly".parse().unwrap();
@@ -166,5 +226,12 @@ mod tests {
         assert_eq!(c.volume, Some(VolumeDisk { volume: "/vol".into(), name: "web0".into() }));
         assert!(c.readonly);
         assert!("csv:/vol/web0".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn memory_size_never_wraps() {
+        let mut m = MachineConfig::new("/k");
+        m.mem_mib = u64::MAX;
+        assert_eq!(m.mem_bytes(), u64::MAX);
     }
 }

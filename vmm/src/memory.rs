@@ -47,6 +47,9 @@ pub fn check_size(mem_mib: u64) -> Result<(), Error> {
     if mem_mib < MIN_MEM_MIB {
         return Err(Error::TooSmall(mem_mib));
     }
+    if mem_mib > crate::config::MAX_MEM_MIB {
+        return Err(Error::TooLarge { asked: mem_mib, available: host_available_mib().unwrap_or(0) });
+    }
     if let Some(available) = host_available_mib() {
         if mem_mib > available {
             return Err(Error::TooLarge { asked: mem_mib, available });
@@ -258,6 +261,19 @@ impl GuestRam {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of guest RAM (the memory file),
+    /// range-checked.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size => self.memfd.read_exact_at(buf, offset),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("range {offset:#x}+{:#x} is outside guest memory ({:#x} bytes)", buf.len(), self.size),
+            )),
+        }
     }
 
     /// Writes `bytes` at `offset` of guest RAM (the memory file), checking

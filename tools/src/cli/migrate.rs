@@ -3,19 +3,21 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use migrate::api::MigrateRequest;
 use migrate::auth::{Key, DEFAULT_KEY_FILE};
-use migrate::progress::Progress;
-use migrate::source::{Options, Policy};
+use migrate::preflight::CpuPolicy;
+use migrate::source::Policy;
 use migrate::transport::Listener;
 use migrate::wire::Mode;
 use migrate::Endpoint;
-use vmm::Vmm;
+use vmm::config::NetConfig;
+use vmm::migration::KvmDestination;
+
+use super::host::{serve, HostArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ModeArg {
@@ -76,22 +78,28 @@ pub struct MigrateArgs {
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     let key_file = std::path::absolute(&args.key_file).context("bad --key-file")?;
     Key::load(&key_file)?;
-    let body = serde_json::json!({
-        "to": args.to.to_string(),
-        "mode": match args.mode { ModeArg::Live => "live", ModeArg::Quick => "quick" },
-        "key_file": key_file,
-        "downtime_ms": args.downtime_ms,
-        "timeout_s": args.timeout,
-        "max_rounds": args.max_rounds,
-        "policy": match args.policy { PolicyArg::Cancel => "cancel", PolicyArg::Force => "force" },
-        "auto_converge": !args.no_auto_converge,
-        "check_only": args.check_only,
-        "max_bandwidth_mib_s": args.max_bandwidth,
-    })
-    .to_string();
+    let mut request = MigrateRequest::new(&args.to);
+    request.mode = match args.mode {
+        ModeArg::Live => Mode::Live,
+        ModeArg::Quick => Mode::Quick,
+    };
+    request.key_file = key_file;
+    request.downtime_ms = args.downtime_ms;
+    request.timeout_s = args.timeout;
+    request.max_rounds = args.max_rounds;
+    request.policy = match args.policy {
+        PolicyArg::Cancel => Policy::Cancel,
+        PolicyArg::Force => Policy::Force,
+    };
+    request.auto_converge = !args.no_auto_converge;
+    request.check_only = args.check_only;
+    request.max_bandwidth_mib_s = args.max_bandwidth;
+    // Refuse bad numbers here, with the same words the API would use.
+    request.options().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let body = serde_json::to_vec(&request)?;
     let sock = args.api.api_sock.clone();
     let request = std::thread::spawn(move || {
-        vmm::api::client::request(&sock, "PUT", "vm.migrate", body.as_bytes(), Duration::from_secs(24 * 3600))
+        vmm::api::client::request(&sock, "PUT", "vm.migrate", &body, Duration::from_secs(24 * 3600))
     });
     let show = std::io::stderr().is_terminal();
     while !request.is_finished() {
@@ -144,72 +152,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Runs migrations for the API, in the source VMM.
-#[derive(Default)]
-pub struct ApiMigrator {
-    progress: migrate::progress::Shared,
-    busy: AtomicBool,
-}
-
-impl ApiMigrator {
-    pub fn new() -> Arc<ApiMigrator> {
-        Arc::new(ApiMigrator { progress: Arc::new(Mutex::new(Progress::default())), busy: AtomicBool::new(false) })
-    }
-}
-
-fn options(body: &serde_json::Value) -> Result<(Endpoint, Options), String> {
-    let to: Endpoint = body.get("to").and_then(|t| t.as_str()).ok_or("vm.migrate needs \"to\"")?.parse()?;
-    let mode = match body.get("mode").and_then(|m| m.as_str()).unwrap_or("live") {
-        "live" => Mode::Live,
-        "quick" => Mode::Quick,
-        other => return Err(format!("unknown migration mode '{other}'")),
-    };
-    let key_file = body.get("key_file").and_then(|k| k.as_str()).unwrap_or(DEFAULT_KEY_FILE);
-    let key = Key::load(std::path::Path::new(key_file)).map_err(|e| e.to_string())?;
-    let mut o = Options::new(mode, key);
-    if let Some(v) = body.get("downtime_ms").and_then(|v| v.as_f64()) {
-        o.downtime_ms = v;
-    }
-    if let Some(v) = body.get("timeout_s").and_then(|v| v.as_f64()) {
-        o.timeout = Duration::from_secs_f64(v.max(0.0));
-    }
-    if let Some(v) = body.get("max_rounds").and_then(|v| v.as_u64()) {
-        o.max_rounds = v as u32;
-    }
-    if body.get("policy").and_then(|v| v.as_str()) == Some("force") {
-        o.policy = Policy::Force;
-    }
-    if let Some(v) = body.get("auto_converge").and_then(|v| v.as_bool()) {
-        o.auto_converge = v;
-    }
-    o.check_only = body.get("check_only").and_then(|v| v.as_bool()).unwrap_or(false);
-    o.max_bandwidth_mib_s = body.get("max_bandwidth_mib_s").and_then(|v| v.as_f64());
-    Ok((to, o))
-}
-
-impl vmm::api::server::Migrator for ApiMigrator {
-    fn migrate(&self, vmm: &Arc<Vmm>, body: &serde_json::Value) -> Result<serde_json::Value, String> {
-        if self.busy.swap(true, Ordering::SeqCst) {
-            return Err("a migration is already running".into());
-        }
-        let result = options(body).and_then(|(to, opts)| {
-            *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Progress::default();
-            migrate::source::migrate(vmm, &to, &opts, &self.progress).map_err(|e| e.to_string())
-        });
-        self.busy.store(false, Ordering::SeqCst);
-        match &result {
-            Ok(f) => eprintln!("ferry: migration figures: {}", serde_json::to_string(f).unwrap_or_default()),
-            Err(e) => {
-                migrate::progress::update(&self.progress, |p| p.phase = "failed".into());
-                eprintln!("ferry: migration failed: {e}");
-            }
-        }
-        result.map(|f| serde_json::to_value(f).unwrap_or_default())
-    }
-
-    fn progress(&self) -> serde_json::Value {
-        serde_json::to_value(&*self.progress.lock().unwrap_or_else(|e| e.into_inner())).unwrap_or_default()
-    }
+/// `ferry migrate-cancel`: the running migration gives up before its
+/// commit; the VM keeps running here.
+pub fn cancel(api: &super::control::ApiArgs) -> anyhow::Result<i32> {
+    super::control::put(&api.api_sock, "vm.migration-cancel")
 }
 
 #[derive(Args)]
@@ -220,6 +166,10 @@ pub struct ReceiveArgs {
     /// The cluster's pre-shared key (the same file on every host).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_KEY_FILE)]
     key_file: PathBuf,
+    /// The taps on this host for the incoming VM's NICs, in order:
+    /// tap=NAME (one per NIC; the MAC travels with the VM).
+    #[arg(long, value_name = "tap=NAME")]
+    net: Vec<NetConfig>,
     /// Treat these CPU features as absent here (comma-separated names, e.g.
     /// avx512f,avx2): the preflight then refuses guests that use them, as a
     /// host whose KVM lacks them would.
@@ -230,7 +180,7 @@ pub struct ReceiveArgs {
     #[arg(long, value_name = "FILE")]
     cpu_profile: Option<PathBuf>,
     #[command(flatten)]
-    host: super::snapshot::HostArgs,
+    host: HostArgs,
 }
 
 pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
@@ -238,17 +188,19 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
     let key = Key::load(&args.key_file)?;
     let listener = Listener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ferry: waiting for a migration on {}", listener.local_addr());
-    let host_args = args.host.clone();
-    let host = migrate::destination::Host {
+    let taps = args.net.iter().map(|n| n.tap.clone()).collect();
+    let dest = KvmDestination { host: args.host.host_config(taps, false) };
+    let policy = migrate::destination::Policy {
         key,
-        apply: Box::new(move |config| host_args.apply(config).map_err(|e| e.to_string())),
-        hide_cpu_features: args.hide_cpu_features.clone(),
-        cpu_profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
+        cpu: CpuPolicy {
+            hide_features: args.hide_cpu_features.clone(),
+            profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
+        },
     };
-    let vmm = migrate::destination::receive(&listener, &host)?;
+    let vmm = migrate::destination::receive(&listener, &dest, &policy)?;
     drop(listener);
-    eprintln!("ferry: VM received and running");
-    super::run::serve(vmm, args.host.api_sock.as_deref())
+    eprintln!("ferry: VM received and {}", vmm.lifecycle().name().to_lowercase());
+    serve(vmm, args.host.api_sock.as_deref(), Some(migrate::api::ApiMigrator::new()))
 }
 
 #[derive(Args)]

@@ -2,6 +2,7 @@
 
 mod control;
 mod cpu;
+mod host;
 mod lab;
 mod migrate;
 mod ping;
@@ -54,6 +55,9 @@ enum Command {
     /// and print the migration figures. On any failure before the
     /// destination confirms, the VM keeps running here.
     Migrate(migrate::MigrateArgs),
+    /// Cancel the VM's running migration before its commit; the VM keeps
+    /// running here.
+    MigrateCancel(control::ApiArgs),
     /// Wait for one incoming migration, then run the VM here.
     Receive(migrate::ReceiveArgs),
     /// Write a new cluster key for authenticating migrations.
@@ -91,6 +95,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore(args),
         Command::Migrate(args) => migrate::migrate(args),
+        Command::MigrateCancel(api) => migrate::cancel(&api),
         Command::Receive(args) => migrate::receive(args),
         Command::Keygen(args) => migrate::keygen(args),
         Command::CpuProfile(args) => cpu::cpu_profile(args),

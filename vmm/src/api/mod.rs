@@ -10,14 +10,55 @@
 //! | PUT    | /api/v1/vm.console   | body typed on the serial console       |
 //! | PUT    | /api/v1/vm.announce  | RARP for the guest's MAC on every tap  |
 //! | PUT    | /api/v1/vm.snapshot  | `{"dir"}`: state + memory; VM left paused |
-//! | PUT    | /api/v1/vm.migrate   | `{"mode", "to", "key_file", ...}`: move the VM; figures |
+//! | PUT    | /api/v1/vm.migrate   | a `MigrateRequest` (migrate crate): move the VM; figures |
 //! | GET    | /api/v1/vm.migration | progress of the running migration      |
+//! | PUT    | /api/v1/vm.migration-cancel | stop the running migration before its commit |
 //!
-//! Errors are `{"error": "..."}` with a 4xx/5xx status.
-//!
-//! [`VmInfo`]: crate::vmm::VmInfo
+//! Errors are `{"error": "..."}`: 400 for a bad request body, 404 for an
+//! unknown endpoint, 405 for a known one with the wrong method, 409 for an
+//! action the VM's lifecycle refuses now (e.g. `vm.pause` during a
+//! migration), 500 for a failure.
 
 pub mod client;
 pub mod server;
 
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::VmConfig;
+use crate::lifecycle::{Lifecycle, RunState};
+
 pub const API_PREFIX: &str = "/api/v1";
+
+/// What `GET vm.info` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    /// Running, Paused, Migrating, Retired or Stopped.
+    pub state: &'static str,
+    /// The same, with what the vCPUs do during a migration.
+    pub lifecycle: Lifecycle,
+    /// What a snapshot or migration of the VM now would carry.
+    pub run_state: RunState,
+    pub config: VmConfig,
+    pub boot_protocol: &'static str,
+    pub kernel_load: u64,
+    pub uptime_ms: u64,
+    pub pid: u32,
+    pub pvm_host: bool,
+    /// The guest's TSC frequency as KVM runs it (0 if unknown).
+    pub tsc_khz: u32,
+    pub devices: Vec<serde_json::Value>,
+}
+
+/// What `vm.snapshot` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    pub state_bytes: u64,
+    pub mem_mib: u64,
+    pub pages_data: u64,
+    pub pages_zero: u64,
+    pub pause_ms: f64,
+    pub total_ms: f64,
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::virtio::net::MacAddr;
+use crate::mac::MacAddr;
 
 /// vm-superio's `SerialState`, as plain serde data.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

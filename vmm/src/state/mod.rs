@@ -12,10 +12,12 @@ pub mod vm;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use crate::config::MachineConfig;
+use crate::lifecycle::RunState;
 
 pub const MAGIC: &[u8; 8] = b"FERRYVM\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the machine config alone (no host choices) and the run state.
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// No VM state comes near this; a larger length is corruption.
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
@@ -41,7 +43,10 @@ pub enum Error {
 /// Everything but guest memory.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmState {
-    pub config: VmConfig,
+    /// The guest-visible machine; each host supplies its own host config.
+    pub machine: MachineConfig,
+    /// What the VM was doing when it was saved: a paused VM comes back paused.
+    pub run_state: RunState,
     pub mem_bytes: u64,
     pub vcpus: Vec<vcpu::VcpuState>,
     pub vm: vm::VmArchState,
@@ -98,7 +103,8 @@ mod tests {
 
     fn sample() -> VmState {
         VmState {
-            config: VmConfig::new("/k"),
+            machine: MachineConfig::new("/k"),
+            run_state: RunState::Paused,
             mem_bytes: 64 << 20,
             vcpus: Vec::new(),
             vm: vm::VmArchState {
@@ -125,9 +131,9 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 0x40;
         assert!(matches!(VmState::decode(&flipped), Err(Error::Checksum)));
         let mut future = bytes.clone();
-        future[8..12].copy_from_slice(&2u32.to_le_bytes());
+        future[8..12].copy_from_slice(&3u32.to_le_bytes());
         let e = VmState::decode(&future).unwrap_err();
-        assert!(e.to_string().contains("version 2 is not supported: this ferry reads version 1"), "{e}");
+        assert!(e.to_string().contains("version 3 is not supported: this ferry reads version 2"), "{e}");
         let mut huge = bytes.clone();
         huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(VmState::decode(&huge), Err(Error::TooLarge(_))));

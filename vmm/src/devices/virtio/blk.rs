@@ -1,26 +1,21 @@
-//! virtio-blk backed by a disk image (raw, VHD fixed or dynamic, qcow2; see
-//! csv-fs). Requests are served on the thread that notified (the vCPU), so
-//! a FLUSH returns to the guest only once the data is durable. A disk on a
-//! shared volume is written only while this host holds its lease.
+//! virtio-blk: the protocol over a [`Disk`] (raw, VHD fixed or dynamic,
+//! qcow2; see csv-fs). Requests are served on the thread that notified (the
+//! vCPU), so a FLUSH returns to the guest only once the data is durable.
+//! Who may write the disk (locks, leases, fencing) is [`crate::devices::disk`]'s
+//! business; a refused write is an I/O error to the guest.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use csv_fs::image::{BlockBackend, Image, OpenMode};
-use csv_fs::volume::Volume;
-use csv_fs::{Lease, LeaseKeeper, LeaseStore};
+use std::path::Path;
 
 use serde::Serialize;
 use virtio_queue::{Queue, QueueT};
 
 use super::{complete, read_config_bytes, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
-use crate::config::DiskConfig;
+use crate::devices::backend::Backend;
+use crate::devices::disk::Disk;
+pub use crate::devices::disk::SECTOR;
 use crate::memory::GuestMemory;
 
-pub const SECTOR: u64 = 512;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const T_IN: u32 = 0;
@@ -34,24 +29,6 @@ const ID_BYTES: usize = 20;
 /// Data moves through a bounce buffer of this size, whatever the request.
 const CHUNK: usize = 64 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("disk image {path} does not exist")]
-    Missing { path: PathBuf },
-    #[error("disk image {path} is read-only (add ',readonly' to attach it read-only): {source}")]
-    ReadOnly { path: PathBuf, source: std::io::Error },
-    #[error("cannot open disk image {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
-    #[error("disk image {path} is {size} bytes: a disk must be a non-zero multiple of 512 bytes")]
-    BadSize { path: PathBuf, size: u64 },
-    #[error("disk image {path} is in use by another VMM")]
-    Locked { path: PathBuf },
-    #[error("{0}")]
-    Image(csv_fs::Error),
-    #[error("{0}")]
-    Lease(csv_fs::Error),
-}
-
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct BlockStats {
     pub reads: u64,
@@ -61,233 +38,24 @@ pub struct BlockStats {
     pub bad_chains: u64,
 }
 
-/// Who this host is to the volume's lease store.
-#[derive(Clone, Debug)]
-pub struct HostSide {
-    pub host_id: String,
-    pub lease_ttl: std::time::Duration,
-    /// Take a crashed host's expired lease rather than refusing it.
-    pub takeover: bool,
-}
-
-/// A disk on a shared volume: written only while its lease is live. The
-/// keeper renews it; a lease that is lost or past its expiry stops all
-/// writes (self-fencing) before another host can have taken the disk.
-struct Fence {
-    store: Arc<dyn LeaseStore>,
-    disk: String,
-    host: String,
-    keeper: Option<LeaseKeeper>,
-    /// Logged once, when writes are first refused.
-    refused: bool,
-}
-
-impl Fence {
-    fn start(&mut self, lease: Lease) {
-        self.keeper = Some(LeaseKeeper::start(self.store.clone(), lease));
-    }
-
-    /// Why this host may not write now, if it may not.
-    fn refusal(&self) -> Option<String> {
-        let Some(keeper) = &self.keeper else {
-            return Some("no lease held (standby)".into());
-        };
-        match keeper.validity() {
-            Err(why) => Some(why),
-            // Stop a third of the TTL before expiry: a healthy keeper renews
-            // every third, and the margin covers a stall between this check
-            // and the write, so nothing lands after another host may take over.
-            Ok((expires, ttl)) if csv_fs::error::now_ms() + ttl / 3 >= expires => {
-                Some(format!("lease not renewed in time (it expires at unix ms {expires})"))
-            }
-            Ok(_) => None,
-        }
-    }
-}
-
 pub struct Block {
-    image: Image,
-    /// A second descriptor on the image file for the host-local flock.
-    lock_file: File,
-    path: PathBuf,
-    sectors: u64,
-    readonly: bool,
+    disk: Disk,
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
-    fence: Option<Fence>,
     pub stats: BlockStats,
 }
 
-fn image_error(path: &Path, e: csv_fs::Error) -> Error {
-    match e {
-        csv_fs::Error::Io { source, .. } => match source.raw_os_error() {
-            Some(libc::ENOENT) => Error::Missing { path: path.to_owned() },
-            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => {
-                Error::ReadOnly { path: path.to_owned(), source }
-            }
-            _ => Error::Open { path: path.to_owned(), source },
-        },
-        other => Error::Image(other),
-    }
-}
-
 impl Block {
-    /// Opens `path`, taking an exclusive lock so no second VMM on this host
-    /// writes the same image.
-    pub fn open(path: &Path, readonly: bool) -> Result<Block, Error> {
-        let block = Block::open_standby(path, readonly)?;
-        block.lock()?;
-        block.activated()
-    }
-
-    /// Opens `path` without taking its lock or writing: a migration
-    /// destination holds the image this way until the source hands it over.
-    pub fn open_standby(path: &Path, readonly: bool) -> Result<Block, Error> {
-        if !path.exists() {
-            return Err(Error::Missing { path: path.to_owned() });
-        }
-        let mode = if readonly { OpenMode::ReadOnly } else { OpenMode::Standby };
-        let image = Image::open(path, mode).map_err(|e| image_error(path, e))?;
-        let lock_file = File::open(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
-        let size = image.len();
-        if size == 0 || !size.is_multiple_of(SECTOR) {
-            return Err(Error::BadSize { path: path.to_owned(), size });
-        }
-        Ok(Block {
-            id: disk_id(path),
-            image,
-            lock_file,
-            path: path.to_owned(),
-            sectors: size / SECTOR,
-            readonly,
-            buf: vec![0; CHUNK],
-            fence: None,
-            stats: BlockStats::default(),
-        })
-    }
-
-    /// Opens a configured disk: on a shared volume under its lease
-    /// (acquired, or taken over with `host.takeover`), else under the
-    /// host-local lock. `standby` defers both to `acquire_backend`.
-    pub fn from_config(cfg: &DiskConfig, host: &HostSide, standby: bool) -> Result<Block, Error> {
-        let Some(vd) = &cfg.volume else {
-            return if standby {
-                Block::open_standby(&cfg.path, cfg.readonly)
-            } else {
-                Block::open(&cfg.path, cfg.readonly)
-            };
-        };
-        let volume = Volume::open(&vd.volume).map_err(Error::Image)?;
-        let path = volume.disk_path(&vd.name).map_err(Error::Image)?;
-        let mut block = Block::open_standby(&path, cfg.readonly)?;
-        let store: Arc<dyn LeaseStore> = Arc::new(volume.lease_store(host.lease_ttl));
-        block.fence =
-            Some(Fence { store, disk: vd.name.clone(), host: host.host_id.clone(), keeper: None, refused: false });
-        if standby || cfg.readonly {
-            return Ok(block);
-        }
-        let fence = block.fence.as_mut().expect("set above");
-        let lease = if host.takeover {
-            fence.store.takeover(&vd.name, &host.host_id)
-        } else {
-            fence.store.acquire(&vd.name, &host.host_id)
-        }
-        .map_err(Error::Lease)?;
-        fence.start(lease);
-        // No host-local flock here: the lease is the authority, and a hung
-        // previous owner on the same kernel must not block a takeover.
-        block.activated()
-    }
-
-    fn activated(mut self) -> Result<Block, Error> {
-        if !self.readonly {
-            self.image.activate().map_err(Error::Image)?;
-        }
-        Ok(self)
-    }
-
-    /// Takes the image's host-local lock (exclusive unless read-only).
-    pub fn lock(&self) -> Result<(), Error> {
-        let lock = if self.readonly { libc::LOCK_SH } else { libc::LOCK_EX };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(self.lock_file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            return Err(Error::Locked { path: self.path.clone() });
-        }
-        Ok(())
-    }
-
-    /// True if writes may go to the image now; logs the first refusal.
-    fn may_write(&mut self) -> bool {
-        let Some(fence) = &mut self.fence else { return true };
-        match fence.refusal() {
-            None => true,
-            Some(why) => {
-                if !fence.refused {
-                    fence.refused = true;
-                    tracing::error!(
-                        "disk {} on the shared volume: writes refused, this host no longer owns it ({why}); \
-                         the guest sees I/O errors (self-fencing)",
-                        fence.disk
-                    );
-                }
-                false
-            }
-        }
-    }
-
-    /// Hands the disk over at a migration's commit: the lease to `to_host`
-    /// (epoch + 1) or the local lock released. The caller has flushed
-    /// (`Vmm::release_backends` flushes every disk before any handoff).
-    pub fn hand_over(&mut self, to_host: &str) -> Result<(), String> {
-        let path = self.path.display().to_string();
-        if !self.readonly && !self.may_write() {
-            return Err(format!("disk {path}: this host no longer owns it; nothing to hand over"));
-        }
-        if let Some(fence) = &mut self.fence {
-            if !self.readonly {
-                let lease = fence
-                    .keeper
-                    .take()
-                    .ok_or_else(|| format!("disk {path}: no lease to hand over"))?
-                    .stop()
-                    .map_err(|why| format!("disk {path}: lease lost before handoff: {why}"))?;
-                fence.store.handoff(&lease, to_host).map_err(|e| e.to_string())?;
-            }
-        }
-        // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(self.lock_file.as_raw_fd(), libc::LOCK_UN) };
-        Ok(())
-    }
-
-    /// Takes a disk opened in standby: adopts the lease the source handed
-    /// this host (or takes the local lock) and re-reads the image.
-    pub fn take_over_from_standby(&mut self) -> Result<(), String> {
-        match &mut self.fence {
-            Some(fence) => {
-                if !self.readonly {
-                    let lease = fence.store.adopt(&fence.disk, &fence.host).map_err(|e| e.to_string())?;
-                    fence.start(lease);
-                }
-            }
-            None => self.lock().map_err(|e| e.to_string())?,
-        }
-        if !self.readonly {
-            self.image.activate().map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// The lease epoch this device writes under (shared-volume disks).
-    pub fn lease_epoch(&self) -> Option<u64> {
-        self.fence.as_ref().and_then(|f| f.keeper.as_ref()).and_then(|k| k.lease().ok()).map(|l| l.epoch)
+    pub fn new(disk: Disk) -> Block {
+        Block { id: disk_id(disk.path()), disk, buf: vec![0; CHUNK], stats: BlockStats::default() }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.disk.path()
     }
 
     pub fn sectors(&self) -> u64 {
-        self.sectors
+        self.disk.sectors()
     }
 
     /// Serves one request; returns the bytes written into the chain's
@@ -338,7 +106,7 @@ impl Block {
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
         let start = sector.checked_mul(SECTOR)?;
         let end = start.checked_add(len as u64)?;
-        (end <= self.sectors * SECTOR && (len as u64).is_multiple_of(SECTOR)).then_some(start)
+        (end <= self.disk.sectors() * SECTOR && (len as u64).is_multiple_of(SECTOR)).then_some(start)
     }
 
     fn read(
@@ -351,7 +119,7 @@ impl Block {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if self.image.read_at(&mut self.buf[..n], offset).is_err() || writer.write_all(&self.buf[..n]).is_err() {
+            if self.disk.read_at(&mut self.buf[..n], offset).is_err() || writer.write_all(&self.buf[..n]).is_err() {
                 return (S_IOERR, done);
             }
             done += n;
@@ -362,7 +130,7 @@ impl Block {
     }
 
     fn write(&mut self, sector: u64, reader: &mut virtio_queue::Reader<'_, impl vm_memory::bitmap::BitmapSlice>) -> u8 {
-        if self.readonly || !self.may_write() {
+        if !self.disk.may_write() {
             return S_IOERR;
         }
         let len = reader.available_bytes();
@@ -370,7 +138,7 @@ impl Block {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
-            if reader.read_exact(&mut self.buf[..n]).is_err() || self.image.write_at(&self.buf[..n], offset).is_err() {
+            if reader.read_exact(&mut self.buf[..n]).is_err() || !self.disk.write_at(&self.buf[..n], offset) {
                 return S_IOERR;
             }
             done += n;
@@ -382,15 +150,10 @@ impl Block {
 
     fn flush(&mut self) -> u8 {
         self.stats.flushes += 1;
-        if !self.readonly && !self.may_write() {
-            return S_IOERR;
-        }
-        match self.image.flush() {
-            Ok(()) => S_OK,
-            Err(e) => {
-                tracing::error!("disk {}: flush failed: {e}", self.path.display());
-                S_IOERR
-            }
+        if self.disk.guest_flush() {
+            S_OK
+        } else {
+            S_IOERR
         }
     }
 
@@ -399,7 +162,7 @@ impl Block {
     fn bad_chain(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         use vm_memory::Bytes;
         self.stats.bad_chains += 1;
-        tracing::debug!("disk {}: malformed request", self.path.display());
+        tracing::debug!("disk {}: malformed request", self.disk.path().display());
         let last = chain.take(64).last();
         match last {
             Some(d) if d.is_write_only() && d.len() >= 1 => {
@@ -408,32 +171,6 @@ impl Block {
             }
             _ => 0,
         }
-    }
-}
-
-impl Block {
-    /// A VM that stops here gives its shared disk back, so the next host
-    /// can acquire it at once instead of waiting for a takeover. (After a
-    /// handoff the keeper is gone and there is nothing to release.)
-    fn close(&mut self) {
-        // A host that lost the lease must not even flush (qcow2 metadata).
-        let owned = self.readonly || self.may_write();
-        if let Some(fence) = &mut self.fence {
-            if let Some(keeper) = fence.keeper.take() {
-                if let (true, Ok(lease)) = (owned, keeper.stop()) {
-                    let _ = self.image.flush();
-                    if let Err(e) = fence.store.release(&lease) {
-                        tracing::warn!("disk {}: lease not released: {e}", fence.disk);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 
@@ -451,30 +188,12 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn release_backend(&mut self, to_host: &str) -> Result<(), String> {
-        self.hand_over(to_host)
-    }
-
-    fn acquire_backend(&mut self) -> Result<(), String> {
-        self.take_over_from_standby()
-    }
-
-    fn close_backend(&mut self) {
-        self.close();
-    }
-
-    fn flush_backend(&mut self) -> Result<(), String> {
-        if self.readonly {
-            return Ok(());
-        }
-        if !self.may_write() {
-            return Err(format!("disk {}: this host no longer owns it", self.path.display()));
-        }
-        self.image.flush().map_err(|e| format!("disk {}: flush failed: {e}", self.path.display()))
+    fn backend_mut(&mut self) -> Option<&mut dyn Backend> {
+        Some(&mut self.disk)
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.readonly { VIRTIO_BLK_F_RO } else { 0 };
+        let ro = if self.disk.readonly() { VIRTIO_BLK_F_RO } else { 0 };
         VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro
     }
 
@@ -484,26 +203,26 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut space = [0u8; 8];
-        space.copy_from_slice(&self.sectors.to_le_bytes());
+        space.copy_from_slice(&self.disk.sectors().to_le_bytes());
         read_config_bytes(&space, offset, data);
     }
 
-    fn backend(&self) -> crate::state::devices::BackendSnapshot {
+    fn identity(&self) -> crate::state::devices::BackendSnapshot {
         crate::state::devices::BackendSnapshot::Block {
-            path: self.path.clone(),
-            sectors: self.sectors,
-            readonly: self.readonly,
+            path: self.disk.path().to_owned(),
+            sectors: self.disk.sectors(),
+            readonly: self.disk.readonly(),
         }
     }
 
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "type": "block",
-            "path": self.path,
-            "sectors": self.sectors,
-            "readonly": self.readonly,
-            "format": self.image.format().name(),
-            "lease_epoch": self.lease_epoch(),
+            "path": self.disk.path(),
+            "sectors": self.disk.sectors(),
+            "readonly": self.disk.readonly(),
+            "format": self.disk.format_name(),
+            "lease_epoch": self.disk.lease_epoch(),
             "stats": self.stats,
         })
     }
@@ -518,31 +237,6 @@ impl VirtioDevice for Block {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_checks_name_the_problem() {
-        let dir = std::env::temp_dir().join(format!("ferry-blk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let missing = dir.join("missing.img");
-        assert!(matches!(Block::open(&missing, false), Err(Error::Missing { .. })));
-        let odd = dir.join("odd.img");
-        std::fs::write(&odd, vec![0u8; 1000]).unwrap();
-        let e = Block::open(&odd, false).err().unwrap();
-        assert!(e.to_string().contains("1000 bytes"), "{e}");
-        let good = dir.join("good.img");
-        std::fs::write(&good, vec![0u8; 4096]).unwrap();
-        let b = Block::open(&good, false).unwrap();
-        assert_eq!(b.sectors(), 8);
-        assert!(matches!(Block::open(&good, false), Err(Error::Locked { .. })), "a second writer is refused");
-        drop(b);
-        assert!(Block::open(&good, true).is_ok());
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
 /// Requests a hostile or buggy driver could make, driven through a real
 /// split queue in guest memory.
 #[cfg(test)]
@@ -554,6 +248,7 @@ mod queue_tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
+    use std::path::PathBuf;
 
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
@@ -585,7 +280,7 @@ mod queue_tests {
         queue.set_used_ring_address(Some(USED as u32), Some(0));
         queue.set_ready(true);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        Rig { ram, queue, blk: Block::open(&img, false).unwrap(), irq, _dir: dir }
+        Rig { ram, queue, blk: Block::new(Disk::open(&img, false).unwrap()), irq, _dir: dir }
     }
 
     impl Rig {

@@ -94,7 +94,7 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt.status(),
             queues: self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
-            backend: self.device.backend(),
+            backend: self.device.identity(),
         }
     }
 

@@ -84,30 +84,12 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device.
     fn reset(&mut self) {}
-    /// Tells the network where the guest is (network devices only).
-    fn announce(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
     /// What the device is, for `vm.info`.
     fn describe(&self) -> serde_json::Value;
-    /// Hands the backend over (a disk: flush, unlock) at migration commit.
-    fn release_backend(&mut self, _to_host: &str) -> Result<(), String> {
-        Ok(())
-    }
-    /// Makes completed writes durable ahead of a handoff (outside the
-    /// downtime window, so the final flush has little left to do).
-    fn flush_backend(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-    /// The VM has stopped for good here: give the backend up (a shared
-    /// disk: flush and release its lease).
-    fn close_backend(&mut self) {}
-    /// Takes a backend opened in standby (a disk: lock it).
-    fn acquire_backend(&mut self) -> Result<(), String> {
-        Ok(())
-    }
     /// Its backend's identity, saved with the VM state.
-    fn backend(&self) -> crate::state::devices::BackendSnapshot;
+    fn identity(&self) -> crate::state::devices::BackendSnapshot;
+    /// The host side to flush, hand over, take, give up or announce.
+    fn backend_mut(&mut self) -> Option<&mut dyn crate::devices::backend::Backend>;
 }
 
 /// Copies `value`'s bytes at `offset` of a config space into `data`,

@@ -4,11 +4,13 @@
 
 use std::io::{Read, Write};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use virtio_queue::{Queue, QueueT};
 
 use super::{complete, read_config_bytes, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::devices::backend::{Backend, BackendError};
 use crate::devices::tap::{Tap, VNET_HDR_LEN};
+use crate::mac::MacAddr;
 use crate::memory::GuestMemory;
 
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -18,46 +20,6 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// Header plus the largest frame without offloads (and a VLAN tag).
 const MAX_FRAME: usize = VNET_HDR_LEN + 1518;
-
-/// A MAC address, written `52:54:00:12:34:56`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl std::str::FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<_> = s.split(':').collect();
-        let bad = || format!("bad MAC address '{s}' (expected six hex bytes like 52:54:00:12:34:56)");
-        if parts.len() != 6 {
-            return Err(bad());
-        }
-        let mut mac = [0u8; 6];
-        for (b, p) in mac.iter_mut().zip(parts) {
-            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if mac[0] & 1 != 0 {
-            return Err(format!("MAC address '{s}' is multicast; a NIC needs a unicast address"));
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-impl MacAddr {
-    /// A stable locally administered address derived from `seed` (the tap
-    /// name), so a VM keeps its MAC across restarts and moves.
-    pub fn derived_from(seed: &str) -> MacAddr {
-        let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        let b = h.to_le_bytes();
-        MacAddr([0x52, 0x54, 0x00, b[0], b[1], b[2]])
-    }
-}
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct NetStats {
@@ -220,16 +182,24 @@ impl VirtioDevice for Net {
         self.pending = None;
     }
 
-    fn announce(&mut self) -> std::io::Result<()> {
-        Net::announce(self)
+    fn backend_mut(&mut self) -> Option<&mut dyn Backend> {
+        Some(self)
     }
 
-    fn backend(&self) -> crate::state::devices::BackendSnapshot {
+    fn identity(&self) -> crate::state::devices::BackendSnapshot {
         crate::state::devices::BackendSnapshot::Net { tap: self.tap.name().to_owned(), mac: self.mac }
     }
 
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "type": "net", "tap": self.tap.name(), "mac": self.mac.to_string(), "stats": self.stats })
+    }
+}
+
+impl Backend for Net {
+    fn announce(&mut self) -> Result<bool, BackendError> {
+        Net::announce(self)
+            .map(|()| true)
+            .map_err(|source| BackendError::Announce { tap: self.tap.name().to_owned(), source })
     }
 }
 
@@ -255,16 +225,6 @@ pub fn rarp_announce(mac: MacAddr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mac_parses_prints_and_refuses_multicast() {
-        let m: MacAddr = "52:54:00:ab:CD:0f".parse().unwrap();
-        assert_eq!(m.to_string(), "52:54:00:ab:cd:0f");
-        assert!("52:54:00:ab:cd".parse::<MacAddr>().is_err());
-        assert!("01:00:5e:00:00:01".parse::<MacAddr>().unwrap_err().contains("multicast"));
-        assert_eq!(MacAddr::derived_from("vm0"), MacAddr::derived_from("vm0"));
-        assert_ne!(MacAddr::derived_from("vm0"), MacAddr::derived_from("vm1"));
-    }
 
     #[test]
     fn rarp_frame_announces_the_mac() {

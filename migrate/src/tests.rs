@@ -1,0 +1,596 @@
+//! The migration logic against an in-memory fake guest: no root, no KVM.
+//! The fake implements the same traits the real VMM does, keeps its run
+//! state with the real lifecycle table, and dirties its memory from a
+//! thread while its "vCPUs" run; the two ends talk over a real Unix socket.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm::lifecycle::{Action, Lifecycle};
+use vmm::migration::{
+    Destination, DirtyBitmap, Error as VmError, Extent, HostOffer, IncomingVm, MemorySink, MemorySource, MigratableVm,
+    ReceivedVm, Requirements, RunState, ScanStats, PAGE_SIZE,
+};
+
+use crate::auth::Key;
+use crate::destination::{self, Policy as DestPolicy};
+use crate::preflight::CpuPolicy;
+use crate::source::{self, Error, Options, Policy};
+use crate::transport::{Endpoint, Listener};
+use crate::wire::{self, Kind, Mode};
+
+const PAGES: u64 = 1024; // 4 MiB
+
+fn key() -> Key {
+    static KEY: std::sync::OnceLock<Key> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("ferry-migrate-test-{}.key", std::process::id()));
+        std::fs::write(&p, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+        let key = Key::load(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        key
+    })
+    .clone()
+}
+
+/// Guest memory as a vector of bytes.
+struct FakeMem(Mutex<Vec<u8>>);
+
+impl FakeMem {
+    fn new(pages: u64) -> FakeMem {
+        FakeMem(Mutex::new(vec![0; (pages * PAGE_SIZE) as usize]))
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+    fn check(&self, offset: u64, len: u64) -> std::io::Result<std::ops::Range<usize>> {
+        let size = MemorySource::size(self);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "outside guest memory")),
+        }
+    }
+}
+
+impl MemorySource for FakeMem {
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+    fn scan(&self, f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
+        let mem = self.snapshot();
+        let mut stats = ScanStats::default();
+        for (i, page) in mem.chunks(PAGE_SIZE as usize).enumerate() {
+            let offset = i as u64 * PAGE_SIZE;
+            if page.iter().all(|b| *b == 0) {
+                stats.pages_zero += 1;
+                f(Extent::Zero { offset, len: PAGE_SIZE })?;
+            } else {
+                stats.pages_data += 1;
+                f(Extent::Data { offset, bytes: page })?;
+            }
+        }
+        Ok(stats)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let r = self.check(offset, buf.len() as u64)?;
+        buf.copy_from_slice(&self.0.lock().unwrap()[r]);
+        Ok(())
+    }
+}
+
+impl MemorySink for FakeMem {
+    fn size(&self) -> u64 {
+        MemorySource::size(self)
+    }
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let r = self.check(offset, bytes.len() as u64)?;
+        self.0.lock().unwrap()[r].copy_from_slice(bytes);
+        Ok(())
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let r = self.check(offset, len)?;
+        self.0.lock().unwrap()[r].fill(0);
+        Ok(())
+    }
+}
+
+/// A running guest: memory, the lifecycle, a dirty log, and a log of
+/// what the migration did to it.
+struct FakeVm {
+    mem: FakeMem,
+    lifecycle: Mutex<Lifecycle>,
+    logging: AtomicBool,
+    dirty: Mutex<BTreeSet<u64>>,
+    calls: Mutex<Vec<String>>,
+    /// Make this step fail.
+    fail: Option<&'static str>,
+    stop: AtomicBool,
+    writes: AtomicU64,
+}
+
+impl FakeVm {
+    fn new(state: Lifecycle, fail: Option<&'static str>) -> Arc<FakeVm> {
+        let vm = Arc::new(FakeVm {
+            mem: FakeMem::new(PAGES),
+            lifecycle: Mutex::new(state),
+            logging: AtomicBool::new(false),
+            dirty: Mutex::new(BTreeSet::new()),
+            calls: Mutex::new(Vec::new()),
+            fail,
+            stop: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+        });
+        for p in 0..PAGES / 2 {
+            vm.mem.write_at(p * PAGE_SIZE, &[p as u8 | 1; 64]).unwrap();
+        }
+        vm
+    }
+
+    /// Starts a "vCPU" that writes `pages_per_ms` pages (round robin over
+    /// the first `span` pages) while the lifecycle lets it run.
+    fn dirty_from_a_thread(self: &Arc<Self>, pages_per_ms: u64, span: u64) -> std::thread::JoinHandle<()> {
+        let vm = self.clone();
+        std::thread::spawn(move || {
+            let mut next = 0u64;
+            while !vm.stop.load(Ordering::Relaxed) {
+                {
+                    // The lock orders writes against pause, as a parked vCPU would.
+                    let lc = vm.lifecycle.lock().unwrap();
+                    if !lc.vcpus_parked() {
+                        for _ in 0..pages_per_ms {
+                            let n = vm.writes.fetch_add(1, Ordering::Relaxed);
+                            vm.mem.write_at((next % span) * PAGE_SIZE + 8, &n.to_le_bytes()).unwrap();
+                            if vm.logging.load(Ordering::Relaxed) {
+                                vm.dirty.lock().unwrap().insert(next % span);
+                            }
+                            next += 1;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    }
+
+    fn act(&self, action: Action) -> Result<(), VmError> {
+        let mut lc = self.lifecycle.lock().unwrap();
+        *lc = lc.next(action)?;
+        self.calls.lock().unwrap().push(format!("{action}"));
+        Ok(())
+    }
+
+    fn failing(&self, step: &str) -> Result<(), VmError> {
+        if self.fail == Some(step) {
+            return Err(VmError::BadState(format!("injected failure at {step}")));
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Lifecycle {
+        *self.lifecycle.lock().unwrap()
+    }
+
+    fn called(&self, what: &str) -> bool {
+        self.calls.lock().unwrap().iter().any(|c| c.contains(what))
+    }
+}
+
+impl MigratableVm for FakeVm {
+    fn memory(&self) -> &dyn MemorySource {
+        &self.mem
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            mem_bytes: MemorySource::size(&self.mem),
+            vcpus: 1,
+            nics: Vec::new(),
+            disks: Vec::new(),
+            guest_cpuid: Vec::new(),
+            tsc_khz: 0,
+        }
+    }
+    fn begin_migration(&self) -> Result<RunState, VmError> {
+        self.act(Action::BeginMigration)?;
+        Ok(self.state().run_state())
+    }
+    fn end_migration(&self) -> Result<(), VmError> {
+        self.act(Action::EndMigration)
+    }
+    fn throttle(&self, hold: bool) -> Result<(), VmError> {
+        self.act(if hold { Action::Throttle } else { Action::Unthrottle })
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        self.failing("pause")?;
+        self.act(Action::MigrationPause)
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        self.act(Action::MigrationResume)
+    }
+    fn start_dirty_log(&self) -> Result<&'static str, VmError> {
+        self.logging.store(true, Ordering::SeqCst);
+        // As with KVM's INITIALLY_SET: everything starts dirty.
+        self.dirty.lock().unwrap().extend(0..PAGES);
+        Ok("fake")
+    }
+    fn take_dirty(&self) -> Result<DirtyBitmap, VmError> {
+        let pages = std::mem::take(&mut *self.dirty.lock().unwrap());
+        let mut words = vec![0u64; PAGES.div_ceil(64) as usize];
+        for p in pages {
+            words[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        let mut bitmap = DirtyBitmap::default();
+        bitmap.merge_kvm_log(0, &words);
+        Ok(bitmap)
+    }
+    fn stop_dirty_log(&self) -> Result<(), VmError> {
+        self.logging.store(false, Ordering::SeqCst);
+        self.calls.lock().unwrap().push("stop dirty log".into());
+        Ok(())
+    }
+    fn flush_backends(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn release_backends(&self, to_host: &str) -> Result<(), VmError> {
+        self.failing("release")?;
+        self.calls.lock().unwrap().push(format!("release to {to_host}"));
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        self.failing("save")?;
+        let run_state = self.state().run_state();
+        Ok(serde_json::to_vec(&run_state).unwrap())
+    }
+    fn retire(&self) -> Result<(), VmError> {
+        self.act(Action::Retire)
+    }
+}
+
+/// A receiving host that builds fake VMs.
+struct FakeDestination {
+    refuse: bool,
+    fail_restore: bool,
+}
+
+struct FakeIncoming {
+    mem: FakeMem,
+    fail_restore: bool,
+}
+
+struct FakeReceived {
+    mem: FakeMem,
+    run_state: RunState,
+    acquired: AtomicBool,
+    running: AtomicBool,
+}
+
+impl Destination for FakeDestination {
+    type Incoming = FakeIncoming;
+    type Vm = FakeReceived;
+    fn host_id(&self) -> &str {
+        "fake-b"
+    }
+    fn offer(&self) -> Result<HostOffer, VmError> {
+        Ok(HostOffer { cpuid: Vec::new(), tsc_khz: 0, tsc_scaling: false })
+    }
+    fn check_backends(&self, _req: &Requirements) -> Vec<String> {
+        if self.refuse {
+            vec!["tap vm0 does not exist on this host".into()]
+        } else {
+            Vec::new()
+        }
+    }
+    fn prepare(&self, req: &Requirements) -> Result<FakeIncoming, VmError> {
+        Ok(FakeIncoming { mem: FakeMem::new(req.mem_bytes / PAGE_SIZE), fail_restore: self.fail_restore })
+    }
+}
+
+impl IncomingVm for FakeIncoming {
+    type Vm = FakeReceived;
+    fn memory(&self) -> &dyn MemorySink {
+        &self.mem
+    }
+    fn restore(self, state: &[u8]) -> Result<Arc<FakeReceived>, VmError> {
+        if self.fail_restore {
+            return Err(VmError::BadState("injected restore failure".into()));
+        }
+        let run_state = serde_json::from_slice(state).map_err(|e| VmError::BadState(e.to_string()))?;
+        Ok(Arc::new(FakeReceived {
+            mem: self.mem,
+            run_state,
+            acquired: AtomicBool::new(false),
+            running: AtomicBool::new(false),
+        }))
+    }
+}
+
+impl ReceivedVm for FakeReceived {
+    fn saved_run_state(&self) -> RunState {
+        self.run_state
+    }
+    fn acquire_backends(&self) -> Result<(), VmError> {
+        self.acquired.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn announce(&self) -> Result<usize, VmError> {
+        Ok(0)
+    }
+}
+
+struct Sock(PathBuf);
+
+impl Sock {
+    fn new(tag: &str) -> Sock {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        Sock(std::env::temp_dir().join(format!("ferry-mt-{tag}-{}-{n}.sock", std::process::id())))
+    }
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.0.clone())
+    }
+}
+
+/// A destination serving one connection on its own thread.
+fn destination(
+    sock: &Sock,
+    dest: FakeDestination,
+) -> std::thread::JoinHandle<Result<Option<Arc<FakeReceived>>, String>> {
+    let listener = Listener::bind(&sock.endpoint()).unwrap();
+    std::thread::spawn(move || {
+        let mut stream = listener.accept().map_err(|e| e.to_string())?;
+        let policy = DestPolicy { key: key(), cpu: CpuPolicy::default() };
+        destination::attempt(&mut stream, &dest, &policy).map_err(|e| e.to_string())
+    })
+}
+
+fn options(mode: Mode) -> Options {
+    let mut o = Options::new(mode, key());
+    o.timeout = Duration::from_secs(10);
+    o
+}
+
+fn progress() -> crate::progress::Shared {
+    Arc::new(Mutex::new(crate::progress::Progress::default()))
+}
+
+fn run(vm: &Arc<FakeVm>, sock: &Sock, opts: &Options) -> Result<crate::Figures, Error> {
+    let dyn_vm: Arc<dyn MigratableVm> = vm.clone();
+    source::migrate(&dyn_vm, &sock.endpoint(), opts, &progress())
+}
+
+#[test]
+fn a_live_migration_of_a_dirtying_guest_moves_every_byte_and_retires_the_source() {
+    let vm = FakeVm::new(Lifecycle::Running, None);
+    let dirtier = vm.dirty_from_a_thread(4, 256);
+    let sock = Sock::new("live");
+    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let figures = run(&vm, &sock, &options(Mode::Live)).expect("migration succeeds");
+    let received = dest.join().unwrap().unwrap().expect("a VM arrived");
+    vm.stop.store(true, Ordering::Relaxed);
+    dirtier.join().unwrap();
+    assert_eq!(vm.state(), Lifecycle::Retired);
+    assert!(received.running.load(Ordering::SeqCst) && received.acquired.load(Ordering::SeqCst));
+    assert!(received.mem.snapshot() == vm.mem.snapshot(), "destination memory equals the paused source's");
+    assert!(figures.rounds >= 2, "round 0 and the final round at least: {figures:?}");
+    assert!(vm.called("release to fake-b"), "disks handed to the destination's host id");
+    assert!(vm.writes.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_paused_vm_arrives_paused() {
+    let vm = FakeVm::new(Lifecycle::Paused, None);
+    let sock = Sock::new("paused");
+    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    run(&vm, &sock, &options(Mode::Live)).expect("migration succeeds");
+    let received = dest.join().unwrap().unwrap().unwrap();
+    assert_eq!(received.saved_run_state(), RunState::Paused);
+    assert!(!received.running.load(Ordering::SeqCst), "never resumed on the destination");
+    assert!(received.acquired.load(Ordering::SeqCst), "but its disks are taken");
+    assert!(!vm.called("migration pause"), "a paused VM needs no switchover pause");
+    assert!(received.mem.snapshot() == vm.mem.snapshot());
+}
+
+#[test]
+fn a_guest_that_never_converges_is_cancelled_by_policy_or_forced() {
+    for policy in [Policy::Cancel, Policy::Force] {
+        let vm = FakeVm::new(Lifecycle::Running, None);
+        let dirtier = vm.dirty_from_a_thread(400, PAGES);
+        let sock = Sock::new("converge");
+        let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+        let mut opts = options(Mode::Live);
+        opts.downtime_ms = 0.001;
+        opts.max_rounds = 4;
+        opts.auto_converge = false;
+        opts.policy = policy;
+        let result = run(&vm, &sock, &opts);
+        let arrived = dest.join().unwrap();
+        vm.stop.store(true, Ordering::Relaxed);
+        dirtier.join().unwrap();
+        match policy {
+            Policy::Cancel => {
+                assert!(matches!(result, Err(Error::Cancelled(_))), "{result:?}");
+                assert_eq!(vm.state(), Lifecycle::Running, "the VM keeps running on the source");
+                assert!(vm.called("stop dirty log"));
+                assert!(arrived.is_err(), "the destination discarded it");
+            }
+            Policy::Force => {
+                let f = result.expect("forced switchover");
+                assert!(f.forced && f.rounds >= 4, "{f:?}");
+                assert_eq!(vm.state(), Lifecycle::Retired);
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
+    let vm = FakeVm::new(Lifecycle::Running, None);
+    let dirtier = vm.dirty_from_a_thread(400, PAGES);
+    let sock = Sock::new("throttle");
+    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let mut opts = options(Mode::Live);
+    opts.downtime_ms = 0.001;
+    opts.max_rounds = 6;
+    opts.policy = Policy::Force;
+    let f = run(&vm, &sock, &opts).expect("forced switchover");
+    let _ = dest.join();
+    vm.stop.store(true, Ordering::Relaxed);
+    dirtier.join().unwrap();
+    assert!(f.throttle_pct >= 20, "throttle stepped up: {f:?}");
+    assert!(vm.called("throttle the vCPUs"), "the vCPUs were held through the lifecycle");
+}
+
+#[test]
+fn every_failure_before_commit_gives_the_vm_back_as_it_was() {
+    // Destination-side failures.
+    for (tag, dest, expect) in [
+        ("refuse", FakeDestination { refuse: true, fail_restore: false }, "tap vm0 does not exist"),
+        ("restore", FakeDestination { refuse: false, fail_restore: true }, "injected restore failure"),
+    ] {
+        let vm = FakeVm::new(Lifecycle::Running, None);
+        let sock = Sock::new(tag);
+        let d = destination(&sock, dest);
+        let e = run(&vm, &sock, &options(Mode::Live)).unwrap_err();
+        assert!(e.to_string().contains(expect), "{tag}: {e}");
+        assert!(d.join().unwrap().is_err(), "{tag}: nothing kept on the destination");
+        assert_eq!(vm.state(), Lifecycle::Running, "{tag}: running on the source again");
+    }
+    // Source-side failures, in order of the switchover.
+    for step in ["pause", "save", "release"] {
+        for before in [Lifecycle::Running, Lifecycle::Paused] {
+            let vm = FakeVm::new(before, Some(step));
+            let sock = Sock::new(step);
+            let d = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+            let e = run(&vm, &sock, &options(Mode::Quick));
+            let paused_skips_pause = step == "pause" && before == Lifecycle::Paused;
+            if paused_skips_pause {
+                assert!(e.is_ok(), "a paused VM is never paused again");
+                continue;
+            }
+            assert!(e.unwrap_err().to_string().contains(step), "{step}");
+            assert!(d.join().unwrap().is_err(), "{step}: the destination discarded the VM");
+            assert_eq!(vm.state(), before, "{step}: the source has the VM as it was");
+            assert!(!vm.called("retire"), "{step}");
+        }
+    }
+}
+
+/// A destination that speaks the protocol by hand up to `until`, then
+/// vanishes (or aborts).
+fn rogue_destination(sock: &Sock, until: &'static str) -> std::thread::JoinHandle<()> {
+    let listener = Listener::bind(&sock.endpoint()).unwrap();
+    std::thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        crate::auth::accept(&mut s, &key()).unwrap();
+        let _hello = wire::read_frame(&mut s).unwrap();
+        wire::send(&mut s, Kind::HelloAck, &wire::Ack { host_id: "rogue".into() }).unwrap();
+        loop {
+            let f = wire::read_frame(&mut s).unwrap();
+            if f.kind == Kind::State {
+                break;
+            }
+        }
+        match until {
+            "abort-before-ready" => {
+                wire::send(&mut s, Kind::Abort, &wire::Reason { reason: "no room".into() }).unwrap();
+            }
+            "vanish-before-ready" => {}
+            "vanish-after-commit" => {
+                wire::write_frame(&mut s, Kind::Ready, &[]).unwrap();
+                let commit = wire::read_frame(&mut s).unwrap();
+                assert_eq!(commit.kind, Kind::Commit);
+            }
+            other => panic!("unknown step {other}"),
+        }
+    })
+}
+
+#[test]
+fn a_destination_that_fails_before_ready_leaves_the_source_running() {
+    for until in ["abort-before-ready", "vanish-before-ready"] {
+        let vm = FakeVm::new(Lifecycle::Running, None);
+        let sock = Sock::new(until);
+        let d = rogue_destination(&sock, until);
+        let e = run(&vm, &sock, &options(Mode::Live)).unwrap_err();
+        d.join().unwrap();
+        assert!(!matches!(e, Error::Uncertain(_)), "{until}: {e}");
+        assert_eq!(vm.state(), Lifecycle::Running, "{until}");
+    }
+}
+
+#[test]
+fn a_destination_lost_after_commit_leaves_the_source_retired_never_running() {
+    let vm = FakeVm::new(Lifecycle::Running, None);
+    let sock = Sock::new("after-commit");
+    let d = rogue_destination(&sock, "vanish-after-commit");
+    let e = run(&vm, &sock, &options(Mode::Live)).unwrap_err();
+    d.join().unwrap();
+    assert!(matches!(e, Error::Uncertain(_)), "{e}");
+    assert_eq!(vm.state(), Lifecycle::Retired, "the source never runs it again");
+    assert!(vm.state().next(Action::Resume).is_err());
+}
+
+#[test]
+fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
+    let sock = Sock::new("source-gone");
+    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    // A source that commits and vanishes without waiting for Resumed.
+    let mut s = crate::transport::connect(&sock.endpoint(), Duration::from_secs(5)).unwrap();
+    crate::auth::connect(&mut s, &key()).unwrap();
+    let req = Requirements {
+        mem_bytes: 16 * PAGE_SIZE,
+        vcpus: 1,
+        nics: Vec::new(),
+        disks: Vec::new(),
+        guest_cpuid: Vec::new(),
+        tsc_khz: 0,
+    };
+    let hello = wire::Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        mode: Mode::Quick,
+        requirements: req,
+        check_only: false,
+    };
+    wire::send(&mut s, Kind::Hello, &hello).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::HelloAck);
+    wire::write_frame(&mut s, Kind::MemData, &wire::mem_data_payload(PAGE_SIZE, &[7; 4096])).unwrap();
+    wire::write_frame(&mut s, Kind::State, &serde_json::to_vec(&RunState::Running).unwrap()).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::Ready);
+    wire::write_frame(&mut s, Kind::Commit, &[]).unwrap();
+    drop(s);
+    let vm = dest.join().unwrap().unwrap().expect("the committed VM is kept");
+    assert!(vm.running.load(Ordering::SeqCst), "and runs, whatever happened to the connection");
+    let mut page = [0u8; 4096];
+    vm.mem.read_at(PAGE_SIZE, &mut page).unwrap();
+    assert_eq!(page, [7; 4096]);
+}
+
+#[test]
+fn a_cancel_request_stops_the_migration_before_its_commit() {
+    let vm = FakeVm::new(Lifecycle::Running, None);
+    let dirtier = vm.dirty_from_a_thread(400, PAGES);
+    let sock = Sock::new("cancel");
+    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let mut opts = options(Mode::Live);
+    opts.downtime_ms = 0.001;
+    opts.max_rounds = 10_000;
+    opts.auto_converge = false;
+    let cancel = opts.cancel.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        cancel.store(true, Ordering::SeqCst);
+    });
+    let e = run(&vm, &sock, &opts).unwrap_err();
+    canceller.join().unwrap();
+    let _ = dest.join();
+    vm.stop.store(true, Ordering::Relaxed);
+    dirtier.join().unwrap();
+    assert!(matches!(e, Error::CancelledByRequest), "{e}");
+    assert_eq!(vm.state(), Lifecycle::Running);
+}

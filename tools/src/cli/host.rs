@@ -1,0 +1,89 @@
+//! What every VMM-running command shares: this host's side of a VM
+//! (`HostArgs`, turned into a `HostConfig`) and `serve`, which runs a VM to
+//! its end with the API on a socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use vmm::api::server::{ApiServer, Migrator};
+use vmm::config::{HostConfig, NetConfig};
+use vmm::devices::serial::SerialOutput;
+use vmm::Vmm;
+
+/// This host's choices for a VM it runs: a booted one (`ferry run`), a
+/// restored one (`ferry restore`) or a received one (`ferry receive`).
+#[derive(Args, Clone)]
+pub struct HostArgs {
+    /// Where the serial console goes: stdout, file:PATH, or null.
+    #[arg(long, value_name = "DEST", default_value = "stdout")]
+    pub serial: SerialOutput,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// The KVM device to use.
+    #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::DEFAULT_KVM_DEVICE)]
+    pub kvm_device: PathBuf,
+    /// This host's name in shared-volume disk leases (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    pub host_id: Option<String>,
+    /// TTL of the leases on shared-volume disks; the VMM renews them every
+    /// third of it and stops writing if it cannot.
+    #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms())]
+    pub lease_ttl_ms: u64,
+}
+
+impl HostArgs {
+    /// This host's config for a VM whose NICs are backed by `taps`.
+    pub fn host_config(&self, taps: Vec<String>, takeover: bool) -> HostConfig {
+        HostConfig {
+            taps,
+            serial: self.serial.clone(),
+            kvm_device: self.kvm_device.clone(),
+            host_id: self.host_id.clone().unwrap_or_else(vmm::config::default_host_id),
+            lease_ttl_ms: self.lease_ttl_ms,
+            takeover,
+        }
+    }
+}
+
+/// The taps given with `--net` for a restored or received VM: the MAC
+/// comes from the saved machine, so a `mac=` given here must match it.
+pub fn taps_for(net: &[NetConfig], macs: &[vmm::mac::MacAddr]) -> anyhow::Result<Vec<String>> {
+    if net.len() != macs.len() {
+        anyhow::bail!(
+            "the VM has {} NIC(s); --net tap=NAME was given {} time(s) (one per NIC, in order)",
+            macs.len(),
+            net.len()
+        );
+    }
+    for (n, mac) in net.iter().zip(macs) {
+        if let Some(given) = n.mac.filter(|m| m != mac) {
+            anyhow::bail!("--net tap={},mac={given}: the VM's NIC has MAC {mac}", n.tap);
+        }
+    }
+    Ok(net.iter().map(|n| n.tap.clone()).collect())
+}
+
+/// Runs a started VM until it ends: serves the API (with `migrator` for
+/// `vm.migrate`), turns signals into a clean stop, and returns the exit
+/// status. Signals must already be blocked (`signals::block`) before the
+/// VM's threads started.
+pub fn serve(vmm: Arc<Vmm>, api_sock: Option<&Path>, migrator: Option<Arc<dyn Migrator>>) -> anyhow::Result<i32> {
+    crate::signals::forward_to(vmm.events());
+    let api = match api_sock {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            Some(ApiServer::start(path, vmm.clone(), migrator)?)
+        }
+        None => None,
+    };
+    let reason = vmm.wait_for_exit();
+    vmm.stop();
+    drop(api);
+    eprintln!("ferry: VM stopped: {reason}");
+    Ok(reason.exit_code())
+}
