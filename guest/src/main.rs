@@ -29,6 +29,7 @@ mod io;
 mod mem;
 mod net;
 mod ports;
+mod probe;
 mod serial;
 mod start_info;
 mod virtio;
@@ -110,9 +111,11 @@ pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
         ports::debug_exit(2)
     };
     let cfg = Config::parse(si.cmdline);
-    let (tsc_khz, tsc_source) = clock::tsc_khz(cfg.tsc_khz);
+    // What the VMM told us at CPL0 (CPUID at CPL3 is the host's on PVM).
+    let probe = probe::get();
+    let (tsc_khz, tsc_source) = clock::tsc_khz(cfg.tsc_khz, &probe);
     let ram: u64 = si.memmap.iter().filter(|e| e.kind == start_info::E820_RAM).map(|e| e.size).sum();
-    let cpus = io::cpuid(1, 0).ebx >> 16 & 0xff;
+    let cpus = probe.cpus();
     println!(
         "ferry-guest {} booted: ram_mib={} cpus={} tsc_khz={} ({}) wss_mib={} dirty_mib_s={} heartbeat_ms={} virtio_devices={}",
         VERSION,
