@@ -4,8 +4,10 @@
 //! the physical address of `hvm_start_info`. Everything here runs at CPL0,
 //! which a PVM host emulates instruction by instruction, so this file is kept
 //! to a few dozen instructions: the tables are prebuilt by the assembler and
-//! the code only loads them, enables long mode, and `iretq`s to CPL3 with
-//! IOPL=3 and IF=0 (port I/O allowed, interrupts never enabled).
+//! the code only loads them, enables long mode, calls `probe::cpl0_probe`
+//! (the CPUID and kvmclock reads that must happen at CPL0, a few hundred
+//! instructions) and `iretq`s to CPL3 with IOPL=3 and IF=0 (port I/O
+//! allowed, interrupts never enabled).
 //!
 //! Memory map seen by the guest: an identity map of 0..64 GiB, user-accessible,
 //! 2 MiB pages below 4 GiB (3-4 GiB uncached: the MMIO hole) and 1 GiB pages
@@ -49,7 +51,9 @@ start64:
     movw %ax, %es
     movw %ax, %ss
     movl $__stack_top, %esp         /* the iretq frame needs a stack */
-    movl %esi, %edi                 /* guest_main(start_info) */
+    movl %esi, %ebx                 /* callee-saved across the probe */
+    call cpl0_probe                 /* CPUID and kvmclock: see probe.rs */
+    movl %ebx, %edi                 /* guest_main(start_info) */
     pushq $0x23                     /* SS: user data, RPL 3 */
     pushq $__stack_top - 8          /* RSP, ABI-aligned as if called */
     pushq $0x3002                   /* RFLAGS: IOPL=3, IF=0 */

@@ -1,10 +1,16 @@
 //! TSC frequency: the guest paces itself by rdtsc, which runs natively at CPL3.
+//! The frequency itself comes from what `probe.rs` read at CPL0.
 
-use crate::io::cpuid;
+use crate::probe::Probe;
+
+/// Used when nothing better answers; it makes every figure the guest
+/// reports off by the ratio to the real frequency, and the banner says so.
+const GUESS_KHZ: u64 = 2_000_000;
 
 /// Where the frequency came from, for the banner.
 pub enum Source {
     CommandLine,
+    Kvmclock,
     HypervisorLeaf,
     Cpuid15,
     Cpuid16,
@@ -15,6 +21,7 @@ impl Source {
     pub fn name(&self) -> &'static str {
         match self {
             Source::CommandLine => "cmdline",
+            Source::Kvmclock => "kvmclock",
             Source::HypervisorLeaf => "cpuid-0x40000010",
             Source::Cpuid15 => "cpuid-0x15",
             Source::Cpuid16 => "cpuid-0x16",
@@ -23,30 +30,45 @@ impl Source {
     }
 }
 
-pub fn tsc_khz(override_khz: u64) -> (u64, Source) {
+/// In order: an explicit `tsc_khz=`, kvmclock's scale (KVM's own figure for
+/// this vCPU's TSC), the VMM's 0x40000010 leaf, CPUID 0x15, CPUID 0x16, and
+/// a guess.
+pub fn tsc_khz(override_khz: u64, p: &Probe) -> (u64, Source) {
     if override_khz != 0 {
         return (override_khz, Source::CommandLine);
     }
-    // The VMM fills the KVM/VMware timing leaf from KVM_GET_TSC_KHZ.
-    let hv = cpuid(0x4000_0000, 0);
-    if hv.eax >= 0x4000_0010 {
-        let khz = cpuid(0x4000_0010, 0).eax;
-        if khz != 0 {
-            return (khz as u64, Source::HypervisorLeaf);
-        }
+    if let Some(khz) = pvclock_khz(p) {
+        return (khz, Source::Kvmclock);
     }
-    let max = cpuid(0, 0).eax;
-    if max >= 0x15 {
-        let l = cpuid(0x15, 0);
-        if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
-            return (l.ecx as u64 * l.ebx as u64 / l.eax as u64 / 1000, Source::Cpuid15);
-        }
+    if p.hv_tsc_khz != 0 {
+        return (p.hv_tsc_khz as u64, Source::HypervisorLeaf);
     }
-    if max >= 0x16 {
-        let mhz = cpuid(0x16, 0).eax & 0xffff;
-        if mhz != 0 {
-            return (mhz as u64 * 1000, Source::Cpuid16);
-        }
+    let [denominator, numerator, crystal_hz] = p.leaf15;
+    if denominator != 0 && numerator != 0 && crystal_hz != 0 {
+        return (crystal_hz as u64 * numerator as u64 / denominator as u64 / 1000, Source::Cpuid15);
     }
-    (2_000_000, Source::Guess)
+    if p.leaf16_mhz != 0 {
+        return (p.leaf16_mhz as u64 * 1000, Source::Cpuid16);
+    }
+    (GUESS_KHZ, Source::Guess)
+}
+
+/// kvmclock converts ticks to ns as `((ticks << shift) * mul) >> 32` (a
+/// negative shift shifts right), so ticks per ms = 10^6 * 2^32 / mul,
+/// shifted the other way. Rounded to the nearest kHz, as Linux's
+/// `pvclock_tsc_khz` (which truncates) gives within 1 kHz.
+fn pvclock_khz(p: &Probe) -> Option<u64> {
+    if !p.pvclock_ok || p.pvclock_mul == 0 || !(-32..=32).contains(&p.pvclock_shift) {
+        return None;
+    }
+    let mut scaled: u128 = (1_000_000u128 << 32) << 32;
+    scaled /= p.pvclock_mul as u128;
+    if p.pvclock_shift < 0 {
+        scaled <<= -p.pvclock_shift as u32;
+    } else {
+        scaled >>= p.pvclock_shift as u32;
+    }
+    // `scaled` is kHz << 32.
+    let khz = ((scaled + (1 << 31)) >> 32) as u64;
+    (khz != 0).then_some(khz)
 }

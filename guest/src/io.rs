@@ -1,4 +1,5 @@
-//! The few instructions the guest needs at CPL3: port I/O, rdtsc, cpuid.
+//! The few instructions the guest needs at CPL3: port I/O and rdtsc. (CPUID
+//! is read at CPL0, in `probe.rs`: at CPL3 a PVM host does not intercept it.)
 
 use core::arch::asm;
 
@@ -22,15 +23,4 @@ pub fn inb(port: u16) -> u8 {
 pub fn rdtsc() -> u64 {
     // SAFETY: CR4.TSD is clear, so rdtsc is allowed at CPL3.
     unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-pub struct Cpuid {
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-}
-
-pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
-    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    Cpuid { eax: r.eax, ebx: r.ebx, ecx: r.ecx }
 }

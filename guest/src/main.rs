@@ -29,6 +29,7 @@ mod io;
 mod mem;
 mod net;
 mod ports;
+mod probe;
 mod serial;
 mod start_info;
 mod virtio;
@@ -47,6 +48,9 @@ const INPUT_POLL_MS: u64 = 5;
 /// Host-side overshoot tolerated on an idle request before it counts as a
 /// stall (timer slack and wake-up latency).
 const IDLE_SLACK_US: u64 = 200;
+/// Longest a line of our own output (a port exit per byte, about 20 us each)
+/// or one input poll can take: a longer gap around one was the guest stopped.
+const PRINT_MAX_MS: u64 = 20;
 
 extern "C" {
     static __image_end: u8;
@@ -79,10 +83,22 @@ impl Stopwatch {
     fn take_recent(&mut self) -> u64 {
         core::mem::take(&mut self.recent_max)
     }
-    /// Skips the time spent in rare, slow work of our own (printing a line,
-    /// running a command): a few milliseconds a second at most.
+    /// Skips the time spent in rare, slow work of our own (running a
+    /// command): a few milliseconds a second at most.
     fn restart(&mut self) {
         self.last = rdtsc();
+    }
+    /// Skips the time spent printing a line or polling the console, unless
+    /// it took longer than `bound` ticks: then the guest was stopped in the
+    /// middle of it, and the whole gap counts (over by the print's own few
+    /// milliseconds at most), so a pause landing on a print is not lost.
+    fn skip(&mut self, bound: u64) {
+        let now = rdtsc();
+        let gap = now.saturating_sub(self.last);
+        if gap > bound {
+            self.record(gap);
+        }
+        self.last = now;
     }
 }
 
@@ -110,9 +126,11 @@ pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
         ports::debug_exit(2)
     };
     let cfg = Config::parse(si.cmdline);
-    let (tsc_khz, tsc_source) = clock::tsc_khz(cfg.tsc_khz);
+    // What the VMM told us at CPL0 (CPUID at CPL3 is the host's on PVM).
+    let probe = probe::get();
+    let (tsc_khz, tsc_source) = clock::tsc_khz(cfg.tsc_khz, &probe);
     let ram: u64 = si.memmap.iter().filter(|e| e.kind == start_info::E820_RAM).map(|e| e.size).sum();
-    let cpus = io::cpuid(1, 0).ebx >> 16 & 0xff;
+    let cpus = probe.cpus();
     println!(
         "ferry-guest {} booted: ram_mib={} cpus={} tsc_khz={} ({}) wss_mib={} dirty_mib_s={} heartbeat_ms={} virtio_devices={}",
         VERSION,
@@ -196,6 +214,7 @@ impl Guest {
         let start = rdtsc();
         let mut next_heartbeat = start + self.ticks(self.cfg.heartbeat_ms);
         let mut next_input = start;
+        let print_max = self.ticks(PRINT_MAX_MS);
         loop {
             let now = rdtsc();
             self.stall.tick(now);
@@ -215,11 +234,19 @@ impl Guest {
             }
 
             if now >= next_input {
-                if let Some(line) = input.poll() {
-                    self.command(line);
-                }
+                let ran = match input.poll() {
+                    Some(line) => {
+                        self.command(line);
+                        true
+                    }
+                    None => false,
+                };
                 next_input = rdtsc() + self.ticks(INPUT_POLL_MS);
-                self.stall.restart();
+                if ran {
+                    self.stall.restart();
+                } else {
+                    self.stall.skip(print_max);
+                }
             }
             if now >= next_heartbeat {
                 self.heartbeat();
@@ -227,7 +254,7 @@ impl Guest {
                 if next_heartbeat <= now {
                     next_heartbeat = now + self.ticks(self.cfg.heartbeat_ms);
                 }
-                self.stall.restart();
+                self.stall.skip(print_max);
             }
             if !busy && self.cfg.idle_us > 0 {
                 self.stall.tick(rdtsc());
