@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi;
 use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::BootEntry;
@@ -47,6 +48,8 @@ pub enum Error {
     Boot(#[from] boot::Error),
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
     #[error("cannot open serial output: {0}")]
@@ -226,6 +229,9 @@ impl Vmm {
 
         let (boot_protocol, kernel_load, boot_entry) = match &restore {
             None => {
+                let acpi_virtio: Vec<(u64, u32)> =
+                    mmio_devices.iter().zip(layout::VIRTIO_FIRST_IRQ..).map(|((base, _), irq)| (*base, irq)).collect();
+                let rsdp = acpi::write(&ram.memory, &acpi::AcpiSpec { vcpus: config.vcpus, virtio: &acpi_virtio })?;
                 let booted = boot::load(
                     &ram.memory,
                     &BootSpec {
@@ -234,6 +240,7 @@ impl Vmm {
                         cmdline: cmdline.trim_start(),
                         protocol: config.boot,
                         mem_bytes: ram.size,
+                        acpi_rsdp: Some(rsdp.0),
                     },
                 )?;
                 mptable::write(&ram.memory, config.vcpus)?;
