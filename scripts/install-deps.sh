@@ -7,6 +7,7 @@ command -v ip >/dev/null || pkgs+=(iproute2)
 command -v setpriv >/dev/null || pkgs+=(util-linux)
 command -v dpkg-deb >/dev/null || pkgs+=(dpkg)
 command -v qemu-img >/dev/null || pkgs+=(qemu-utils)
+command -v iasl >/dev/null || pkgs+=(acpica-tools)
 [ ${#pkgs[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: missing ${pkgs[*]}; run as root or: sudo apt-get install ${pkgs[*]}" >&2

@@ -2,8 +2,10 @@
 //! built) booted by `ferry run`.
 //!
 //! On a PVM host Linux stops at its int3 self-test, so the test asserts the
-//! early messages: "Linux version" and the e820 map we handed it. On a
-//! VMX/SVM host it must reach a shell prompt in a busybox initramfs.
+//! early messages: "Linux version", the e820 map we handed it, and that it
+//! found our ACPI tables and takes both vCPUs from the MADT (this kernel has
+//! no MP-table parser). On a VMX/SVM host it must reach a shell prompt in a
+//! busybox initramfs.
 
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ fn boot_and_check_early_messages(protocol: &str) -> Vm {
         protocol.into(),
         "--mem-mib".into(),
         "256".into(),
+        "--vcpus".into(),
+        "2".into(),
         "--cmdline".into(),
         "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1".into(),
     ]);
@@ -29,7 +33,31 @@ fn boot_and_check_early_messages(protocol: &str) -> Vm {
     vm.wait_line(BOOT, |l| l.contains("BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved"));
     vm.wait_line(BOOT, |l| l.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"));
     vm.wait_line(BOOT, |l| l.contains("Command line: console=ttyS0"));
+    check_acpi(&vm);
     vm
+}
+
+/// Linux found the RSDP where we put it, the tables it points to, and takes
+/// its CPUs from the MADT, with no ACPI complaint on the way.
+fn check_acpi(vm: &Vm) {
+    vm.wait_line(BOOT, |l| l.contains("ACPI: RSDP 0x00000000000E0000 000024 (v02 FERRY )"));
+    for table in ["XSDT", "FACP", "DSDT", "APIC"] {
+        let prefix = format!("ACPI: {table} 0x00000000000E");
+        vm.wait_line(BOOT, |l| l.contains(&prefix) && l.contains("FERRY"));
+    }
+    vm.wait_line(BOOT, |l| l.contains("IOAPIC[0]: apic_id 3, version 17, address 0xfec00000, GSI 0-23"));
+    vm.wait_line(BOOT, |l| l.contains("ACPI: Using ACPI (MADT) for SMP configuration information"));
+    vm.wait_line(BOOT, |l| l.contains("smpboot: Allowing 2 CPUs, 0 hotplug CPUs"));
+    let complaints: Vec<String> = vm
+        .lines()
+        .into_iter()
+        .filter(|l| {
+            ["ACPI Error", "ACPI BIOS", "ACPI Warning", "Invalid BIOS MADT", "disabling ACPI"]
+                .iter()
+                .any(|c| l.contains(c))
+        })
+        .collect();
+    assert!(complaints.is_empty(), "Linux complains about the ACPI tables:\n{}", complaints.join("\n"));
 }
 
 #[test]

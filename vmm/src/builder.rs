@@ -14,8 +14,8 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{self, ports};
-use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::BootEntry;
+use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, BootSpec};
 use crate::config::{HostConfig, MachineConfig, VmConfig, MAX_VCPUS};
 use crate::devices::bus::Buses;
@@ -59,6 +59,8 @@ pub fn build_for_boot(config: VmConfig) -> Result<Vmm, Error> {
 
     let m = &config.machine;
     let cmdline = format!("{}{}", m.cmdline, core.mmio_cmdline);
+    // ACPI before the boot structures, which carry the RSDP's address.
+    let rsdp = acpi::write(&ram.memory, &acpi::AcpiSpec { vcpus: m.vcpus, virtio: &core.mmio_windows })?;
     let booted = boot::load(
         &ram.memory,
         &BootSpec {
@@ -67,6 +69,7 @@ pub fn build_for_boot(config: VmConfig) -> Result<Vmm, Error> {
             cmdline: cmdline.trim_start(),
             protocol: m.boot,
             mem_bytes: ram.size,
+            acpi_rsdp: Some(rsdp.0),
         },
     )?;
     mptable::write(&ram.memory, m.vcpus)?;
@@ -243,6 +246,8 @@ struct Core {
     events_rx: Receiver<VmEvent>,
     /// `virtio_mmio.device=` for each transport, for the kernel command line.
     mmio_cmdline: String,
+    /// Each transport's MMIO base and IRQ, for the ACPI tables.
+    mmio_windows: Vec<(u64, u32)>,
 }
 
 impl Core {
@@ -257,6 +262,7 @@ impl Core {
         let mut virtio = Vec::new();
         let mut bus = Buses::default();
         let mut mmio_cmdline = String::new();
+        let mut mmio_windows = Vec::new();
         for (i, device) in devices.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW;
             let irq = layout::VIRTIO_FIRST_IRQ + i as u32;
@@ -268,6 +274,7 @@ impl Core {
             }
             let transport = Arc::new(Mutex::new(transport));
             mmio_cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            mmio_windows.push((base, irq));
             bus.mmio.insert(base, MMIO_WINDOW, transport.clone())?;
             virtio.push(transport);
         }
@@ -292,6 +299,7 @@ impl Core {
             events_tx,
             events_rx,
             mmio_cmdline,
+            mmio_windows,
         })
     }
 

@@ -43,6 +43,8 @@ pub enum Error {
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
     #[error(transparent)]
+    Acpi(#[from] crate::arch::x86_64::acpi::Error),
+    #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
     #[error("cannot open serial output: {0}")]
     SerialOutput(std::io::Error),

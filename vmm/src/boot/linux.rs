@@ -13,15 +13,18 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 
-/// Builds and writes the zero page; returns its address.
+/// Builds and writes the zero page (with the ACPI RSDP's address if there
+/// is one); returns its address.
 pub fn write_boot_params(
     mem: &GuestMemory,
     mem_bytes: u64,
     header: Option<setup_header>,
     cmdline_len: u32,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<u64, Error> {
-    let params = boot_params_for(mem_bytes, header, cmdline_len, initrd);
+    let mut params = boot_params_for(mem_bytes, header, cmdline_len, initrd);
+    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))?;
     Ok(ZERO_PAGE_START)
 }

@@ -83,6 +83,8 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     pub protocol: BootProtocol,
     pub mem_bytes: u64,
+    /// Where the ACPI RSDP is, for the boot protocol to hand over.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// What the loader did, for logs and tests.
@@ -153,10 +155,11 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<Booted, Error> {
         (BootProtocol::Pvh, _, Some(_)) => true,
     };
     let entry = if use_pvh {
-        let start_info = pvh::write_start_info(mem, spec.mem_bytes, initrd)?;
+        let start_info = pvh::write_start_info(mem, spec.mem_bytes, initrd, spec.acpi_rsdp)?;
         BootEntry::Pvh { entry: pvh_entry.expect("checked above"), start_info }
     } else {
-        let boot_params = linux::write_boot_params(mem, spec.mem_bytes, result.setup_header, cmdline_len, initrd)?;
+        let boot_params =
+            linux::write_boot_params(mem, spec.mem_bytes, result.setup_header, cmdline_len, initrd, spec.acpi_rsdp)?;
         let entry = match image {
             // startup_64 sits 0x200 into the protected-mode kernel.
             ImageKind::BzImage => result.kernel_load.0 + 0x200,
@@ -227,6 +230,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet",
             protocol: BootProtocol::Auto,
             mem_bytes: ram.size,
+            acpi_rsdp: Some(0xe0000),
         };
         let booted = load(&ram.memory, &spec).unwrap();
         assert_eq!(booted.image, ImageKind::BzImage);
@@ -249,6 +253,7 @@ mod tests {
         assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (initrd_addr as u32, 10_000));
         assert_eq!(initrd_addr % 4096, 0);
         assert!(initrd_addr + initrd_size <= 64 << 20 && initrd_addr >= booted.kernel_end);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(params.e820_entries, 3);
         let e820 = params.e820_table;
         assert_eq!(
@@ -267,7 +272,14 @@ mod tests {
         let dir = scratch("bad");
         let (bz, _) = fake_bzimage(&dir);
         let ram = crate::memory::create(32).unwrap();
-        let spec = |kernel, protocol| BootSpec { kernel, initrd: None, cmdline: "", protocol, mem_bytes: ram.size };
+        let spec = |kernel, protocol| BootSpec {
+            kernel,
+            initrd: None,
+            cmdline: "",
+            protocol,
+            mem_bytes: ram.size,
+            acpi_rsdp: None,
+        };
         assert!(matches!(load(&ram.memory, &spec(&bz, BootProtocol::Pvh)), Err(Error::BzImagePvh)));
         let junk = dir.join("junk");
         std::fs::write(&junk, b"#!/bin/sh\necho not a kernel\n").unwrap();

@@ -8,6 +8,7 @@
 //! 0x0000_9000  Linux boot page tables (PML4, PDPT, PD: first 1 GiB)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  MP table (EBDA); reserved up to 1 MiB
+//! 0x000e_0000  ACPI tables, the RSDP first (BIOS area, still reserved)
 //! 0x0010_0000  kernel / test guest image (high memory)
 //! 0xc000_0000  MMIO hole up to 4 GiB: virtio-mmio devices, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM beyond 3 GiB continues here
@@ -27,6 +28,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Start of the Extended BIOS Data Area; the MP table goes here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables, RSDP first: Linux scans 0xE0000-0xFFFFF for it.
+pub const ACPI_START: u64 = 0xe0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
