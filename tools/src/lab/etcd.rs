@@ -300,7 +300,7 @@ mod tests {
     fn own_process_is_alive_and_others_are_not() {
         let me = std::process::id();
         let st = proc_stat(me).unwrap();
-        assert_eq!(st.state, 'R');
+        assert!(!matches!(st.state, 'Z' | 'X'));
         let s = Started { pid: me, start_ticks: st.start_ticks, role: Role::A, what: "test".into() };
         assert!(alive(&s));
         assert!(!alive(&Started { start_ticks: st.start_ticks + 1, ..s.clone() }), "another start time");
