@@ -17,7 +17,7 @@ export FERRY_LINUX_DIR := $(CURDIR)/$(LINUX_DIR)
 
 all: build guest
 
-## deps: Debian packages the tests and the demo use (lz4, iproute2, util-linux, qemu-utils, acpica-tools)
+## deps: Debian packages the tests and the demo use (lz4, iproute2, util-linux, qemu-utils, acpica-tools, etcd-server, protobuf-compiler, nftables)
 deps:
 	@scripts/install-deps.sh
 

@@ -16,6 +16,8 @@ Topology (NAME defaults to `ferry`):
   NAME-fabric  bridge `fabric`, with veths to-a, to-b, to-client
   NAME-a       bridge br0 10.200.77.1/24 (port: uplink), VM taps
   NAME-b       bridge br0 10.200.77.2/24 (port: uplink), VM taps
+  NAME-c       bridge br0 10.200.77.3/24 (port: uplink), VM taps
+               (only with --hosts a,b,c; a and b are the default)
   NAME-client  eth0 10.200.77.100/24
 Addresses: 10.200.77.0/24, inside the lab's namespaces only; guests use
 10.200.77.10-10.200.77.99. IPv6 is off in the lab's namespaces. `up` returns
@@ -24,15 +26,32 @@ once every link is operational.
 State: /run/ferry-lab/NAME.json records what the lab created. A namespace
 with one of the lab's names that the state file does not list is someone
 else's: up, down and tap refuse, naming it, and change nothing.
-The lab starts no processes. `down` reports processes still inside its
-namespaces (PID and command), kills none, and deletes the names anyway.
+etcd (`up --etcd`, not started otherwise): one member per host, inside the
+host's namespace on its address (clients http://10.200.77.N:2379, also
+127.0.0.1:2379 inside the host; peers :2380), data in
+/run/ferry-lab/NAME/etcd-HOST, log in /run/ferry-lab/NAME/etcd-HOST.log.
+`up` returns once every member reports healthy (at most 20 s). These
+members are the only processes the lab starts: it records their PIDs, and
+`down` stops them (SIGTERM, 5 s, SIGKILL) before deleting the namespaces.
+Any other process still inside its namespaces `down` reports (PID and
+command), kills none of, and deletes the names anyway.
+
+Failures to inject: `etcd kill HOST` (SIGKILL the member, a crash),
+`etcd start HOST` (it rejoins with its data), `cut HOST` (the host's switch
+port on the fabric goes down: host, VMs and member are partitioned) and
+`heal HOST`.
 
 Example:
   ferry lab up
   ferry lab tap add a tap0
   ip netns exec ferry-a ferry run --net tap=tap0,... &
   ferry ping --netns ferry-client --target 10.200.77.10 --duration-ms 5000
-  ferry lab down";
+  ferry lab down
+
+  ferry lab up --name c1 --hosts a,b,c --etcd
+  ferry lab etcd endpoints --name c1   # http://10.200.77.1:2379,...
+  ferry lab cut a --name c1; ferry lab heal a --name c1
+  ferry lab down --name c1";
 
 #[derive(Args)]
 #[command(after_help = LAB_HELP)]
@@ -49,7 +68,15 @@ pub struct LabArgs {
 enum LabCommand {
     /// Create the lab, or whatever of it is missing (idempotent); prints
     /// its status (JSON, as `status`).
-    Up,
+    Up {
+        /// The VM hosts, from a, b and c (default: a,b). Hosts are only
+        /// added, never removed, by a later `up`.
+        #[arg(long, value_name = "HOSTS", value_parser = parse_hosts)]
+        hosts: Option<Hosts>,
+        /// Run one etcd member in each host and wait until they are healthy.
+        #[arg(long)]
+        etcd: bool,
+    },
     /// Delete everything the lab created (its namespaces, and so the veths,
     /// bridges and taps in them, and its state file); prints what it did (JSON).
     Down,
@@ -60,6 +87,22 @@ enum LabCommand {
     Tap {
         #[command(subcommand)]
         command: TapCommand,
+    },
+    /// Kill, restart or list the lab's etcd members.
+    Etcd {
+        #[command(subcommand)]
+        command: EtcdCommand,
+    },
+    /// Cut a host's link to the fabric (its port on the fabric bridge goes
+    /// down): the host, its VMs and its etcd member are partitioned.
+    Cut {
+        /// a, b or c.
+        host: Role,
+    },
+    /// Restore a host's cut link; returns once it carries traffic.
+    Heal {
+        /// a, b or c.
+        host: Role,
     },
     /// Run a command inside one of the lab's namespaces (via `ip netns
     /// exec`); exits with the command's status.
@@ -73,6 +116,31 @@ enum LabCommand {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+}
+
+#[derive(Subcommand)]
+enum EtcdCommand {
+    /// SIGKILL a host's member (a crash) and wait until it is gone; prints
+    /// the member's status (JSON).
+    Kill {
+        /// a, b or c.
+        host: Role,
+    },
+    /// Start a host's member again (on its data: it rejoins) unless it
+    /// runs; waits until it is healthy; prints its status (JSON).
+    Start {
+        /// a, b or c.
+        host: Role,
+    },
+    /// Print the client URLs, comma-separated (for `--etcd`).
+    Endpoints,
+}
+
+#[derive(Clone)]
+struct Hosts(Vec<Role>);
+
+fn parse_hosts(s: &str) -> Result<Hosts, String> {
+    crate::lab::topology::parse_hosts(s).map(Hosts)
 }
 
 #[derive(Subcommand)]
@@ -97,7 +165,14 @@ enum TapCommand {
 pub fn lab(args: LabArgs) -> anyhow::Result<i32> {
     let lab = Lab::open(&args.name)?;
     match args.command {
-        LabCommand::Up => print_json(&lab.up()?)?,
+        LabCommand::Up { hosts, etcd } => {
+            print_json(&lab.up(&crate::lab::UpOptions { hosts: hosts.map(|h| h.0), etcd })?)?
+        }
+        LabCommand::Etcd { command: EtcdCommand::Kill { host } } => print_json(&lab.etcd_kill(host)?)?,
+        LabCommand::Etcd { command: EtcdCommand::Start { host } } => print_json(&lab.etcd_start(host)?)?,
+        LabCommand::Etcd { command: EtcdCommand::Endpoints } => println!("{}", lab.etcd_endpoints()?),
+        LabCommand::Cut { host } => lab.cut(host)?,
+        LabCommand::Heal { host } => lab.heal(host)?,
         LabCommand::Down => print_json(&lab.down()?)?,
         LabCommand::Status => print_json(&lab.status()?)?,
         LabCommand::Tap { command: TapCommand::Add { host, tap } } => print_json(&lab.tap_add(host, &tap)?)?,

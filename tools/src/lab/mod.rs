@@ -12,18 +12,25 @@
 //! - `down` deletes every namespace it created (the veths, bridges and taps
 //!   in them go with them) and its state file; it tolerates a partly built
 //!   or partly removed lab.
-//! - It starts no long-running process. If `down` finds processes inside
-//!   its namespaces (e.g. a VMM still running), it reports them (PID and
-//!   command) and deletes the namespace names anyway; it kills nothing,
-//!   because it started nothing. A namespace with processes left in it
-//!   lives on, unnamed, until they exit.
-//! - Every `ip` call is bounded in time ([`ip::IP_TIMEOUT`]), and so is the
-//!   wait for another lab command ([`state::LOCK_TIMEOUT`]).
+//! - The only processes it starts are its etcd members (`up --etcd`, see
+//!   [`etcd`]), recorded by PID and start time; `down` stops them (SIGTERM,
+//!   a bounded wait, SIGKILL) before it deletes the namespaces. Any other
+//!   process `down` finds inside its namespaces (e.g. a VMM still running)
+//!   it reports (PID and command) and leaves alone, deleting the namespace
+//!   names anyway; such a namespace lives on, unnamed, until they exit.
+//! - Every `ip` call is bounded in time ([`ip::IP_TIMEOUT`]), and so are
+//!   the wait for another lab command ([`state::LOCK_TIMEOUT`]), for links
+//!   ([`OPERATIONAL_TIMEOUT`]) and for etcd ([`etcd::READY_TIMEOUT`]).
 
+pub mod etcd;
 pub mod ip;
 pub mod netns;
 pub mod state;
+pub mod status;
 pub mod topology;
+
+use status::tap_status;
+pub use status::{Status, TapStatus};
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -84,6 +91,49 @@ pub enum LabError {
     Io { what: String, source: std::io::Error },
     #[error("the lab's links did not come up within {secs} s: {links}")]
     NotOperational { links: String, secs: u64 },
+    #[error("etcd was not found at /usr/bin/etcd nor in PATH: install Debian's etcd-server (make deps)")]
+    EtcdMissing,
+    #[error("etcd member {host} exited at once; its log {} ends:\n{tail}", log.display())]
+    EtcdExited { host: Role, log: PathBuf, tail: String },
+    #[error("etcd member {host} (PID {pid}) was still there {secs} s after SIGKILL")]
+    EtcdWontDie { host: Role, pid: u32, secs: u64 },
+    #[error("etcd was not healthy within {secs} s: {members}; logs in {}", logs.display())]
+    EtcdNotReady { members: String, secs: u64, logs: PathBuf },
+    #[error("lab {lab:?} runs no etcd (make it with `ferry lab up --name {lab} --etcd`)")]
+    NoEtcd { lab: String },
+    #[error("lab {lab:?} has no host {host} (its hosts: {hosts})")]
+    NotInLab { lab: String, host: Role, hosts: String },
+    #[error(
+        "lab {lab:?} already runs etcd on hosts {have}; its members cannot change to {want}: \
+         take it down first (`ferry lab down --name {lab}`)"
+    )]
+    EtcdHostsFixed { lab: String, have: String, want: String },
+}
+
+/// What `ferry lab up` builds.
+#[derive(Clone, Debug, Default)]
+pub struct UpOptions {
+    /// The VM hosts (None: a and b, or what the lab already has). Hosts
+    /// are only ever added: `up` never removes one.
+    pub hosts: Option<Vec<Role>>,
+    /// Run one etcd member in each host.
+    pub etcd: bool,
+}
+
+/// The namespaces of a lab with this state: the fabric, its hosts, the
+/// client (creation order).
+pub(crate) fn lab_roles(state: Option<&State>) -> Vec<Role> {
+    let hosts = state.map_or(&Role::DEFAULT_HOSTS[..], |s| &s.hosts[..]);
+    Role::ALL.into_iter().filter(|r| !r.is_host() || hosts.contains(r)).collect()
+}
+
+/// The client URLs of the members on `hosts`, comma-separated.
+pub fn etcd_endpoints(hosts: &[Role]) -> String {
+    hosts.iter().map(|&h| etcd::client_url(h)).collect::<Vec<_>>().join(",")
+}
+
+fn host_list(hosts: &[Role]) -> String {
+    hosts.iter().map(|h| h.suffix()).collect::<Vec<_>>().join(",")
 }
 
 /// How long `up` waits for the kernel to report every link operational
@@ -114,64 +164,12 @@ pub struct Link {
     pub vnet_hdr: Option<bool>,
 }
 
-/// An interface the lab expects, and what it found.
 #[derive(Debug, Serialize)]
-pub struct IfStatus {
-    pub name: String,
-    pub exists: bool,
-    pub kind: Option<String>,
-    /// Administratively up.
-    pub up: bool,
-    /// The kernel's operational state: "UP" once it carries traffic.
-    pub operstate: Option<String>,
-    pub master: Option<String>,
-    /// The bridge it should be a port of, if any.
-    pub expected_master: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct TapStatus {
-    pub name: String,
-    pub exists: bool,
-    pub up: bool,
-    pub master: Option<String>,
-    pub vnet_hdr: Option<bool>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct NsStatus {
-    pub role: Role,
-    pub netns: String,
-    pub exists: bool,
-    /// Listed in the state file with the identity it has now.
-    pub created_by_lab: bool,
-    /// Exists but is not the lab's: the lab will not touch it.
-    pub foreign: bool,
-    /// The namespace's own address and its interface (null for the fabric),
-    /// and whether it is configured (null when there is none to configure).
-    pub address: Option<String>,
-    pub address_dev: Option<&'static str>,
-    pub address_present: Option<bool>,
-    /// Every IPv4 address found in the namespace ("ADDR/LEN dev IF").
-    pub ipv4: Vec<String>,
-    pub interfaces: Vec<IfStatus>,
-    /// VM taps (hosts only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub taps: Option<Vec<TapStatus>>,
-    /// Processes running inside the namespace.
-    pub pids: Vec<u32>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub name: String,
-    pub state_file: PathBuf,
-    pub state_file_exists: bool,
-    pub subnet: &'static str,
-    pub guest_range: String,
-    /// Everything the lab should have exists, is the lab's, and is up.
-    pub complete: bool,
-    pub namespaces: Vec<NsStatus>,
+pub struct StoppedProcess {
+    pub pid: u32,
+    pub host: Role,
+    pub what: String,
+    pub how: etcd::Stopped,
 }
 
 #[derive(Debug, Serialize)]
@@ -189,9 +187,11 @@ pub struct DownReport {
     /// Namespaces the state file listed that were already gone.
     pub already_gone: Vec<String>,
     /// Processes found inside the lab's namespaces when they were deleted.
-    /// The lab started none of them and kills none; each keeps its
-    /// (now unnamed) namespace alive until it exits.
+    /// The lab did not start them and kills none; each keeps its (now
+    /// unnamed) namespace alive until it exits.
     pub processes_left: Vec<Process>,
+    /// The lab's own processes (etcd members) it stopped first.
+    pub stopped: Vec<StoppedProcess>,
     pub state_file_removed: bool,
 }
 
@@ -230,7 +230,7 @@ impl Lab {
     /// a namespace the lab did not create.
     fn refuse_foreign(&self, state: Option<&State>) -> Result<(), LabError> {
         let mut foreign = vec![];
-        for role in Role::ALL {
+        for role in lab_roles(state) {
             if self.presence(state, role)? == Presence::Foreign {
                 foreign.push(self.netns(role));
             }
@@ -254,12 +254,44 @@ impl Lab {
     }
 
     /// Creates whatever of the lab is missing; returns its status.
-    pub fn up(&self) -> Result<Status, LabError> {
+    pub fn up(&self, opts: &UpOptions) -> Result<Status, LabError> {
         let lock = Lock::acquire()?;
-        let mut state = State::load(&self.name)?.unwrap_or_else(|| State::new(&self.name));
-        self.refuse_foreign(Some(&state))?;
+        let loaded = State::load(&self.name)?;
+        let fresh = loaded.is_none();
+        let mut state = loaded.unwrap_or_else(|| State::new(&self.name));
+        let mut hosts = if fresh { vec![] } else { state.hosts.clone() };
+        for &h in opts.hosts.as_deref().unwrap_or(if fresh { &Role::DEFAULT_HOSTS[..] } else { &[] }) {
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+        hosts.sort();
+        let etcd_running = state.pids_started.iter().any(|p| p.what == "etcd");
+        if state.etcd && hosts != state.hosts && etcd_running {
+            return Err(LabError::EtcdHostsFixed {
+                lab: self.name.clone(),
+                have: host_list(&state.hosts),
+                want: host_list(&hosts),
+            });
+        }
+        // Check the names the lab will use before creating any of them.
+        let mut planned = state.clone();
+        planned.hosts = hosts.clone();
+        self.refuse_foreign(Some(&planned))?;
+        state.hosts = hosts;
+        state.etcd |= opts.etcd;
+        if fresh {
+            // A directory left by a lab of this name that is gone (no
+            // state file): stale etcd data, ours by its name.
+            let dir = state::dir(&self.name);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|source| LabError::Io { what: format!("cannot remove {}", dir.display()), source })?;
+            }
+        }
+        let roles = lab_roles(Some(&state));
 
-        for role in Role::ALL {
+        for &role in &roles {
             let ns = self.netns(role);
             if self.presence(Some(&state), role)? == Presence::Absent {
                 tracing::info!("creating network namespace {ns}");
@@ -279,7 +311,7 @@ impl Lab {
             }
         }
 
-        for role in Role::ALL {
+        for &role in &roles {
             let ns = self.netns(role);
             quiet_ipv6(&ns)?;
             self.ip.run_in(&ns, &["link", "set", "lo", "up"])?;
@@ -287,12 +319,12 @@ impl Lab {
                 self.ensure_bridge(&ns, br, role.mac())?;
             }
         }
-        for role in Role::ALL {
+        for &role in &roles {
             if let Some(uplink) = role.uplink() {
-                self.ensure_uplink(role, &uplink)?;
+                self.ensure_uplink(role, &uplink, state.cut.contains(&role))?;
             }
         }
-        for role in Role::ALL {
+        for &role in &roles {
             if let (Some(addr), Some(dev)) = (role.address(), role.address_dev()) {
                 let ns = self.netns(role);
                 self.ip.run_in(&ns, &["addr", "replace", &format!("{addr}/{PREFIX_LEN}"), "dev", dev])?;
@@ -306,15 +338,137 @@ impl Lab {
             }
         }
         state.save()?;
-        self.wait_operational()?;
+        self.wait_operational(&state)?;
+        if state.etcd {
+            self.ensure_etcd(&mut state)?;
+        }
         drop(lock);
         self.status()
     }
 
+    /// Starts every member that is not running (a first start, or one
+    /// killed since), then waits until the reachable ones are healthy.
+    fn ensure_etcd(&self, state: &mut State) -> Result<(), LabError> {
+        for &host in &state.hosts.clone() {
+            let running = state.pids_started.iter().find(|p| p.role == host && p.what == "etcd");
+            if running.is_some_and(etcd::alive) {
+                continue;
+            }
+            state.pids_started.retain(|p| !(p.role == host && p.what == "etcd"));
+            let started = etcd::start(&self.name, host, &state.hosts)?;
+            state.pids_started.push(started);
+            state.save()?;
+        }
+        let reachable: Vec<Role> = state.hosts.iter().copied().filter(|h| !state.cut.contains(h)).collect();
+        etcd::wait_healthy(&self.name, &reachable, etcd::READY_TIMEOUT)
+    }
+
+    /// Checks that the lab runs etcd and has host `host`.
+    fn etcd_host(&self, state: Option<&State>, host: Role) -> Result<(), LabError> {
+        let state = state.ok_or_else(|| LabError::NoEtcd { lab: self.name.clone() })?;
+        if !state.etcd {
+            return Err(LabError::NoEtcd { lab: self.name.clone() });
+        }
+        self.lab_host(state, host)
+    }
+
+    fn lab_host(&self, state: &State, host: Role) -> Result<(), LabError> {
+        if !state.hosts.contains(&host) {
+            return Err(LabError::NotInLab { lab: self.name.clone(), host, hosts: host_list(&state.hosts) });
+        }
+        Ok(())
+    }
+
+    /// Kills host `host`'s etcd member with SIGKILL, as a crash would, and
+    /// waits (bounded) until it is gone. Its data stays: `etcd start`
+    /// brings it back.
+    pub fn etcd_kill(&self, host: Role) -> Result<etcd::MemberStatus, LabError> {
+        let _lock = Lock::acquire()?;
+        let mut state = State::load(&self.name)?;
+        self.etcd_host(state.as_ref(), host)?;
+        let state = state.as_mut().expect("checked above");
+        if let Some(p) = state.pids_started.iter().find(|p| p.role == host && p.what == "etcd").cloned() {
+            let how = etcd::kill(&p)?;
+            tracing::info!("etcd member {host} (PID {}): {how:?}", p.pid);
+            state.pids_started.retain(|q| q != &p);
+            state.save()?;
+        }
+        Ok(etcd::member_status(&self.name, host, None))
+    }
+
+    /// Starts host `host`'s etcd member again if it is not running (on its
+    /// old data: it rejoins) and waits (bounded) until it is healthy.
+    pub fn etcd_start(&self, host: Role) -> Result<etcd::MemberStatus, LabError> {
+        let _lock = Lock::acquire()?;
+        let mut state = State::load(&self.name)?;
+        self.etcd_host(state.as_ref(), host)?;
+        let state = state.as_mut().expect("checked above");
+        self.require_ours(Some(state), host)?;
+        let current = state.pids_started.iter().find(|p| p.role == host && p.what == "etcd").cloned();
+        if !current.as_ref().is_some_and(etcd::alive) {
+            state.pids_started.retain(|p| !(p.role == host && p.what == "etcd"));
+            let started = etcd::start(&self.name, host, &state.hosts)?;
+            state.pids_started.push(started);
+            state.save()?;
+        }
+        if !state.cut.contains(&host) {
+            etcd::wait_healthy(&self.name, &[host], etcd::READY_TIMEOUT)?;
+        }
+        let p = state.pids_started.iter().find(|p| p.role == host && p.what == "etcd");
+        Ok(etcd::member_status(&self.name, host, p))
+    }
+
+    /// The etcd client URLs of the lab, comma-separated.
+    pub fn etcd_endpoints(&self) -> Result<String, LabError> {
+        let state = State::load(&self.name)?.filter(|s| s.etcd);
+        let state = state.ok_or_else(|| LabError::NoEtcd { lab: self.name.clone() })?;
+        Ok(etcd_endpoints(&state.hosts))
+    }
+
+    /// Cuts host `host`'s link to the fabric (its switch port goes down):
+    /// the host, its VMs and its etcd member are partitioned from the rest.
+    pub fn cut(&self, host: Role) -> Result<(), LabError> {
+        self.set_cut(host, true)
+    }
+
+    /// Restores a cut link and waits (bounded) until it carries traffic.
+    pub fn heal(&self, host: Role) -> Result<(), LabError> {
+        self.set_cut(host, false)
+    }
+
+    fn set_cut(&self, host: Role, cut: bool) -> Result<(), LabError> {
+        let _lock = Lock::acquire()?;
+        let mut state = State::load(&self.name)?;
+        let ns = self.require_ours(state.as_ref(), host)?;
+        let state = state.as_mut().expect("a lab namespace of ours implies a state file");
+        self.lab_host(state, host)?;
+        let fabric = self.require_ours(Some(state), Role::Fabric)?;
+        let uplink = host.uplink().expect("hosts have uplinks");
+        tracing::info!("{} {fabric}:{} ({ns}'s link)", if cut { "cutting" } else { "restoring" }, uplink.fabric_end);
+        self.ip.run_in(&fabric, &["link", "set", uplink.fabric_end, if cut { "down" } else { "up" }])?;
+        if cut {
+            state.cut.insert(host);
+        } else {
+            state.cut.remove(&host);
+        }
+        state.save()?;
+        if !cut {
+            self.wait_operational(state)?;
+        }
+        Ok(())
+    }
+
     /// The links the lab wires, by namespace: bridges and veth ends.
-    fn wired_links(&self) -> Vec<(String, &'static str)> {
+    /// (Cut links are left out: they are down on purpose.)
+    fn wired_links(&self, state: &State) -> Vec<(String, &'static str)> {
         let mut out = vec![];
-        for role in Role::ALL {
+        for role in lab_roles(Some(state)) {
+            if state.cut.contains(&role) {
+                if let Some(br) = role.bridge() {
+                    out.push((self.netns(role), br));
+                }
+                continue;
+            }
             if let Some(br) = role.bridge() {
                 out.push((self.netns(role), br));
             }
@@ -329,12 +483,12 @@ impl Lab {
     /// Waits until the kernel reports every wired link operational, so
     /// traffic sent right after `up` is neither dropped nor held back
     /// waiting for ARP.
-    fn wait_operational(&self) -> Result<(), LabError> {
+    fn wait_operational(&self, state: &State) -> Result<(), LabError> {
         let deadline = std::time::Instant::now() + OPERATIONAL_TIMEOUT;
         loop {
             let mut pending = vec![];
             let mut by_ns: BTreeMap<String, BTreeMap<String, Link>> = BTreeMap::new();
-            for (ns, name) in self.wired_links() {
+            for (ns, name) in self.wired_links(state) {
                 if !by_ns.contains_key(&ns) {
                     by_ns.insert(ns.clone(), self.links(&ns)?);
                 }
@@ -394,7 +548,8 @@ impl Lab {
         Ok(())
     }
 
-    fn ensure_uplink(&self, role: Role, uplink: &topology::Uplink) -> Result<(), LabError> {
+    /// A cut uplink is wired but left down at the fabric end.
+    fn ensure_uplink(&self, role: Role, uplink: &topology::Uplink, cut: bool) -> Result<(), LabError> {
         let fabric = self.netns(Role::Fabric);
         let ns = self.netns(role);
         let far = self.links(&fabric)?.get(uplink.fabric_end).cloned();
@@ -423,7 +578,8 @@ impl Lab {
                 &["link", "add", uplink.fabric_end, "type", "veth", "peer", "name", uplink.local_end, "netns", &ns],
             )?;
         }
-        self.ip.run_in(&fabric, &["link", "set", uplink.fabric_end, "master", topology::FABRIC_BRIDGE, "up"])?;
+        let state = if cut { "down" } else { "up" };
+        self.ip.run_in(&fabric, &["link", "set", uplink.fabric_end, "master", topology::FABRIC_BRIDGE, state])?;
         match role.bridge() {
             Some(br) => self.ip.run_in(&ns, &["link", "set", uplink.local_end, "master", br, "up"])?,
             None => self.ip.run_in(&ns, &["link", "set", uplink.local_end, "address", role.mac(), "up"])?,
@@ -461,15 +617,20 @@ impl Lab {
             deleted: vec![],
             already_gone: vec![],
             processes_left: vec![],
+            stopped: vec![],
             state_file_removed: false,
         };
         let Some(mut state) = state else {
             // No state and (checked above) no namespace of ours: nothing to do.
             return Ok(report);
         };
-        for &pid in &state.pids_started {
-            // Never happens today: the lab starts no processes.
-            tracing::warn!("lab {} recorded PID {pid} as started by it; it is not stopped here", self.name);
+        // Its own processes first (etcd members), by recorded PID.
+        for p in state.pids_started.clone() {
+            let how = etcd::stop(&p)?;
+            tracing::info!("{} member {} (PID {}): {how:?}", p.what, p.role, p.pid);
+            report.stopped.push(StoppedProcess { pid: p.pid, host: p.role, what: p.what.clone(), how });
+            state.pids_started.retain(|q| q != &p);
+            state.save()?;
         }
         for role in Role::ALL.into_iter().rev() {
             let Some(record) = state.namespaces.get(&role).cloned() else { continue };
@@ -493,6 +654,11 @@ impl Lab {
             state.namespaces.remove(&role);
             state.taps.remove(&role);
             state.save()?;
+        }
+        let dir = state::dir(&self.name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|source| LabError::Io { what: format!("cannot remove {}", dir.display()), source })?;
         }
         state.remove()?;
         report.state_file_removed = true;
@@ -560,7 +726,9 @@ impl Lab {
 
     fn tap_checks(&self, role: Role, tap: &str) -> Result<String, LabError> {
         if !role.is_host() {
-            return Err(LabError::BadHost(format!("taps live on the VM hosts a and b, not on {role}")));
+            return Err(LabError::BadHost(format!(
+                "taps live on the VM hosts a and b (and c in a three-host lab), not on {role}"
+            )));
         }
         topology::validate_tap_name(tap).map_err(|why| LabError::BadTapName { name: tap.into(), why })?;
         Ok(self.netns(role))
@@ -574,93 +742,6 @@ impl Lab {
         let mut argv: Vec<OsString> = vec![self.ip.bin().into(), "netns".into(), "exec".into(), ns.into()];
         argv.extend(cmd.iter().cloned());
         Ok(argv)
-    }
-
-    /// What exists now, compared with what the lab should have.
-    pub fn status(&self) -> Result<Status, LabError> {
-        let state = State::load(&self.name)?;
-        let mut namespaces = vec![];
-        let mut complete = state.is_some();
-        for role in Role::ALL {
-            let ns = self.netns(role);
-            let presence = self.presence(state.as_ref(), role)?;
-            let ours = presence == Presence::Ours;
-            let links = if ours { self.links(&ns)? } else { BTreeMap::new() };
-            let ipv4 = if ours { self.ipv4(&ns)? } else { vec![] };
-            let pids = if ours { self.pids(&ns)? } else { vec![] };
-
-            let mut interfaces = vec![];
-            let mut expect = |name: &str, master: Option<&str>| {
-                let l = links.get(name);
-                interfaces.push(IfStatus {
-                    name: name.into(),
-                    exists: l.is_some(),
-                    kind: l.and_then(|l| l.kind.clone()),
-                    up: l.is_some_and(|l| l.up),
-                    operstate: l.map(|l| l.operstate.clone()),
-                    master: l.and_then(|l| l.master.clone()),
-                    expected_master: master.map(str::to_owned),
-                });
-            };
-            if let Some(br) = role.bridge() {
-                expect(br, None);
-            }
-            match role {
-                Role::Fabric => {
-                    for r in Role::ALL {
-                        if let Some(u) = r.uplink() {
-                            expect(u.fabric_end, Some(topology::FABRIC_BRIDGE));
-                        }
-                    }
-                }
-                _ => {
-                    let u = role.uplink().expect("every non-fabric role has an uplink");
-                    expect(u.local_end, role.bridge());
-                }
-            }
-            let address = role.address().map(|a| format!("{a}/{PREFIX_LEN}"));
-            let address_present = match (&address, role.address_dev()) {
-                (Some(a), Some(dev)) => Some(ipv4.contains(&format!("{a} dev {dev}"))),
-                _ => None,
-            };
-            let taps = role.is_host().then(|| {
-                state
-                    .as_ref()
-                    .and_then(|s| s.taps.get(&role))
-                    .map(|t| t.iter().map(|tap| tap_status(tap, links.get(tap))).collect())
-                    .unwrap_or_default()
-            });
-
-            complete &= ours
-                && address_present != Some(false)
-                && interfaces
-                    .iter()
-                    .all(|i| i.exists && i.up && i.operstate.as_deref() == Some("UP") && i.master == i.expected_master)
-                && taps.iter().flatten().all(|t: &TapStatus| t.exists && t.up);
-            namespaces.push(NsStatus {
-                role,
-                netns: ns,
-                exists: presence != Presence::Absent,
-                created_by_lab: ours,
-                foreign: presence == Presence::Foreign,
-                address,
-                address_dev: role.address_dev(),
-                address_present,
-                ipv4,
-                interfaces,
-                taps,
-                pids,
-            });
-        }
-        Ok(Status {
-            name: self.name.clone(),
-            state_file: state::path(&self.name),
-            state_file_exists: state.is_some(),
-            subnet: topology::SUBNET,
-            guest_range: format!("{}-{}", topology::GUEST_FIRST, topology::GUEST_LAST),
-            complete,
-            namespaces,
-        })
     }
 
     /// The interfaces in `ns`, by name.
@@ -687,16 +768,6 @@ impl Lab {
     fn pids(&self, ns: &str) -> Result<Vec<u32>, LabError> {
         let out = self.ip.run(&["netns", "pids", ns])?;
         Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
-    }
-}
-
-fn tap_status(name: &str, l: Option<&Link>) -> TapStatus {
-    TapStatus {
-        name: name.into(),
-        exists: l.is_some_and(|l| l.tun_type.as_deref() == Some("tap")),
-        up: l.is_some_and(|l| l.up),
-        master: l.and_then(|l| l.master.clone()),
-        vnet_hdr: l.and_then(|l| l.vnet_hdr),
     }
 }
 

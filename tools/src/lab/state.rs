@@ -32,9 +32,34 @@ pub struct State {
     pub namespaces: BTreeMap<Role, NsRecord>,
     /// VM taps the lab created, by host role.
     pub taps: BTreeMap<Role, BTreeSet<String>>,
-    /// Processes the lab started (it starts none; kept so `down` has one
-    /// place to look should that change).
-    pub pids_started: Vec<u32>,
+    /// Processes the lab started (its etcd members), each with the start
+    /// time that tells it apart from a later process given the same PID.
+    pub pids_started: Vec<Started>,
+    /// The VM hosts (a lab made before `--hosts` existed has a and b).
+    #[serde(default = "default_hosts")]
+    pub hosts: Vec<Role>,
+    /// Whether the hosts run etcd members.
+    #[serde(default)]
+    pub etcd: bool,
+    /// Hosts whose link to the fabric is cut (`ferry lab cut`).
+    #[serde(default)]
+    pub cut: BTreeSet<Role>,
+}
+
+fn default_hosts() -> Vec<Role> {
+    Role::DEFAULT_HOSTS.to_vec()
+}
+
+/// A process the lab started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub pid: u32,
+    /// Field 22 of /proc/PID/stat (clock ticks since boot).
+    pub start_ticks: u64,
+    /// The host it runs in.
+    pub role: Role,
+    /// What it is ("etcd").
+    pub what: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,9 +79,14 @@ pub fn path(name: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{name}.json"))
 }
 
+/// The lab's own directory (etcd data and logs): /run/ferry-lab/NAME/.
+pub fn dir(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(name)
+}
+
 impl State {
     pub fn new(name: &str) -> State {
-        State { version: STATE_VERSION, name: name.to_owned(), ..State::default() }
+        State { version: STATE_VERSION, name: name.to_owned(), hosts: default_hosts(), ..State::default() }
     }
 
     /// Reads lab `name`'s state; None if it has none.

@@ -9,6 +9,10 @@
 //!           + VM taps           + VM taps
 //! ```
 //!
+//! A lab made with `--hosts a,b,c` has a third host, NAME-c (port to-c,
+//! br0 10.200.77.3/24), built like a and b. With `--etcd`, every host runs
+//! one etcd member on its address (clients :2379, peers :2380).
+//!
 //! The interface names do not contain the lab name: every one lives in a
 //! namespace that belongs to one lab, so two labs never collide, and the
 //! 15-character interface-name limit only constrains tap names.
@@ -38,6 +42,7 @@ pub enum Role {
     Fabric,
     A,
     B,
+    C,
     Client,
 }
 
@@ -51,13 +56,16 @@ pub struct Uplink {
 
 impl Role {
     /// Creation order (the fabric first); deletion runs it backwards.
-    pub const ALL: [Role; 4] = [Role::Fabric, Role::A, Role::B, Role::Client];
+    pub const ALL: [Role; 5] = [Role::Fabric, Role::A, Role::B, Role::C, Role::Client];
+    /// The hosts of a lab made without `--hosts`.
+    pub const DEFAULT_HOSTS: [Role; 2] = [Role::A, Role::B];
 
     pub fn suffix(self) -> &'static str {
         match self {
             Role::Fabric => "fabric",
             Role::A => "a",
             Role::B => "b",
+            Role::C => "c",
             Role::Client => "client",
         }
     }
@@ -69,14 +77,14 @@ impl Role {
 
     /// True for the VM hosts (they hold a `br0` and VM taps).
     pub fn is_host(self) -> bool {
-        matches!(self, Role::A | Role::B)
+        matches!(self, Role::A | Role::B | Role::C)
     }
 
     /// The bridge this namespace holds, if any.
     pub fn bridge(self) -> Option<&'static str> {
         match self {
             Role::Fabric => Some(FABRIC_BRIDGE),
-            Role::A | Role::B => Some(HOST_BRIDGE),
+            Role::A | Role::B | Role::C => Some(HOST_BRIDGE),
             Role::Client => None,
         }
     }
@@ -86,6 +94,7 @@ impl Role {
             Role::Fabric => None,
             Role::A => Some(Uplink { fabric_end: "to-a", local_end: "uplink" }),
             Role::B => Some(Uplink { fabric_end: "to-b", local_end: "uplink" }),
+            Role::C => Some(Uplink { fabric_end: "to-c", local_end: "uplink" }),
             Role::Client => Some(Uplink { fabric_end: "to-client", local_end: "eth0" }),
         }
     }
@@ -96,6 +105,7 @@ impl Role {
             Role::Fabric => None,
             Role::A => Some(Ipv4Addr::new(10, 200, 77, 1)),
             Role::B => Some(Ipv4Addr::new(10, 200, 77, 2)),
+            Role::C => Some(Ipv4Addr::new(10, 200, 77, 3)),
             Role::Client => Some(Ipv4Addr::new(10, 200, 77, 100)),
         }
     }
@@ -104,7 +114,7 @@ impl Role {
     pub fn address_dev(self) -> Option<&'static str> {
         match self {
             Role::Fabric => None,
-            Role::A | Role::B => Some(HOST_BRIDGE),
+            Role::A | Role::B | Role::C => Some(HOST_BRIDGE),
             Role::Client => Some("eth0"),
         }
     }
@@ -117,13 +127,14 @@ impl Role {
             Role::Fabric => "02:f0:77:00:00:fe",
             Role::A => "02:f0:77:00:00:01",
             Role::B => "02:f0:77:00:00:02",
+            Role::C => "02:f0:77:00:00:03",
             Role::Client => "02:f0:77:00:00:64",
         }
     }
 
     /// Interface names this role's namespace uses itself (taps may not take them).
     pub fn reserved_ifnames() -> &'static [&'static str] {
-        &["lo", FABRIC_BRIDGE, HOST_BRIDGE, "uplink", "eth0", "to-a", "to-b", "to-client"]
+        &["lo", FABRIC_BRIDGE, HOST_BRIDGE, "uplink", "eth0", "to-a", "to-b", "to-c", "to-client"]
     }
 }
 
@@ -136,11 +147,30 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Role, String> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.suffix() == s)
-            .ok_or_else(|| format!("unknown lab host {s:?}: expected a, b, client or fabric"))
+        Role::ALL.into_iter().find(|r| r.suffix() == s).ok_or_else(|| {
+            format!("unknown lab host {s:?}: expected a, b, client or fabric (or c, in a three-host lab)")
+        })
     }
+}
+
+/// Parses `--hosts a,b,c`: VM hosts only, each once; returned in order.
+pub fn parse_hosts(list: &str) -> Result<Vec<Role>, String> {
+    let mut hosts = vec![];
+    for h in list.split(',').map(str::trim) {
+        let role: Role = h.parse()?;
+        if !role.is_host() {
+            return Err(format!("{role} is not a VM host: --hosts takes a, b and c"));
+        }
+        if hosts.contains(&role) {
+            return Err(format!("host {role} is listed twice"));
+        }
+        hosts.push(role);
+    }
+    if hosts.is_empty() {
+        return Err("no hosts given".into());
+    }
+    hosts.sort();
+    Ok(hosts)
 }
 
 /// Longest lab name: `NAME-client` must stay a short, readable netns name.
@@ -222,7 +252,14 @@ mod tests {
         for r in Role::ALL {
             assert_eq!(r.suffix().parse::<Role>().unwrap(), r);
         }
-        assert!("c".parse::<Role>().is_err());
+        assert!("d".parse::<Role>().is_err());
+        assert_eq!("c".parse::<Role>().unwrap(), Role::C);
+        assert_eq!(Role::C.address().unwrap().to_string(), "10.200.77.3");
+        assert!(parse_hosts("a,b,c").is_ok());
+        assert_eq!(parse_hosts("c,a").unwrap(), [Role::A, Role::C]);
+        assert!(parse_hosts("a,client").is_err());
+        assert!(parse_hosts("a,a").is_err());
+        assert!(parse_hosts("").is_err());
         let addr = Role::A.address().unwrap();
         assert!(addr < GUEST_FIRST && Role::Client.address().unwrap() > GUEST_LAST);
     }

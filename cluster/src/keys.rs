@@ -1,0 +1,198 @@
+//! The key schema: every key Ferry keeps in etcd, under one prefix per
+//! cluster, named in this one module.
+//!
+//! ```text
+//! /ferry/<cluster>/nodes/<id>                 NodeRecord, under the node's lease
+//! /ferry/<cluster>/nodes/<id>/admin           NodeAdmin (paused, quarantined), no lease
+//! /ferry/<cluster>/vms/<name>                 VmRecord (machine config, preferred owners)
+//! /ferry/<cluster>/vms/<name>/owner           Owner {node, epoch}
+//! /ferry/<cluster>/vms/<name>/history/<seq>   HistoryEntry, seq zero-padded to 20 digits
+//! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
+//! ```
+//!
+//! Names (cluster, node, VM) never contain '/', so every key parses back
+//! to exactly one [`ClusterKey`], and `nodes/a` is never a prefix match for
+//! `nodes/ab`'s children (per-object prefixes end in '/').
+
+use crate::error::{Error, Result};
+
+/// The root of all Ferry keys.
+pub const ROOT: &str = "/ferry/";
+
+/// Longest cluster, node or VM name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks a cluster, node or VM name: 1-63 characters of `a-z0-9_.-`,
+/// starting with a letter or digit.
+pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
+    let why = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_NAME_LEN {
+        Some("it is longer than 63 characters")
+    } else if !name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')) {
+        Some("use only lowercase letters, digits, '_', '.' and '-'")
+    } else if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        Some("it must start with a letter or digit")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::BadName { what, name: name.to_owned(), why }),
+        None => Ok(()),
+    }
+}
+
+/// One key of the schema, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterKey {
+    Node(String),
+    NodeAdmin(String),
+    Vm(String),
+    VmOwner(String),
+    VmHistory(String, u64),
+    Leader,
+}
+
+/// The keys of one cluster.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    /// `/ferry/<cluster>/`
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(cluster: &str) -> Result<Keys> {
+        validate_name("cluster name", cluster)?;
+        Ok(Keys { prefix: format!("{ROOT}{cluster}/") })
+    }
+
+    /// `/ferry/<cluster>/`: every key of the cluster starts with it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    pub fn node(&self, id: &str) -> String {
+        format!("{}nodes/{id}", self.prefix)
+    }
+
+    pub fn node_admin(&self, id: &str) -> String {
+        format!("{}nodes/{id}/admin", self.prefix)
+    }
+
+    pub fn vms_prefix(&self) -> String {
+        format!("{}vms/", self.prefix)
+    }
+
+    pub fn vm(&self, name: &str) -> String {
+        format!("{}vms/{name}", self.prefix)
+    }
+
+    /// `vms/<name>/`: the VM's owner and history (not the record itself).
+    pub fn vm_children(&self, name: &str) -> String {
+        format!("{}vms/{name}/", self.prefix)
+    }
+
+    pub fn vm_owner(&self, name: &str) -> String {
+        format!("{}vms/{name}/owner", self.prefix)
+    }
+
+    pub fn vm_history_prefix(&self, name: &str) -> String {
+        format!("{}vms/{name}/history/", self.prefix)
+    }
+
+    /// Zero-padded, so keys sort in sequence order.
+    pub fn vm_history(&self, name: &str, seq: u64) -> String {
+        format!("{}vms/{name}/history/{seq:020}", self.prefix)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    /// Parses a key of this cluster; None for anything else (another
+    /// cluster's key, or a key this version does not know).
+    pub fn parse(&self, key: &str) -> Option<ClusterKey> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let name_ok = |n: &str| validate_name("name", n).is_ok();
+        match parts.as_slice() {
+            ["leader"] => Some(ClusterKey::Leader),
+            ["nodes", id] if name_ok(id) => Some(ClusterKey::Node((*id).to_owned())),
+            ["nodes", id, "admin"] if name_ok(id) => Some(ClusterKey::NodeAdmin((*id).to_owned())),
+            ["vms", name] if name_ok(name) => Some(ClusterKey::Vm((*name).to_owned())),
+            ["vms", name, "owner"] if name_ok(name) => Some(ClusterKey::VmOwner((*name).to_owned())),
+            ["vms", name, "history", seq] if name_ok(name) && seq.len() == 20 => {
+                Some(ClusterKey::VmHistory((*name).to_owned(), seq.parse().ok()?))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("x", "a").is_ok());
+        assert!(validate_name("x", "vm-1.web_2").is_ok());
+        assert!(validate_name("x", "").is_err());
+        assert!(validate_name("x", "-a").is_err());
+        assert!(validate_name("x", "a/b").is_err());
+        assert!(validate_name("x", "A").is_err());
+        assert!(validate_name("x", &"a".repeat(63)).is_ok());
+        assert!(validate_name("x", &"a".repeat(64)).is_err());
+        assert!(Keys::new("bad/name").is_err());
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let k = Keys::new("c1").unwrap();
+        assert_eq!(k.node("a"), "/ferry/c1/nodes/a");
+        assert_eq!(k.node_admin("a"), "/ferry/c1/nodes/a/admin");
+        assert_eq!(k.vm("web"), "/ferry/c1/vms/web");
+        assert_eq!(k.vm_owner("web"), "/ferry/c1/vms/web/owner");
+        assert_eq!(k.vm_history("web", 7), "/ferry/c1/vms/web/history/00000000000000000007");
+        assert_eq!(k.leader(), "/ferry/c1/leader");
+        assert_eq!(k.parse(&k.node("a")), Some(ClusterKey::Node("a".into())));
+        assert_eq!(k.parse(&k.node_admin("a")), Some(ClusterKey::NodeAdmin("a".into())));
+        assert_eq!(k.parse(&k.vm("web")), Some(ClusterKey::Vm("web".into())));
+        assert_eq!(k.parse(&k.vm_owner("web")), Some(ClusterKey::VmOwner("web".into())));
+        assert_eq!(k.parse(&k.vm_history("web", u64::MAX)), Some(ClusterKey::VmHistory("web".into(), u64::MAX)));
+        assert_eq!(k.parse(&k.leader()), Some(ClusterKey::Leader));
+    }
+
+    #[test]
+    fn foreign_keys_do_not_parse() {
+        let k = Keys::new("c1").unwrap();
+        let other = Keys::new("c11").unwrap();
+        assert_eq!(k.parse(&other.node("a")), None);
+        assert!(!other.node("a").starts_with(k.prefix()));
+        assert_eq!(k.parse("/ferry/c1/vms/web/unknown"), None);
+        assert_eq!(k.parse("/ferry/c1/vms/web/history/7"), None);
+        assert_eq!(k.parse("/ferry/c1/nodes/"), None);
+        // A node's children prefix never matches another node's keys.
+        assert!(!k.node_admin("ab").starts_with(&format!("{}/", k.node("a"))));
+        assert!(!k.vm_owner("web2").starts_with(&k.vm_children("web")));
+    }
+
+    #[test]
+    fn history_keys_sort_in_sequence_order() {
+        let k = Keys::new("c").unwrap();
+        let mut keys: Vec<String> = [10u64, 9, 100, 1].iter().map(|&s| k.vm_history("v", s)).collect();
+        keys.sort();
+        let seqs: Vec<u64> = keys
+            .iter()
+            .map(|key| match k.parse(key) {
+                Some(ClusterKey::VmHistory(_, s)) => s,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, [1, 9, 10, 100]);
+    }
+}

@@ -1,0 +1,303 @@
+//! [`Cluster`]: the typed operations on one cluster's keys. Every write is
+//! conditional or idempotent, so that after [`Error::OutcomeUnknown`] the
+//! caller can read back (or simply retry) without doing it twice.
+
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
+
+use crate::error::{Error, Result};
+use crate::keys::{validate_name, Keys};
+use crate::lease::Lease;
+use crate::records::{self, HistoryEntry, NodeAdmin, NodeRecord, Owner, Record, VmRecord, FORMAT_VERSION};
+use crate::store::{Kv, Store};
+use crate::watch::Watch;
+
+/// One cluster in etcd.
+#[derive(Clone)]
+pub struct Cluster {
+    store: Store,
+    keys: Keys,
+}
+
+/// A decoded record with the revision it was read at.
+#[derive(Clone, Debug)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: i64,
+    pub create_revision: i64,
+    pub lease: i64,
+}
+
+/// A node's registration: its key, under its own lease.
+pub struct NodeLease {
+    pub node: String,
+    pub lease: Lease,
+}
+
+/// What to do when a node's key already exists under another lease (a
+/// previous agent, or another process claiming the same node id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// Refuse with [`Error::NodeHeld`] until the old lease expires.
+    Refuse,
+    /// Move the key to the new lease in one transaction (it never
+    /// disappears, so nobody sees the node go down).
+    Replace,
+}
+
+fn first_kv(r: Option<&TxnOpResponse>) -> Option<Kv> {
+    match r {
+        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(Kv::from_etcd),
+        _ => None,
+    }
+}
+
+fn decode_kv<T: Record>(kv: &Kv) -> Result<Versioned<T>> {
+    Ok(Versioned {
+        value: records::decode(&kv.key, &kv.value)?,
+        mod_revision: kv.mod_revision,
+        create_revision: kv.create_revision,
+        lease: kv.lease,
+    })
+}
+
+impl Cluster {
+    pub fn new(store: Store, cluster: &str) -> Result<Cluster> {
+        Ok(Cluster { store, keys: Keys::new(cluster)? })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn get_record<T: Record>(&self, key: &str) -> Result<Option<Versioned<T>>> {
+        self.store.get(key).await?.map(|kv| decode_kv(&kv)).transpose()
+    }
+
+    // ---- nodes -----------------------------------------------------------
+
+    /// Grants a lease of `ttl`, kept alive in the background, and puts the
+    /// node's record under it. See [`Takeover`] for a key that exists.
+    pub async fn register_node(&self, record: &NodeRecord, ttl: Duration, takeover: Takeover) -> Result<NodeLease> {
+        validate_name("node id", &record.id)?;
+        let key = self.keys.node(&record.id);
+        let lease = Lease::grant(&self.store, ttl).await?;
+        let value = records::encode(record);
+        let put = || TxnOp::put(key.as_str(), value.clone(), Some(PutOptions::new().with_lease(lease.id())));
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([put()])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let r = self.store.txn("register node", txn).await?;
+        if r.succeeded() {
+            tracing::info!("node {} registered under lease {:x}", record.id, lease.id());
+            return Ok(NodeLease { node: record.id.clone(), lease });
+        }
+        let held = first_kv(r.op_responses().first()).map_or(0, |kv| kv.lease);
+        if held == lease.id() {
+            // Our own earlier attempt landed (after an unknown outcome).
+            return Ok(NodeLease { node: record.id.clone(), lease });
+        }
+        if takeover == Takeover::Refuse {
+            let _ = lease.revoke().await;
+            return Err(Error::NodeHeld { node: record.id.clone(), lease: held });
+        }
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, held)])
+            .and_then([put()])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let r = self.store.txn("take over node", txn).await?;
+        if r.succeeded() {
+            tracing::info!("node {} taken over from lease {held:x} by lease {:x}", record.id, lease.id());
+            return Ok(NodeLease { node: record.id.clone(), lease });
+        }
+        let now = first_kv(r.op_responses().first()).map_or(0, |kv| kv.lease);
+        let _ = lease.revoke().await;
+        Err(Error::NodeHeld { node: record.id.clone(), lease: now })
+    }
+
+    /// Registered nodes (those whose lease is alive), with their leases.
+    pub async fn nodes(&self) -> Result<Vec<Versioned<NodeRecord>>> {
+        let listing = self.store.list(&self.keys.nodes_prefix()).await?;
+        let mut out = vec![];
+        for kv in &listing.kvs {
+            if let Some(crate::keys::ClusterKey::Node(_)) = self.keys.parse(&kv.key) {
+                out.push(decode_kv(kv)?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn node(&self, id: &str) -> Result<Option<Versioned<NodeRecord>>> {
+        self.get_record(&self.keys.node(id)).await
+    }
+
+    /// Sets a node's operator settings (idempotent put).
+    pub async fn set_node_admin(&self, id: &str, admin: &NodeAdmin) -> Result<()> {
+        validate_name("node id", id)?;
+        self.store.put(&self.keys.node_admin(id), records::encode(admin), None).await.map(|_| ())
+    }
+
+    pub async fn node_admin(&self, id: &str) -> Result<Option<NodeAdmin>> {
+        Ok(self.get_record(&self.keys.node_admin(id)).await?.map(|v| v.value))
+    }
+
+    // ---- VMs -------------------------------------------------------------
+
+    /// Creates a VM record, with its owner key `{node: None, epoch: 0}`,
+    /// only if no VM of that name exists ([`Error::AlreadyExists`]).
+    /// Returns the revision it made.
+    pub async fn create_vm(&self, vm: &VmRecord) -> Result<i64> {
+        validate_name("VM name", &vm.name)?;
+        for n in &vm.preferred_owners {
+            validate_name("node id", n)?;
+        }
+        let key = self.keys.vm(&vm.name);
+        let owner = self.keys.vm_owner(&vm.name);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(owner.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(key.as_str(), records::encode(vm), None),
+                TxnOp::put(owner.as_str(), records::encode(&Owner::new(None, 0)), None),
+            ]);
+        let r = self.store.txn("create VM", txn).await?;
+        if !r.succeeded() {
+            return Err(Error::AlreadyExists { key });
+        }
+        tracing::info!("VM {} created", vm.name);
+        Ok(r.header().map_or(0, |h| h.revision()))
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>> {
+        self.get_record(&self.keys.vm(name)).await
+    }
+
+    /// Every VM record, in name order.
+    pub async fn vms(&self) -> Result<Vec<Versioned<VmRecord>>> {
+        let listing = self.store.list(&self.keys.vms_prefix()).await?;
+        let mut out = vec![];
+        for kv in &listing.kvs {
+            if let Some(crate::keys::ClusterKey::Vm(_)) = self.keys.parse(&kv.key) {
+                out.push(decode_kv(kv)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The VM's owner; [`Error::NoSuchVm`] if it has none (no such VM).
+    pub async fn owner(&self, name: &str) -> Result<Versioned<Owner>> {
+        self.get_record(&self.keys.vm_owner(name)).await?.ok_or_else(|| Error::NoSuchVm { name: name.to_owned() })
+    }
+
+    /// Changes the VM's owner from `expected` to `to` (None: stopped), by a
+    /// transaction that compares the stored owner and epoch, and bumps the
+    /// epoch. Refuses with [`Error::StaleOwner`] (naming the current owner)
+    /// if they differ. After [`Error::OutcomeUnknown`], read the owner: if
+    /// it is `{to, expected.epoch + 1}`, the change was made.
+    pub async fn change_owner(&self, name: &str, expected: &Owner, to: Option<&str>) -> Result<Owner> {
+        if let Some(n) = to {
+            validate_name("node id", n)?;
+        }
+        let key = self.keys.vm_owner(name);
+        let next = Owner::new(to, expected.epoch + 1);
+        let attempt = |cmp: Compare| {
+            Txn::new()
+                .when([cmp])
+                .and_then([TxnOp::put(key.as_str(), records::encode(&next), None)])
+                .or_else([TxnOp::get(key.as_str(), None)])
+        };
+        let expected_bytes = records::encode(&Owner { v: FORMAT_VERSION, ..expected.clone() });
+        // Twice at most: a stored record with the same owner and epoch but
+        // another encoding (another format version) is compared by
+        // revision the second time.
+        let mut cmp = Compare::value(key.as_str(), CompareOp::Equal, expected_bytes);
+        for _ in 0..2 {
+            let r = self.store.txn("change owner", attempt(cmp)).await?;
+            if r.succeeded() {
+                tracing::info!("VM {name}: owner {expected} -> {next}");
+                return Ok(next);
+            }
+            let current = first_kv(r.op_responses().first());
+            let Some(kv) = current else { return Err(Error::NoSuchVm { name: name.to_owned() }) };
+            let cur: Owner = records::decode(&kv.key, &kv.value)?;
+            if !cur.same(expected) {
+                return Err(Error::StaleOwner { vm: name.to_owned(), expected: expected.clone(), current: Some(cur) });
+            }
+            cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision);
+        }
+        let current = self.owner(name).await.ok().map(|v| v.value);
+        Err(Error::StaleOwner { vm: name.to_owned(), expected: expected.clone(), current })
+    }
+
+    /// Appends an entry to the VM's history under the next sequence number
+    /// (create-if-absent, so two writers never share one); returns it.
+    /// After [`Error::OutcomeUnknown`], look for the entry's `id` in
+    /// [`Cluster::history`] before appending again.
+    pub async fn append_history(&self, name: &str, entry: &HistoryEntry) -> Result<u64> {
+        const TRIES: u32 = 8;
+        let prefix = self.keys.vm_history_prefix(name);
+        let value = records::encode(entry);
+        for _ in 0..TRIES {
+            let last = self
+                .store
+                .call("last history entry", crate::store::Effect::Read, |mut c| {
+                    let prefix = prefix.clone();
+                    async move {
+                        let opts = GetOptions::new()
+                            .with_prefix()
+                            .with_sort(SortTarget::Key, SortOrder::Descend)
+                            .with_limit(1)
+                            .with_keys_only();
+                        let r = c.get(prefix, Some(opts)).await?;
+                        Ok(r.kvs().first().map(Kv::from_etcd))
+                    }
+                })
+                .await?;
+            let seq = match last.as_ref().and_then(|kv| self.keys.parse(&kv.key)) {
+                Some(crate::keys::ClusterKey::VmHistory(_, s)) => s + 1,
+                _ => 1,
+            };
+            let key = self.keys.vm_history(name, seq);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.as_str(), value.clone(), None)]);
+            if self.store.txn("append history", txn).await?.succeeded() {
+                return Ok(seq);
+            }
+        }
+        Err(Error::HistoryContended { vm: name.to_owned(), tries: TRIES })
+    }
+
+    /// The VM's history, oldest first, with sequence numbers.
+    pub async fn history(&self, name: &str) -> Result<Vec<(u64, HistoryEntry)>> {
+        let listing = self.store.list(&self.keys.vm_history_prefix(name)).await?;
+        let mut out = vec![];
+        for kv in &listing.kvs {
+            if let Some(crate::keys::ClusterKey::VmHistory(_, seq)) = self.keys.parse(&kv.key) {
+                out.push((seq, records::decode(&kv.key, &kv.value)?));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- watches ---------------------------------------------------------
+
+    /// Changes to VM records, owners and histories, from revision `from`
+    /// (0: now). Parse keys with [`Keys::parse`].
+    pub async fn watch_vms(&self, from: i64) -> Result<Watch> {
+        self.store.watch_prefix(&self.keys.vms_prefix(), from).await
+    }
+
+    /// Nodes coming and going (their leases), and admin changes.
+    pub async fn watch_nodes(&self, from: i64) -> Result<Watch> {
+        self.store.watch_prefix(&self.keys.nodes_prefix(), from).await
+    }
+}

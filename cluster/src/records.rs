@@ -1,0 +1,239 @@
+//! The values Ferry stores in etcd: plain serde records, JSON-encoded, each
+//! carrying a format version `v`. A reader checks `v` before decoding the
+//! rest, so a record written by a newer Ferry is refused by name
+//! ([`Error::FormatVersion`]) rather than misread.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The format version this Ferry writes, and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A record type stored under some key.
+pub trait Record: Serialize + DeserializeOwned {
+    /// What it is, for error messages.
+    const KIND: &'static str;
+}
+
+/// Encodes a record. JSON with a fixed field order: the same record always
+/// encodes to the same bytes (owner transactions compare them).
+pub fn encode<T: Record>(r: &T) -> Vec<u8> {
+    serde_json::to_vec(r).expect("cluster records always serialise")
+}
+
+/// Decodes the record stored at `key`, checking its format version first.
+pub fn decode<T: Record>(key: &str, bytes: &[u8]) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: u32,
+    }
+    let err = |source| Error::Decode { key: key.to_owned(), kind: T::KIND, source };
+    let Versioned { v } = serde_json::from_slice(bytes).map_err(err)?;
+    if v == 0 || v > FORMAT_VERSION {
+        return Err(Error::FormatVersion { key: key.to_owned(), kind: T::KIND, found: v, supported: FORMAT_VERSION });
+    }
+    serde_json::from_slice(bytes).map_err(err)
+}
+
+/// A node as its agent publishes it, under the node's lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub v: u32,
+    pub id: String,
+    /// The node's address for migrations (host:port or IP).
+    pub address: Option<String>,
+    pub ferry_version: String,
+    /// What the node offers (memory free, CPU profile, volumes reachable):
+    /// opaque until the agent defines it.
+    pub offers: serde_json::Value,
+    /// When the agent registered (Unix ms).
+    pub registered_unix_ms: u64,
+}
+
+impl Record for NodeRecord {
+    const KIND: &'static str = "node";
+}
+
+/// An operator's settings for a node. Not under a lease: they outlive the
+/// agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAdmin {
+    pub v: u32,
+    /// Takes no new VMs.
+    pub paused: bool,
+    /// Its VMs are being moved away.
+    pub draining: bool,
+    /// No VMs are placed on it until then (Unix ms).
+    pub quarantined_until_unix_ms: Option<u64>,
+}
+
+impl Record for NodeAdmin {
+    const KIND: &'static str = "node admin";
+}
+
+/// A highly available VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub v: u32,
+    pub name: String,
+    /// The VM's machine config, opaque here (the VMM defines it).
+    pub config: serde_json::Value,
+    /// Nodes in order of preference.
+    pub preferred_owners: Vec<String>,
+}
+
+impl Record for VmRecord {
+    const KIND: &'static str = "VM";
+}
+
+/// Who runs a VM. The epoch grows by one at every change, so a node's
+/// stale belief about ownership is detectable, and the epoch can fence
+/// disk leases. `node: None` is a stopped VM (the key is never deleted, so
+/// epochs never go back).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub v: u32,
+    pub node: Option<String>,
+    pub epoch: u64,
+}
+
+impl Owner {
+    pub fn new(node: Option<&str>, epoch: u64) -> Owner {
+        Owner { v: FORMAT_VERSION, node: node.map(str::to_owned), epoch }
+    }
+
+    /// Same owner and epoch (the format version aside).
+    pub fn same(&self, other: &Owner) -> bool {
+        self.node == other.node && self.epoch == other.epoch
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.node {
+            Some(n) => write!(f, "{n}@{}", self.epoch),
+            None => write!(f, "(none)@{}", self.epoch),
+        }
+    }
+}
+
+impl Record for Owner {
+    const KIND: &'static str = "owner";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryKind {
+    Created,
+    Started,
+    Stopped,
+    LiveMove,
+    QuickMove,
+    Failover,
+    /// A kind written by a newer Ferry.
+    #[serde(other)]
+    Other,
+}
+
+/// One event in a VM's life (a move with its figures, a start, a failover).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub v: u32,
+    /// Chosen by the writer, unique per VM: after an unknown outcome, a
+    /// writer finds its entry by id instead of appending it twice.
+    pub id: String,
+    pub kind: HistoryKind,
+    pub at_unix_ms: u64,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// The owner epoch the event produced, if it changed the owner.
+    pub epoch: Option<u64>,
+    /// The migration's figures JSON, detection/fence/restart times, etc.
+    pub figures: serde_json::Value,
+}
+
+impl Record for HistoryEntry {
+    const KIND: &'static str = "history";
+}
+
+/// The cluster leader, under its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    pub v: u32,
+    pub node: String,
+    pub since_unix_ms: u64,
+}
+
+impl Record for LeaderRecord {
+    const KIND: &'static str = "leader";
+}
+
+/// Milliseconds since the Unix epoch, for records.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let o = Owner::new(Some("a"), 3);
+        let bytes = encode(&o);
+        assert_eq!(std::str::from_utf8(&bytes).unwrap(), r#"{"v":1,"node":"a","epoch":3}"#);
+        assert_eq!(decode::<Owner>("k", &bytes).unwrap(), o);
+        assert_eq!(encode(&o), bytes, "encoding is deterministic");
+
+        let vm = VmRecord {
+            v: FORMAT_VERSION,
+            name: "web".into(),
+            config: serde_json::json!({"mem_mib": 256, "disks": ["csv:vol/disks/web"]}),
+            preferred_owners: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(decode::<VmRecord>("k", &encode(&vm)).unwrap(), vm);
+
+        let h = HistoryEntry {
+            v: 1,
+            id: "m1".into(),
+            kind: HistoryKind::LiveMove,
+            at_unix_ms: 5,
+            from: Some("a".into()),
+            to: Some("b".into()),
+            epoch: Some(4),
+            figures: serde_json::json!({"downtime_ms": 4.4}),
+        };
+        assert_eq!(decode::<HistoryEntry>("k", &encode(&h)).unwrap(), h);
+        assert!(encode(&h).windows(9).any(|w| w == b"live_move"));
+    }
+
+    #[test]
+    fn newer_versions_are_refused_by_name() {
+        let e = decode::<Owner>("/k", br#"{"v":2,"node":"a","epoch":1,"extra":true}"#).unwrap_err();
+        assert!(matches!(e, Error::FormatVersion { found: 2, supported: 1, .. }), "{e}");
+        assert!(matches!(decode::<Owner>("/k", br#"{"v":0,"node":null,"epoch":1}"#), Err(Error::FormatVersion { .. })));
+        assert!(matches!(decode::<Owner>("/k", b"not json"), Err(Error::Decode { .. })));
+        assert!(matches!(decode::<Owner>("/k", br#"{"v":1}"#), Err(Error::Decode { .. })));
+    }
+
+    #[test]
+    fn unknown_history_kinds_decode_as_other() {
+        let h: HistoryEntry = decode(
+            "k",
+            br#"{"v":1,"id":"x","kind":"teleport","at_unix_ms":1,"from":null,"to":null,"epoch":null,"figures":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(h.kind, HistoryKind::Other);
+    }
+
+    #[test]
+    fn owner_display() {
+        assert_eq!(Owner::new(Some("b"), 7).to_string(), "b@7");
+        assert_eq!(Owner::new(None, 0).to_string(), "(none)@0");
+        assert!(Owner::new(Some("b"), 7).same(&Owner { v: 9, node: Some("b".into()), epoch: 7 }));
+    }
+}
