@@ -38,7 +38,7 @@ linux: deps
 ## test: unit and end-to-end tests on real /dev/kvm
 test: deps build guest linux
 	@mkdir -p target
-	$(CARGO) test --release --workspace 2>&1 | tee target/test.log
+	$(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log
 	@scripts/test-summary.sh target/test.log
 
 ## demo: boot the test guest and show it running, paused and resumed

@@ -22,7 +22,7 @@ pub mod image;
 pub mod lease;
 pub mod volume;
 
-mod fsutil;
+pub mod fsutil;
 
 pub use error::{Error, Result};
 pub use image::{BlockBackend, Format, Image, OpenMode};

@@ -43,6 +43,12 @@ pub struct MigrateRequest {
     pub check_only: bool,
     #[serde(default)]
     pub max_bandwidth_mib_s: Option<f64>,
+    /// The switchover (pause to commit) must fit this, or the VM resumes.
+    #[serde(default = "default_switchover_s")]
+    pub switchover_timeout_s: f64,
+    /// Ask this Unix socket before committing (see `source::gate`).
+    #[serde(default)]
+    pub commit_gate: Option<PathBuf>,
 }
 
 fn default_mode() -> Mode {
@@ -56,6 +62,9 @@ fn default_downtime_ms() -> f64 {
 }
 fn default_timeout_s() -> f64 {
     60.0
+}
+fn default_switchover_s() -> f64 {
+    source::DEFAULT_SWITCHOVER_TIMEOUT.as_secs_f64()
 }
 fn default_max_rounds() -> u32 {
     30
@@ -98,6 +107,8 @@ impl MigrateRequest {
             auto_converge: true,
             check_only: false,
             max_bandwidth_mib_s: None,
+            switchover_timeout_s: default_switchover_s(),
+            commit_gate: None,
         }
     }
 
@@ -114,6 +125,8 @@ impl MigrateRequest {
         range("downtime_ms", "(0, 60000]", d.is_finite() && d > 0.0 && d <= MAX_DOWNTIME_MS, d.to_string())?;
         let t = self.timeout_s;
         range("timeout_s", "(0, 86400]", t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_S, t.to_string())?;
+        let sw = self.switchover_timeout_s;
+        range("switchover_timeout_s", "[0.1, 600]", sw.is_finite() && (0.1..=600.0).contains(&sw), sw.to_string())?;
         let r = self.max_rounds;
         range("max_rounds", "[1, 10000]", (1..=MAX_ROUNDS).contains(&r), r.to_string())?;
         if let Some(b) = self.max_bandwidth_mib_s {
@@ -129,6 +142,8 @@ impl MigrateRequest {
         o.auto_converge = self.auto_converge;
         o.check_only = self.check_only;
         o.max_bandwidth_mib_s = self.max_bandwidth_mib_s;
+        o.commit_gate = self.commit_gate.clone();
+        o.switchover_timeout = Duration::from_secs_f64(sw);
         Ok((to, o))
     }
 }

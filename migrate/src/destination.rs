@@ -8,6 +8,7 @@
 //! reason to stop the guest. If the disks cannot be taken after the
 //! commit, the VM stays paused here, holding what it could, and says so.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,30 +44,67 @@ pub struct Policy {
 }
 
 /// Serves migrations on `listener` until one brings a VM; returns it
-/// running (or paused, if it was paused on the source). A check-only
-/// preflight is answered and the wait goes on, and so does a failed
-/// attempt (a peer without the key, garbage, a refused preflight, a source
-/// that aborts or vanishes): nothing of it ever ran, and one bad
-/// connection must not end the wait for the real one.
-pub fn receive<D: Destination>(listener: &Listener, dest: &D, policy: &Policy) -> Result<Arc<D::Vm>, Error> {
+/// running (or paused, if it was paused on the source). Each connection
+/// has its own thread, so a slow or hostile peer never holds up another,
+/// and the first attempt to restore a VM takes this receiver (later ones
+/// are refused). A check-only preflight is answered and the wait goes on,
+/// and so does a failed attempt (a peer without the key, garbage, a refused
+/// preflight, a source that aborts or vanishes): nothing of it ever ran,
+/// and one bad connection must not end the wait for the real one. Neither
+/// does an `accept` error.
+pub fn receive<D: Destination + 'static>(listener: &Listener, dest: Arc<D>, policy: Arc<Policy>) -> Arc<D::Vm> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let taken = Arc::new(AtomicBool::new(false));
     loop {
-        let mut stream = listener.accept().map_err(wire::Error::Io)?;
-        match attempt(&mut stream, dest, policy) {
-            Ok(Some(vm)) => return Ok(vm),
-            Ok(None) => {}
-            Err(e) => eprintln!("ferry: migration attempt failed, nothing kept: {e}; still waiting"),
+        if let Ok(vm) = rx.try_recv() {
+            return vm;
+        }
+        let mut stream = match listener.accept_timeout(ACCEPT_POLL) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                eprintln!("ferry: accepting a migration connection failed: {e}; still waiting");
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+        };
+        let (dest, policy, taken, tx) = (dest.clone(), policy.clone(), taken.clone(), tx.clone());
+        let spawned = std::thread::Builder::new().name("migration-in".into()).spawn(move || {
+            match attempt(&mut stream, dest.as_ref(), &policy, &taken) {
+                Ok(Some(vm)) => {
+                    let _ = tx.send(vm);
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("ferry: migration attempt failed, nothing kept: {e}; still waiting"),
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("ferry: cannot serve a migration connection: {e}; still waiting");
         }
     }
 }
 
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
 /// One connection: `Some` VM once it is this host's, `None` after a
-/// check-only.
-pub fn attempt<D: Destination>(stream: &mut Stream, dest: &D, policy: &Policy) -> Result<Option<Arc<D::Vm>>, Error> {
-    // A peer that says nothing must not hold the listener for long.
+/// check-only. `taken` is claimed by the first attempt that restores a VM.
+pub fn attempt<D: Destination>(
+    stream: &mut Stream,
+    dest: &D,
+    policy: &Policy,
+    taken: &AtomicBool,
+) -> Result<Option<Arc<D::Vm>>, Error> {
+    // Authentication and the hello, within one total deadline.
     stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
+    stream.set_deadline(Some(Instant::now() + HANDSHAKE_TIMEOUT));
     auth::accept(stream, &policy.key)?;
     let hello: Hello = wire::read_frame(stream)?.expect(Kind::Hello, "Hello")?.decode()?;
-    if let Err(problems) = check(&hello, dest, policy) {
+    stream.set_deadline(None);
+    let mut problems = check(&hello, dest, policy).err().unwrap_or_default();
+    if !hello.check_only && taken.load(Ordering::SeqCst) {
+        problems.push("this destination is already taking another VM".into());
+    }
+    if !problems.is_empty() {
         let reason = problems.join("; ");
         let _ = wire::send(stream, Kind::Refuse, &Reason { reason: reason.clone() });
         return Err(Error::Refused(reason));
@@ -78,7 +116,10 @@ pub fn attempt<D: Destination>(stream: &mut Stream, dest: &D, policy: &Policy) -
     }
     stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
     let incoming = dest.prepare(&hello.requirements)?;
-    match receive_vm(stream, incoming) {
+    // The source gives up (and resumes) past its switchover deadline; wait
+    // for its commit longer than that, so it never commits to nobody.
+    let commit_wait = Duration::from_millis(hello.switchover_timeout_ms) + COMMIT_MARGIN;
+    match receive_vm(stream, incoming, taken, commit_wait) {
         Ok(vm) => Ok(Some(vm)),
         Err(e) => {
             let _ = wire::send(stream, Kind::Abort, &Reason { reason: e.to_string() });
@@ -86,6 +127,10 @@ pub fn attempt<D: Destination>(stream: &mut Stream, dest: &D, policy: &Policy) -
         }
     }
 }
+
+/// How much longer than the source's switchover deadline the destination
+/// waits for the commit.
+const COMMIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// The preflight: every reason this host cannot run the guest.
 fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy) -> Result<(), Vec<String>> {
@@ -105,7 +150,12 @@ fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy) -> Result<(),
     }
 }
 
-fn receive_vm<I: IncomingVm>(stream: &mut Stream, incoming: I) -> Result<Arc<I::Vm>, Error>
+fn receive_vm<I: IncomingVm>(
+    stream: &mut Stream,
+    incoming: I,
+    taken: &AtomicBool,
+    commit_wait: Duration,
+) -> Result<Arc<I::Vm>, Error>
 where
     I::Vm: 'static,
 {
@@ -126,14 +176,23 @@ where
             other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
         }
     };
-    let vm = incoming.restore(&state)?;
-    wire::write_frame(stream, Kind::Ready, &[])?;
-    let commit = wire::read_frame(stream)?;
-    match commit.kind {
-        Kind::Commit => {}
-        Kind::Abort => return Err(Error::SourceAborted(commit.decode::<Reason>()?.reason)),
-        other => return Err(wire::Error::Unexpected { expected: "Commit", got: other }.into()),
+    if taken.swap(true, Ordering::SeqCst) {
+        return Err(Error::Refused("this destination is already taking another VM".into()));
     }
+    let restored = incoming.restore(&state);
+    let vm = match restored {
+        Ok(vm) => vm,
+        Err(e) => {
+            taken.store(false, Ordering::SeqCst);
+            return Err(e.into());
+        }
+    };
+    let committed = wait_for_commit(stream, commit_wait);
+    if committed.is_err() {
+        // Nothing ran: the receiver is free for the next attempt.
+        taken.store(false, Ordering::SeqCst);
+    }
+    committed?;
     // The VM is ours now: nothing below may drop it.
     run_after_commit(vm.as_ref());
     if let Err(e) = wire::write_frame(stream, Kind::Resumed, &[]) {
@@ -143,6 +202,20 @@ where
         announce_again(Arc::downgrade(&vm));
     }
     Ok(vm)
+}
+
+/// Sends `Ready` and waits (within `wait` in total) for the source's verdict.
+fn wait_for_commit(stream: &mut Stream, wait: Duration) -> Result<(), Error> {
+    wire::write_frame(stream, Kind::Ready, &[])?;
+    stream.set_deadline(Some(Instant::now() + wait));
+    let commit = wire::read_frame(stream);
+    stream.set_deadline(None);
+    let commit = commit?;
+    match commit.kind {
+        Kind::Commit => Ok(()),
+        Kind::Abort => Err(Error::SourceAborted(commit.decode::<Reason>()?.reason)),
+        other => Err(wire::Error::Unexpected { expected: "Commit", got: other }.into()),
+    }
 }
 
 /// After the commit: take the disks, then resume if the VM ran on the

@@ -1,5 +1,6 @@
-//! The figures every migration reports (one JSON object; names as in
-//! DESIGN.md). Ping figures are filled in by whoever ran a pinger.
+//! The figures every migration reports: one JSON object with at least
+//! mode, mem_mib, total_ms, downtime_ms, rounds, bytes_sent, pages_zero and
+//! pages_sent. The ping figures are filled in by whoever ran a pinger.
 
 use serde::Serialize;
 

@@ -23,6 +23,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any single read or write that takes longer means the peer is gone.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: f64 = (1 << 20) as f64;
+pub const DEFAULT_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the commit, how long the destination has to say it runs the VM.
+const RESUMED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to do when pre-copy does not converge in time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -53,6 +56,12 @@ pub struct Options {
     pub max_bandwidth_mib_s: Option<f64>,
     /// Set from outside (`vm.migration-cancel`) to give up before the commit.
     pub cancel: Arc<AtomicBool>,
+    /// The whole switchover (pause to commit) must fit this, or the VM
+    /// resumes here; the destination waits for the commit a little longer.
+    pub switchover_timeout: Duration,
+    /// Who decides the commit, if not this VMM alone: a Unix socket (the
+    /// cluster agent's) asked right before `Commit` is sent. See [`gate`].
+    pub commit_gate: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -68,6 +77,8 @@ impl Options {
             check_only: false,
             max_bandwidth_mib_s: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
+            commit_gate: None,
         }
     }
 }
@@ -90,6 +101,8 @@ pub enum Error {
     Cancelled(String),
     #[error("cancelled on request before the commit; the VM keeps running here")]
     CancelledByRequest,
+    #[error("the commit gate {gate} refused the commit: {reason}")]
+    GateRefused { gate: String, reason: String },
     #[error("the destination did not confirm it runs the VM after commit ({0}); the VM is stopped on the source so it never runs twice")]
     Uncertain(String),
 }
@@ -302,8 +315,13 @@ fn migrate_claimed(
 
     progress::update(progress, |p| p.phase = "preflight".into());
     let requirements = vm.requirements();
-    let hello =
-        Hello { protocol_version: PROTOCOL_VERSION, mode: opts.mode, requirements, check_only: opts.check_only };
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        mode: opts.mode,
+        requirements,
+        check_only: opts.check_only,
+        switchover_timeout_ms: opts.switchover_timeout.as_millis() as u64,
+    };
     wire::send(&mut w, Kind::Hello, &hello)?;
     w.flush().map_err(wire::Error::Io)?;
     let reply = wire::read_frame(&mut reader)?;
@@ -355,9 +373,12 @@ fn migrate_claimed(
     if let Err(e) = vm.flush_backends() {
         tracing::warn!("pre-switchover flush: {e}");
     }
-    // The downtime window: as fast as the link goes.
+    // The downtime window: as fast as the link goes, and bounded in total.
     w.cap = None;
     let t_pause = Instant::now();
+    let deadline = Some(t_pause + opts.switchover_timeout);
+    reader.set_deadline(deadline);
+    w.inner.get_mut().set_deadline(deadline);
     if was_running {
         if let Err(e) = vm.pause() {
             let e = Error::from(e);
@@ -547,8 +568,18 @@ fn switchover(
     let t_handoff = Instant::now();
     vm.release_backends(destination_host).map_err(|e| before(e.into()))?;
     figures.handoff_ms = ms(t_handoff.elapsed());
+    if let Some(path) = &opts.commit_gate {
+        if let Err(e) = gate::ask(path, destination_host) {
+            // Nothing was committed: the disks come back to this host.
+            let _ = vm.reclaim_backends();
+            return Err(before(e));
+        }
+    }
     // The point of no return: from here the VM never runs on this host.
     vm.retire().map_err(|e| before(e.into()))?;
+    let after = Some(Instant::now() + RESUMED_TIMEOUT);
+    reader.set_deadline(after);
+    w.inner.get_mut().set_deadline(after);
     wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
     w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;
     let resumed = wire::read_frame(reader).map_err(|e| Failure::AfterCommit(e.into()))?;
@@ -556,4 +587,60 @@ fn switchover(
         return Err(Failure::AfterCommit(wire::Error::Unexpected { expected: "Resumed", got: resumed.kind }.into()));
     }
     Ok(())
+}
+
+/// The commit gate: before a migration commits, the source VMM asks a Unix
+/// socket (the cluster agent's) whether it may. One JSON line each way:
+///
+/// ```text
+/// -> {"to_host": "b"}
+/// <- {"commit": true}  |  {"commit": false, "reason": "..."}
+/// ```
+///
+/// The agent answers `true` only once the cluster's own record says the
+/// VM belongs to `to_host` (an etcd transaction on its owner key). Anything
+/// else (a refusal, no answer within [`gate::TIMEOUT`], a broken reply) is a
+/// failure before the commit: the VM stays here.
+pub mod gate {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::Error;
+
+    pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Ask {
+        pub to_host: String,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Answer {
+        pub commit: bool,
+        #[serde(default)]
+        pub reason: String,
+    }
+
+    pub fn ask(path: &Path, to_host: &str) -> Result<(), Error> {
+        let refused = |reason: String| Error::GateRefused { gate: path.display().to_string(), reason };
+        let mut s = UnixStream::connect(path).map_err(|e| refused(format!("cannot reach it: {e}")))?;
+        s.set_read_timeout(Some(TIMEOUT))
+            .and_then(|_| s.set_write_timeout(Some(TIMEOUT)))
+            .map_err(|e| refused(e.to_string()))?;
+        let mut line = serde_json::to_string(&Ask { to_host: to_host.to_owned() }).expect("serialises");
+        line.push('\n');
+        s.write_all(line.as_bytes()).map_err(|e| refused(format!("cannot ask: {e}")))?;
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).map_err(|e| refused(format!("no answer: {e}")))?;
+        let answer: Answer = serde_json::from_str(reply.trim()).map_err(|e| refused(format!("bad answer: {e}")))?;
+        if answer.commit {
+            Ok(())
+        } else {
+            Err(refused(answer.reason))
+        }
+    }
 }

@@ -109,6 +109,9 @@ struct FakeVm {
     fail: Option<&'static str>,
     stop: AtomicBool,
     writes: AtomicU64,
+    /// A guest that dirties all of its memory between any two looks at the
+    /// log while its vCPUs run (deterministic, unlike a writer thread).
+    always_dirty: AtomicBool,
 }
 
 impl FakeVm {
@@ -122,6 +125,7 @@ impl FakeVm {
             fail,
             stop: AtomicBool::new(false),
             writes: AtomicU64::new(0),
+            always_dirty: AtomicBool::new(false),
         });
         for p in 0..PAGES / 2 {
             vm.mem.write_at(p * PAGE_SIZE, &[p as u8 | 1; 64]).unwrap();
@@ -216,7 +220,10 @@ impl MigratableVm for FakeVm {
         Ok("fake")
     }
     fn take_dirty(&self) -> Result<DirtyBitmap, VmError> {
-        let pages = std::mem::take(&mut *self.dirty.lock().unwrap());
+        let mut pages = std::mem::take(&mut *self.dirty.lock().unwrap());
+        if self.always_dirty.load(Ordering::SeqCst) && !self.state().vcpus_parked() {
+            pages.extend(0..PAGES);
+        }
         let mut words = vec![0u64; PAGES.div_ceil(64) as usize];
         for p in pages {
             words[(p / 64) as usize] |= 1 << (p % 64);
@@ -236,6 +243,10 @@ impl MigratableVm for FakeVm {
     fn release_backends(&self, to_host: &str) -> Result<(), VmError> {
         self.failing("release")?;
         self.calls.lock().unwrap().push(format!("release to {to_host}"));
+        Ok(())
+    }
+    fn reclaim_backends(&self) -> Result<(), VmError> {
+        self.calls.lock().unwrap().push("reclaim".into());
         Ok(())
     }
     fn save_state(&self) -> Result<Vec<u8>, VmError> {
@@ -345,7 +356,7 @@ fn destination(
     std::thread::spawn(move || {
         let mut stream = listener.accept().map_err(|e| e.to_string())?;
         let policy = DestPolicy { key: key(), cpu: CpuPolicy::default() };
-        destination::attempt(&mut stream, &dest, &policy).map_err(|e| e.to_string())
+        destination::attempt(&mut stream, &dest, &policy, &AtomicBool::new(false)).map_err(|e| e.to_string())
     })
 }
 
@@ -400,7 +411,7 @@ fn a_paused_vm_arrives_paused() {
 fn a_guest_that_never_converges_is_cancelled_by_policy_or_forced() {
     for policy in [Policy::Cancel, Policy::Force] {
         let vm = FakeVm::new(Lifecycle::Running, None);
-        let dirtier = vm.dirty_from_a_thread(400, PAGES);
+        vm.always_dirty.store(true, Ordering::SeqCst);
         let sock = Sock::new("converge");
         let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
         let mut opts = options(Mode::Live);
@@ -410,8 +421,6 @@ fn a_guest_that_never_converges_is_cancelled_by_policy_or_forced() {
         opts.policy = policy;
         let result = run(&vm, &sock, &opts);
         let arrived = dest.join().unwrap();
-        vm.stop.store(true, Ordering::Relaxed);
-        dirtier.join().unwrap();
         match policy {
             Policy::Cancel => {
                 assert!(matches!(result, Err(Error::Cancelled(_))), "{result:?}");
@@ -431,7 +440,7 @@ fn a_guest_that_never_converges_is_cancelled_by_policy_or_forced() {
 #[test]
 fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
     let vm = FakeVm::new(Lifecycle::Running, None);
-    let dirtier = vm.dirty_from_a_thread(400, PAGES);
+    vm.always_dirty.store(true, Ordering::SeqCst);
     let sock = Sock::new("throttle");
     let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
     let mut opts = options(Mode::Live);
@@ -440,8 +449,6 @@ fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
     opts.policy = Policy::Force;
     let f = run(&vm, &sock, &opts).expect("forced switchover");
     let _ = dest.join();
-    vm.stop.store(true, Ordering::Relaxed);
-    dirtier.join().unwrap();
     assert!(f.throttle_pct >= 20, "throttle stepped up: {f:?}");
     assert!(vm.called("throttle the vCPUs"), "the vCPUs were held through the lifecycle");
 }
@@ -556,6 +563,7 @@ fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
         mode: Mode::Quick,
         requirements: req,
         check_only: false,
+        switchover_timeout_ms: 1000,
     };
     wire::send(&mut s, Kind::Hello, &hello).unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::HelloAck);
@@ -578,9 +586,8 @@ fn a_cancel_request_stops_the_migration_before_its_commit() {
     let sock = Sock::new("cancel");
     let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
     let mut opts = options(Mode::Live);
-    opts.downtime_ms = 0.001;
-    opts.max_rounds = 10_000;
-    opts.auto_converge = false;
+    // 2 MiB of data at 1 MiB/s: the cancel lands in round 0.
+    opts.max_bandwidth_mib_s = Some(1.0);
     let cancel = opts.cancel.clone();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -36,48 +36,88 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
-/// A connected migration stream.
-pub enum Stream {
+/// A connected migration stream. Besides a per-operation timeout it can
+/// hold a total deadline: every read and write then gets only the time
+/// left, so a peer that dribbles a byte now and then cannot stretch a
+/// handshake or a switchover past it.
+pub struct Stream {
+    inner: Inner,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+}
+
+enum Inner {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
 impl Stream {
+    fn new(inner: Inner) -> Stream {
+        Stream { inner, timeout: None, deadline: None }
+    }
+
     pub fn try_clone(&self) -> std::io::Result<Stream> {
-        match self {
-            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
-            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
+        let inner = match &self.inner {
+            Inner::Tcp(s) => Inner::Tcp(s.try_clone()?),
+            Inner::Unix(s) => Inner::Unix(s.try_clone()?),
+        };
+        let s = Stream { inner, timeout: self.timeout, deadline: None };
+        s.apply(self.timeout)?;
+        Ok(s)
+    }
+
+    /// The longest any single read or write may take.
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
+        self.timeout = t;
+        self.apply(t)
+    }
+
+    /// Everything from now on must be done by `deadline` (None: no limit
+    /// beyond the per-operation timeout).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    fn apply(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match &self.inner {
+            Inner::Tcp(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+            Inner::Unix(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
         }
     }
 
-    pub fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
-            Stream::Unix(s) => s.set_read_timeout(t).and_then(|_| s.set_write_timeout(t)),
+    /// Narrows the socket timeout to what the deadline leaves.
+    fn before_io(&self) -> std::io::Result<()> {
+        let Some(deadline) = self.deadline else { return Ok(()) };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
         }
+        self.apply(Some(self.timeout.map_or(left, |t| t.min(left))))
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+        self.before_io()?;
+        match &mut self.inner {
+            Inner::Tcp(s) => s.read(buf),
+            Inner::Unix(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+        self.before_io()?;
+        match &mut self.inner {
+            Inner::Tcp(s) => s.write(buf),
+            Inner::Unix(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
+        match &mut self.inner {
+            Inner::Tcp(s) => s.flush(),
+            Inner::Unix(s) => s.flush(),
         }
     }
 }
@@ -90,14 +130,14 @@ pub fn connect(endpoint: &Endpoint, timeout: Duration) -> std::io::Result<Stream
                 match TcpStream::connect_timeout(&a, timeout) {
                     Ok(s) => {
                         s.set_nodelay(true)?;
-                        return Ok(Stream::Tcp(s));
+                        return Ok(Stream::new(Inner::Tcp(s)));
                     }
                     Err(e) => last = e,
                 }
             }
             Err(last)
         }
-        Endpoint::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
+        Endpoint::Unix(p) => UnixStream::connect(p).map(|s| Stream::new(Inner::Unix(s))),
     }
 }
 
@@ -122,9 +162,34 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+                Ok(Stream::new(Inner::Tcp(s)))
             }
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::new(Inner::Unix(s))),
+        }
+    }
+
+    /// Waits at most `wait` for a connection (None: none came).
+    pub fn accept_timeout(&self, wait: Duration) -> std::io::Result<Option<Stream>> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll on one pollfd we own, for at most `ms` milliseconds.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match r {
+            0 => Ok(None),
+            r if r < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+            _ => self.accept().map(Some),
         }
     }
 

@@ -186,6 +186,9 @@ pub struct Hello {
     pub requirements: Requirements,
     /// Only run the preflight; no memory follows.
     pub check_only: bool,
+    /// The source resumes the VM if its switchover takes longer: the
+    /// destination waits for the commit at least this long after `Ready`.
+    pub switchover_timeout_ms: u64,
 }
 
 pub use vmm::migration::Requirements;

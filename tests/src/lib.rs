@@ -48,8 +48,12 @@ pub fn kvm_available(test: &str) -> bool {
     true
 }
 
-pub fn is_pvm_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+/// True when this host's KVM is PVM (the VMM's own test of it).
+pub use vmm::vstate::vm::is_pvm_host;
+
+/// `&str` to `String`, for argument lists.
+pub fn s(v: &str) -> String {
+    v.to_owned()
 }
 
 /// A scratch directory removed on drop.
@@ -492,5 +496,76 @@ impl Vm {
             assert!(Instant::now() < deadline, "timed out waiting for '{text}' on stderr:\n{}", self.stderr());
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Moving VMs between lab hosts.
+
+/// `ferry receive` on lab host `host`, listening on its lab address at
+/// `port`, with this test process's cluster key and the host's name as its
+/// host id (taps and the rest come in `extra`); returns once it listens.
+pub fn receiver_in_lab(lab: &Lab, host: &str, port: u16, extra: &[&str]) -> Vm {
+    let mut args = vec![
+        s("--listen"),
+        format!("tcp:{}:{port}", Lab::host_ip(host)),
+        s("--key-file"),
+        cluster_key().display().to_string(),
+        s("--host-id"),
+        host.to_owned(),
+    ];
+    args.extend(extra.iter().map(|e| e.to_string()));
+    let vm = Vm::launch(Some(&lab.netns(host)), "receive", &args);
+    vm.wait_stderr(Duration::from_secs(60), "waiting for a migration");
+    vm
+}
+
+/// `ferry migrate --json --to TO EXTRA` for `vm`, run inside lab host
+/// `from`: (success, figures JSON, stderr).
+pub fn migrate_in_lab(lab: &Lab, from: &str, vm: &Vm, to: &str, extra: &[&str]) -> (bool, serde_json::Value, String) {
+    let key = cluster_key();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.netns(from)])
+        .arg(ferry_bin())
+        .args(["migrate", "--json", "--key-file", key.to_str().unwrap(), "--to", to])
+        .args(extra)
+        .arg("--api-sock")
+        .arg(&vm.api_sock)
+        .output()
+        .expect("run ferry migrate");
+    let figures = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (out.status.success(), figures, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Small statistics the benchmarks share.
+pub mod stats {
+    /// The median (the upper middle value of an even count), if any.
+    pub fn median(v: &[f64]) -> Option<f64> {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    }
+
+    /// The value at fraction `p` (0..=1) of the sorted values, if any.
+    pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v.get(i).copied()
+    }
+
+    /// Rounded to three decimals, for JSON that people read.
+    pub fn round3(x: f64) -> f64 {
+        (x * 1000.0).round() / 1000.0
+    }
+
+    /// A duration in milliseconds.
+    pub fn ms(d: std::time::Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    /// A duration in milliseconds, rounded to three decimals.
+    pub fn ms3(d: std::time::Duration) -> f64 {
+        round3(ms(d))
     }
 }

@@ -5,14 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, run_ferry, Lab, TempDir, Vm};
+use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, run_ferry, s, Lab, TempDir, Vm};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 fn export(dir: &Path) -> PathBuf {
     let p = dir.join("host.json");
@@ -180,7 +176,7 @@ fn baseline_guests_move_to_a_lesser_host_and_full_cpu_guests_are_refused_by_name
 
     // Started on the baseline: it moves.
     let mut based = boot(&lab, &[s("--cpu-profile"), baseline.display().to_string()]);
-    assert!(based.info()["config"]["cpu_profile"]["source"].as_str().unwrap().starts_with("common("));
+    assert!(based.info()["config"]["machine"]["cpu_profile"]["source"].as_str().unwrap().starts_with("common("));
     let mut dest = receiver(&lab, 7721, &small);
     let (ok, err) = migrate(&lab, &based, 7721);
     assert!(ok, "{err}");

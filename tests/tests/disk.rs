@@ -3,13 +3,9 @@
 
 use std::time::Duration;
 
-use ferry_e2e::{command, disk_image, heartbeat_number, kvm_available, TempDir, Vm};
+use ferry_e2e::{command, disk_image, heartbeat_number, kvm_available, s, TempDir, Vm};
 
 const T: Duration = Duration::from_secs(30);
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 fn guest_with_disk(disk: &std::path::Path, readonly: bool) -> Vm {
     let guest = ferry_e2e::guest_elf();

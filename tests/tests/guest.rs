@@ -101,7 +101,7 @@ fn api_reports_info_and_rejects_unknown_requests() {
     vm.wait_line(T, is_heartbeat);
     let info = vm.info();
     assert_eq!(info["state"], "Running");
-    assert_eq!(info["config"]["mem_mib"], 48);
+    assert_eq!(info["config"]["machine"]["mem_mib"], 48);
     assert_eq!(info["boot_protocol"], "pvh");
     assert_eq!(info["pid"], vm.pid());
 

@@ -4,14 +4,10 @@
 
 use std::time::Duration;
 
-use ferry_e2e::{cluster_key, command, disk_image, heartbeat_number, kvm_available, last_heartbeat, Lab, TempDir, Vm};
+use ferry_e2e::{command, disk_image, heartbeat_number, kvm_available, last_heartbeat, s, Lab, TempDir, Vm};
 
 const T: Duration = Duration::from_secs(60);
 const GUEST_IP: &str = "10.200.77.10";
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 fn boot(lab: &Lab, host: &str, cmdline: &str, disk: Option<&std::path::Path>) -> Vm {
     let guest = ferry_e2e::guest_elf();
@@ -34,36 +30,15 @@ fn boot(lab: &Lab, host: &str, cmdline: &str, disk: Option<&std::path::Path>) ->
     vm
 }
 
+/// `ferry receive` on `host` with the tap for the guest's NIC.
 fn receiver(lab: &Lab, host: &str, port: u16, extra: &[&str]) -> Vm {
-    let mut args = vec![
-        s("--listen"),
-        format!("tcp:{}:{port}", Lab::host_ip(host)),
-        s("--key-file"),
-        cluster_key().display().to_string(),
-        s("--net"),
-        s("tap=vm0"),
-    ];
-    args.extend(extra.iter().map(|e| e.to_string()));
-    let vm = Vm::launch(Some(&lab.netns(host)), "receive", &args);
-    vm.wait_stderr(T, "waiting for a migration");
-    vm
+    let tmp = std::env::temp_dir();
+    let mut args = vec!["--net", "tap=vm0", "--allow-disks", tmp.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ferry_e2e::receiver_in_lab(lab, host, port, &args)
 }
 
-/// `ferry migrate --mode live --json` from `vm` (run inside `host`'s netns).
-fn migrate(lab: &Lab, from: &str, vm: &Vm, to: &str, extra: &[&str]) -> (bool, serde_json::Value, String) {
-    let key = cluster_key();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.netns(from)])
-        .arg(ferry_e2e::ferry_bin())
-        .args(["migrate", "--mode", "live", "--json", "--key-file", key.to_str().unwrap(), "--to", to])
-        .args(extra)
-        .arg("--api-sock")
-        .arg(&vm.api_sock)
-        .output()
-        .unwrap();
-    let figures = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    (out.status.success(), figures, String::from_utf8_lossy(&out.stderr).into_owned())
-}
+use ferry_e2e::migrate_in_lab as migrate;
 
 fn assert_intact(vm: &Vm, disk_seed: Option<u64>, why: &str) {
     let v = command(vm, "verify", "verify", T);

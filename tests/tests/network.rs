@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use ferry_e2e::{command, heartbeat_number, kvm_available, Lab, Vm};
+use ferry_e2e::{command, heartbeat_number, kvm_available, s, Lab, Vm};
 
 const T: Duration = Duration::from_secs(30);
 const GUEST_IP: &str = "10.200.77.10";
 const GUEST_MAC: &str = "52:54:00:c0:ff:ee";
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 /// Boots the test guest inside lab host `host` on tap `tap`.
 fn guest_on(lab: &Lab, host: &str, tap: &str, extra_cmdline: &str) -> Vm {

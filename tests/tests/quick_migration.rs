@@ -7,15 +7,12 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use ferry_e2e::{
-    cluster_key, cluster_key_loaded, command, disk_image, heartbeat_number, kvm_available, last_heartbeat, TempDir, Vm,
+    cluster_key, cluster_key_loaded, command, disk_image, heartbeat_number, kvm_available, last_heartbeat, s, TempDir,
+    Vm,
 };
 use migrate::wire::{self, Kind};
 
 const T: Duration = Duration::from_secs(30);
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -41,7 +38,14 @@ fn receiver(endpoint: &str) -> Vm {
     Vm::launch(
         None,
         "receive",
-        &[s("--listen"), endpoint.to_owned(), s("--key-file"), cluster_key().display().to_string()],
+        &[
+            s("--listen"),
+            endpoint.to_owned(),
+            s("--key-file"),
+            cluster_key().display().to_string(),
+            s("--allow-disks"),
+            std::env::temp_dir().display().to_string(),
+        ],
     )
 }
 
@@ -110,7 +114,7 @@ fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
     assert!(v.starts_with("verify ok"), "{v}");
     let d = command(&back, "disk-verify 0 128 4242", "disk-verify", T);
     assert!(d.starts_with("disk-verify ok"), "{d}");
-    let banner_cpus = back.info()["config"]["vcpus"].clone();
+    let banner_cpus = back.info()["config"]["machine"]["vcpus"].clone();
     assert_eq!(banner_cpus, 2);
 }
 
@@ -134,6 +138,9 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
                 c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
                 return;
             }
+            // A destination whose host id cannot hold a lease: the source's
+            // handoff of a shared disk to it fails.
+            "bad-host-id" => wire::send(&mut c, Kind::HelloAck, &wire::Ack { host_id: "no/such/host".into() }).unwrap(),
             _ => wire::send(&mut c, Kind::HelloAck, &wire::Ack { host_id: "fake".into() }).unwrap(),
         }
         let mut frames = 0;
@@ -150,6 +157,11 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
         match fail_at {
             "abort" => wire::send(&mut c, Kind::Abort, &wire::Reason { reason: "restore failed here".into() }).unwrap(),
             "state" => {}
+            "bad-host-id" => {
+                wire::write_frame(&mut c, Kind::Ready, &[]).unwrap();
+                let verdict = wire::read_frame(&mut c).unwrap();
+                assert_eq!(verdict.kind, Kind::Abort, "never a commit after a failed handoff");
+            }
             other => panic!("unknown failure point {other}"),
         }
     });
@@ -229,6 +241,7 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
             tsc_khz: 0,
         },
         check_only: false,
+        switchover_timeout_ms: 10_000,
     };
     type Feed = Box<dyn Fn(&mut TcpStream)>;
     let cases: Vec<(&str, Feed)> = vec![
@@ -304,4 +317,55 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
         let mut again = TcpStream::connect(("127.0.0.1", port)).expect("still listening after a bad peer");
         assert_eq!(wire::read_frame(&mut again).unwrap().kind, Kind::AuthChallenge);
     }
+}
+
+#[test]
+fn a_failed_disk_handoff_gives_every_disk_back_and_the_guest_keeps_writing() {
+    if !kvm_available("a_failed_disk_handoff_gives_every_disk_back_and_the_guest_keeps_writing") {
+        return;
+    }
+    let dir = TempDir::new("handoff");
+    let vol = dir.path().join("vol");
+    let vol_s = vol.display().to_string();
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(ferry_e2e::run_ferry(&["volume", "create", &vol_s]));
+    for d in ["d0", "d1"] {
+        ok(ferry_e2e::run_ferry(&["disk", "create", "--volume", &vol_s, "--format", "raw", "--size", "16M", d]));
+    }
+    let vm = source_vm(
+        "heartbeat_ms=100",
+        64,
+        &[
+            s("--disk"),
+            format!("csv:{vol_s}/disks/d0"),
+            s("--disk"),
+            format!("csv:{vol_s}/disks/d1"),
+            s("--host-id"),
+            s("a"),
+            s("--lease-ttl-ms"),
+            s("1500"),
+        ],
+    );
+    let epoch = |disk: &str| -> u64 {
+        let out = ferry_e2e::run_ferry(&["disk", "lease", "show", "--volume", &vol_s, disk]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert_eq!(v["owner"], "a", "{disk} is a's: {v}");
+        v["epoch"].as_u64().unwrap()
+    };
+    let before = (epoch("d0"), epoch("d1"));
+    let (port, t) = fake_destination("bad-host-id");
+    let (migrated, _, err) = migrate_quick(&vm, &format!("tcp:127.0.0.1:{port}"));
+    t.join().unwrap();
+    assert!(!migrated, "the migration fails");
+    assert!(err.contains("no/such/host") || err.contains("host"), "{err}");
+    assert_still_running(&vm, "failed handoff");
+    // Both disks are a's again, and stay so past several lease TTLs: their
+    // keepers run (nothing was handed over, or it was taken back).
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = (epoch("d0"), epoch("d1"));
+    assert!(after.0 >= before.0 && after.1 >= before.1, "{before:?} -> {after:?}");
+    let w = command(&vm, "disk-write 0 64 777", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "the guest still writes its disk: {w}");
+    let v = command(&vm, "disk-verify 0 64 777", "disk-verify", T);
+    assert!(v.starts_with("disk-verify ok"), "{v}");
 }

@@ -6,14 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, run_ferry, Lab, TempDir, Vm};
+use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, run_ferry, s, Lab, TempDir, Vm};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 fn volume_with_disk(dir: &Path, name: &str, format: &str) -> String {
     let vol = dir.join("vol");
@@ -60,6 +56,8 @@ fn receiver(lab: &Lab, host: &str, port: u16) -> Vm {
             cluster_key().display().to_string(),
             s("--host-id"),
             host.to_owned(),
+            s("--allow-disks"),
+            std::env::temp_dir().display().to_string(),
         ],
     );
     vm.wait_stderr(T, "waiting for a migration");

@@ -2,14 +2,10 @@
 
 use std::time::Duration;
 
-use ferry_e2e::{command, disk_image, field, heartbeat_number, kvm_available, last_heartbeat, TempDir, Vm};
+use ferry_e2e::{command, disk_image, field, heartbeat_number, kvm_available, last_heartbeat, s, TempDir, Vm};
 use vmm::state::VmState;
 
 const T: Duration = Duration::from_secs(20);
-
-fn s(v: &str) -> String {
-    v.to_owned()
-}
 
 #[test]
 fn snapshot_restore_keeps_heartbeat_memory_and_disk() {

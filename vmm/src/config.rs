@@ -68,6 +68,11 @@ pub struct HostConfig {
     /// Take the leases of a crashed host's disks once they have expired.
     #[serde(default)]
     pub takeover: bool,
+    /// Where disks of VMs that migrate here may live (volumes or
+    /// directories); a disk anywhere else is refused by the preflight. The
+    /// source names the disks; this host decides what it will open.
+    #[serde(default)]
+    pub disk_roots: Vec<PathBuf>,
 }
 
 /// A VM on this host: the machine and how this host runs it.
@@ -201,6 +206,7 @@ impl Default for HostConfig {
             host_id: default_host_id(),
             lease_ttl_ms: default_lease_ttl_ms(),
             takeover: false,
+            disk_roots: Vec::new(),
         }
     }
 }

@@ -59,11 +59,22 @@ pub struct Requirements {
     /// NICs in device order, by MAC: the destination supplies a tap for each.
     pub nics: Vec<MacAddr>,
     /// Disks in device order.
-    pub disks: Vec<DiskConfig>,
+    pub disks: Vec<DiskRequirement>,
     /// vCPU 0's CPUID as the guest sees it.
     pub guest_cpuid: Vec<CpuidLeaf>,
     /// The guest's TSC frequency (0 if unknown).
     pub tsc_khz: u32,
+}
+
+/// One disk as the destination must find it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRequirement {
+    pub disk: DiskConfig,
+    /// The size the guest knows, in bytes.
+    pub size_bytes: u64,
+    /// Which image it is (see `devices::disk::identity_of`): a different
+    /// file at the same path is refused.
+    pub identity: String,
 }
 
 /// What this host's KVM offers a guest, for the preflight.
@@ -99,8 +110,12 @@ pub trait MigratableVm: Send + Sync {
     fn stop_dirty_log(&self) -> Result<(), Error>;
     /// Makes disk writes durable while the guest still runs.
     fn flush_backends(&self) -> Result<(), Error>;
-    /// At the commit: every disk flushed, then handed to `to_host`.
+    /// At the commit: every disk flushed, then handed to `to_host`. All or
+    /// nothing: if one handoff fails, the ones done are taken back.
     fn release_backends(&self, to_host: &str) -> Result<(), Error>;
+    /// Takes back what `release_backends` handed over, when the commit did
+    /// not happen after all.
+    fn reclaim_backends(&self) -> Result<(), Error>;
     /// The encoded state (vCPUs, irqchip, devices, machine config, run state).
     fn save_state(&self) -> Result<Vec<u8>, Error>;
     /// The commit: this VM never runs here again.
@@ -176,7 +191,7 @@ impl MigratableVm for Vmm {
             mem_bytes: self.ram.size,
             vcpus: m.vcpus,
             nics: m.nics.iter().map(|n| n.mac).collect(),
-            disks: m.disks.clone(),
+            disks: self.disk_requirements(),
             guest_cpuid: self.guest_cpuid.iter().map(CpuidLeaf::from).collect(),
             tsc_khz: self.tsc_khz,
         }
@@ -244,12 +259,37 @@ impl MigratableVm for Vmm {
         }
         // Everything durable first: a failing flush hands nothing over.
         Vmm::flush_backends(self)?;
-        for t in &self.virtio {
-            if let Some(b) = lock(t).device_mut().backend_mut() {
-                b.release(to_host)?;
+        for (i, t) in self.virtio.iter().enumerate() {
+            let released = match lock(t).device_mut().backend_mut() {
+                Some(b) => b.release(to_host),
+                None => Ok(()),
+            };
+            if let Err(e) = released {
+                // All or nothing: the disks already handed over come back.
+                for done in &self.virtio[..i] {
+                    if let Some(b) = lock(done).device_mut().backend_mut() {
+                        if let Err(r) = b.reclaim() {
+                            tracing::error!("after a failed handoff a disk could not be taken back: {r}");
+                        }
+                    }
+                }
+                return Err(e.into());
             }
         }
         Ok(())
+    }
+
+    fn reclaim_backends(&self) -> Result<(), Error> {
+        let mut first = None;
+        for t in &self.virtio {
+            if let Some(b) = lock(t).device_mut().backend_mut() {
+                if let Err(e) = b.reclaim() {
+                    tracing::error!("a disk could not be taken back: {e}");
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), |e| Err(e.into()))
     }
 
     fn save_state(&self) -> Result<Vec<u8>, Error> {
@@ -265,6 +305,26 @@ impl MigratableVm for Vmm {
 
     fn retire(&self) -> Result<(), Error> {
         self.act(Action::Retire, |_, _| Ok(()))
+    }
+}
+
+impl Vmm {
+    fn disk_requirements(&self) -> Vec<DiskRequirement> {
+        let mut out = Vec::new();
+        let mut configs = self.config.machine.disks.iter();
+        for t in &self.virtio {
+            let t = lock(t);
+            if let crate::state::devices::BackendSnapshot::Block { sectors, .. } = t.device().identity() {
+                let Some(disk) = configs.next() else { break };
+                let identity = t.device().disk_identity().unwrap_or_default();
+                out.push(DiskRequirement {
+                    disk: disk.clone(),
+                    size_bytes: sectors * crate::devices::disk::SECTOR,
+                    identity,
+                });
+            }
+        }
+        out
     }
 }
 
@@ -326,6 +386,9 @@ impl Destination for KvmDestination {
 
     fn check_backends(&self, req: &Requirements) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Err(e) = csv_fs::fsutil::check_name("host", &self.host.host_id) {
+            problems.push(format!("this host's id cannot name a lease holder: {e}"));
+        }
         if let Err(e) = memory::check_size(req.mem_bytes >> 20) {
             problems.push(e.to_string());
         }
@@ -346,13 +409,8 @@ impl Destination for KvmDestination {
             }
         }
         for d in &req.disks {
-            match d.image_path() {
-                Ok(p) => {
-                    if let Err(e) = std::fs::metadata(&p) {
-                        problems.push(format!("disk image {} is not reachable here: {e}", p.display()));
-                    }
-                }
-                Err(e) => problems.push(format!("disk {} is not reachable here: {e}", d.path.display())),
+            if let Err(why) = check_disk(d, &self.host.disk_roots) {
+                problems.push(why);
             }
         }
         problems
@@ -379,4 +437,44 @@ impl IncomingVm for KvmIncoming {
             builder::build_from_state(self.host, state, self.ram, FromState { standby: true, vm: Some(self.vm) })?;
         Ok(Arc::new(vmm))
     }
+}
+
+/// Whether this host will open `req`'s disk: inside a root it allows, the
+/// same image (identity) and the same size the guest knows.
+fn check_disk(req: &DiskRequirement, roots: &[std::path::PathBuf]) -> Result<(), String> {
+    let shown = req.disk.path.display();
+    let path = req.disk.image_path().map_err(|e| format!("disk {shown} is not reachable here: {e}"))?;
+    let real = std::fs::canonicalize(&path)
+        .map_err(|e| format!("disk image {} is not reachable here: {e}", path.display()))?;
+    let allowed = roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).any(|r| real.starts_with(&r));
+    if !allowed {
+        let listed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(format!(
+            "disk {} is outside the places this host allows disks from ({}): add --allow-disks DIR on the destination",
+            real.display(),
+            if listed.is_empty() { "none given".to_owned() } else { listed.join(", ") }
+        ));
+    }
+    let volume = match &req.disk.volume {
+        Some(vd) => {
+            Some((csv_fs::Volume::open(&vd.volume).map_err(|e| format!("disk {shown}: {e}"))?, vd.name.clone()))
+        }
+        None => None,
+    };
+    let identity = crate::devices::disk::identity_of(&path, volume.as_ref().map(|(v, n)| (v, n.as_str())))
+        .map_err(|e| format!("disk {shown}: {e}"))?;
+    if identity != req.identity {
+        return Err(format!(
+            "disk {} here is a different image ({identity}) from the guest's ({})",
+            path.display(),
+            req.identity
+        ));
+    }
+    let size = csv_fs::Image::open(&path, csv_fs::OpenMode::ReadOnly)
+        .map(|i| csv_fs::BlockBackend::len(&i))
+        .map_err(|e| format!("disk {shown}: {e}"))?;
+    if size != req.size_bytes {
+        return Err(format!("disk {} is {size} bytes here, the guest's is {} bytes", path.display(), req.size_bytes));
+    }
+    Ok(())
 }

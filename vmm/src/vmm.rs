@@ -268,14 +268,13 @@ impl Vmm {
     }
 
     /// `vm.shutdown`: refused while a migration owns the VM; otherwise the
-    /// vCPUs stop now and the VMM's main loop finishes the stop.
+    /// vCPUs stop now. The caller then tells the main loop (an
+    /// `ExitReason::Api` event), which finishes the stop.
     pub fn request_shutdown(&self) -> Result<(), Error> {
         self.act(Action::Shutdown, |v, _| {
             lock(&v.vcpus).stop();
             Ok(())
-        })?;
-        let _ = self.events_tx.send(VmEvent::Exit(ExitReason::Api));
-        Ok(())
+        })
     }
 
     /// Stops every vCPU, flushes the console, and gives backends up (shared

@@ -3,9 +3,12 @@
 //! Each disk has one [`LeaseRecord`]: its owner host, an epoch that only
 //! ever grows, and an expiry the owner keeps pushing out by renewing. Every
 //! change of owner (acquire, handoff, takeover) bumps the epoch, so the
-//! epoch a host holds is a fencing token: before each batch of writes the
-//! VMM calls [`LeaseStore::check`], and a host that slept through its
-//! expiry and came back finds a higher epoch and is refused.
+//! epoch a host holds is a fencing token: the owner's [`LeaseKeeper`]
+//! renews it every third of the TTL, presenting its epoch, and a host that
+//! slept through its expiry and came back finds a higher epoch and is
+//! refused. The VMM writes a disk only while its keeper reports the lease
+//! valid with a third of the TTL to spare (vmm's `devices::disk`); it does
+//! not call [`LeaseStore::check`] per write.
 //!
 //! The state machine lives once, in [`transition`]; a [`LeaseStore`] only
 //! has to read a record and replace it atomically ([`LeaseStore::update`]),

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use ferry_e2e::stats::median;
 use ferry_e2e::{kvm_available, Vm};
 
 const RUNS: usize = 20;
@@ -17,11 +18,6 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{key} missing from /proc/{pid}/status"))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -42,17 +38,17 @@ fn main() {
         anon_mib.push(anon as f64 / 1024.0);
         eprintln!("run {run}: banner {:.1} ms, overhead {:.2} MiB", banner_ms[run], overhead_mib[run]);
     }
-    let mut sorted = banner_ms.clone();
+    let sorted = banner_ms.clone();
     let report = serde_json::json!({
         "bench": "boot",
         "runs": RUNS,
         "guest": "ferry-guest (PVH), 128 MiB, 1 vCPU",
         "pvm_host": ferry_e2e::is_pvm_host(),
-        "banner_ms_median": median(&mut sorted),
+        "banner_ms_median": median(&sorted).unwrap_or(0.0),
         "banner_ms_min": sorted[0],
         "banner_ms_max": sorted[RUNS - 1],
-        "rss_overhead_mib": median(&mut overhead_mib),
-        "rss_anon_mib": median(&mut anon_mib),
+        "rss_overhead_mib": median(&overhead_mib).unwrap_or(0.0),
+        "rss_anon_mib": median(&anon_mib).unwrap_or(0.0),
         "targets": { "banner_ms_median": 50, "rss_overhead_mib": 8 },
         "banner_ms_runs": banner_ms,
     });

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ferry_e2e::stats::{median, ms3, round3};
 use ferry_e2e::{
     cluster_key, ferry_bin, field, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, Lab, Vm,
 };
@@ -73,20 +74,6 @@ const MIGRATE_T: Duration = Duration::from_secs(180);
 /// and reported as medians per cell.
 const MIGRATE_FIGURES: [&str; 6] = ["total_ms", "downtime_ms", "rounds", "bytes_sent", "round0_mib_s", "throttle_pct"];
 const PING_FIGURES: [&str; 3] = ["pings_sent", "pings_lost", "max_gap_ms"];
-
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v.get(v.len() / 2).copied()
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-fn ms(d: Duration) -> f64 {
-    round3(d.as_secs_f64() * 1000.0)
-}
 
 /// True while `pid` exists and is not a zombie.
 fn process_running(pid: u32) -> bool {
@@ -186,7 +173,7 @@ fn boot(lab: &Lab, dir: &Path, mem_mib: u64, dirty_mib_s: u64) -> Result<(Guest,
     let started = Instant::now();
     let g = Guest { vm: Vm::launch(Some(&lab.netns("a")), "run", &args), serial, host: "a" };
     let (i, ready) = g.wait_line_from(0, BOOT_T, |l| l.starts_with("workload ready"))?;
-    let ready_ms = ms(started.elapsed());
+    let ready_ms = ms3(started.elapsed());
     g.wait_line_from(i + 1, T, |l| heartbeat_number(l).is_some())?;
     let boot = json!({ "workload_ready_ms": ready_ms, "fill_ms": field(&ready, "fill_ms"), "line": ready });
     Ok((g, boot))
@@ -289,7 +276,7 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64) -
     let source_lines = src.lines();
     let source_stall_us = source_lines.iter().skip(src_from).filter_map(|l| field(l, "max_stall_us")).max();
     record["guest_stall_source_ms"] = json!(source_stall_us.map(|us| us as f64 / 1000.0));
-    record["migrate_wall_ms"] = json!(ms(t_end - t_start));
+    record["migrate_wall_ms"] = json!(ms3(t_end - t_start));
     record["ping_planned_ms"] = json!(ping_ms);
     // How long the pinger ran past the migration's end (negative: it
     // stopped first and missed the switchover).

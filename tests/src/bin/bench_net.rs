@@ -13,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_e2e::stats::{median, round3};
 use ferry_e2e::{command, disk_image, heartbeat_number, kvm_available, root_available, Lab, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -32,22 +33,12 @@ const DISK_SECTORS: u64 = 16384;
 const DISK_RUNS: usize = 5;
 const CONSOLE_RUNS: usize = 5;
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn num(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or_else(|| panic!("{key} missing from {v}"))
 }
 
 fn count(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("{key} missing from {v}"))
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// Boots the test guest inside lab host a on tap vm0, with `disk`.
@@ -189,7 +180,7 @@ fn main() {
         read_ms.push(round3(r));
     }
     let mb_s = |ms: f64| round3(bytes as f64 / 1e6 / (ms / 1000.0));
-    let (write_med, read_med) = (median(&write_ms), median(&read_ms));
+    let (write_med, read_med) = (median(&write_ms).unwrap_or(0.0), median(&read_ms).unwrap_or(0.0));
 
     let status = command(&vm, "net-status", "net-status", T);
     let host_med = num(&host, "rtt_ms_median");
@@ -220,7 +211,7 @@ fn main() {
             "read_mb_s_median": mb_s(read_med),
             "write_ms_median": write_med,
             "read_ms_median": read_med,
-            "console_ms_median": round3(median(&console_ms)),
+            "console_ms_median": round3(median(&console_ms).unwrap_or(0.0)),
             "subtracted": "nothing",
         },
         "net_status": status,

@@ -30,6 +30,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use csv_fs::{LeaseStore, Volume};
+use ferry_e2e::stats::{median, ms, percentile, round3};
 use ferry_e2e::{ferry_bin, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, Lab, TempDir, Vm};
 use serde_json::{json, Value};
 
@@ -62,27 +63,6 @@ const PORT_BASE: u16 = 7900;
 const MEM_MIB: &str = "128";
 const T: Duration = Duration::from_secs(30);
 const MIGRATE_T: Duration = Duration::from_secs(60);
-
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v.get(v.len() / 2).copied()
-}
-
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v.get(i).copied()
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn rounded(v: &[f64]) -> Vec<f64> {
     v.iter().map(|&x| round3(x)).collect()
@@ -589,6 +569,8 @@ fn receiver(lab: &Lab, key: &Path, host: &'static str, port: u16) -> Result<Plac
         key.display().to_string(),
         "--host-id".into(),
         host.into(),
+        "--allow-disks".into(),
+        std::env::temp_dir().display().to_string(),
     ];
     let vm = Vm::launch(Some(&lab.netns(host)), "receive", &args);
     let deadline = Instant::now() + T;

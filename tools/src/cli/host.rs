@@ -44,6 +44,7 @@ impl HostArgs {
             host_id: self.host_id.clone().unwrap_or_else(vmm::config::default_host_id),
             lease_ttl_ms: self.lease_ttl_ms,
             takeover,
+            disk_roots: Vec::new(),
         }
     }
 }

@@ -179,6 +179,12 @@ pub struct ReceiveArgs {
     /// offered only that would (a lesser host, for testing baselines).
     #[arg(long, value_name = "FILE")]
     cpu_profile: Option<PathBuf>,
+    /// A volume or directory the incoming VM's disks may live in
+    /// (repeatable). The source names the disks; this host opens only
+    /// those under a place it allows, of the size and identity the guest
+    /// knows. Without it, a VM with disks is refused.
+    #[arg(long, value_name = "DIR")]
+    allow_disks: Vec<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -189,7 +195,9 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
     let listener = Listener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ferry: waiting for a migration on {}", listener.local_addr());
     let taps = args.net.iter().map(|n| n.tap.clone()).collect();
-    let dest = KvmDestination { host: args.host.host_config(taps, false) };
+    let mut host = args.host.host_config(taps, false);
+    host.disk_roots = args.allow_disks.clone();
+    let dest = std::sync::Arc::new(KvmDestination { host });
     let policy = migrate::destination::Policy {
         key,
         cpu: CpuPolicy {
@@ -197,7 +205,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
             profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
         },
     };
-    let vmm = migrate::destination::receive(&listener, &dest, &policy)?;
+    let vmm = migrate::destination::receive(&listener, dest, std::sync::Arc::new(policy));
     drop(listener);
     eprintln!("ferry: VM received and {}", vmm.lifecycle().name().to_lowercase());
     serve(vmm, args.host.api_sock.as_deref(), Some(migrate::api::ApiMigrator::new()))

@@ -220,7 +220,11 @@ fn resume(request: Request, ctx: &Ctx) {
 
 fn shutdown(request: Request, ctx: &Ctx) {
     match ctx.vmm.request_shutdown() {
-        Ok(()) => no_content(request),
+        Ok(()) => {
+            // Answer first: the main loop's stop ends the process.
+            no_content(request);
+            let _ = ctx.vmm.events().send(VmEvent::Exit(ExitReason::Api));
+        }
         Err(e) => error(request, e.into()),
     }
 }

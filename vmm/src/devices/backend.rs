@@ -36,6 +36,12 @@ pub trait Backend: Send {
     fn release(&mut self, _to_host: &str) -> Result<(), BackendError> {
         Ok(())
     }
+    /// Undoes a `release` whose commit never happened: the backend is this
+    /// host's again (a disk: the lease handed back, epoch + 1, its keeper
+    /// running; or the local lock retaken).
+    fn reclaim(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Takes a backend opened in standby (a migration destination, after
     /// the source's commit).
     fn acquire(&mut self) -> Result<(), BackendError> {

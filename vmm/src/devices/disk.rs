@@ -53,6 +53,9 @@ struct Fence {
     disk: String,
     host: String,
     keeper: Option<LeaseKeeper>,
+    /// The grant made to another host by the last handoff, until its
+    /// commit: what `reclaim` hands back to this host.
+    handed: Option<Lease>,
     /// Logged once, when writes are first refused.
     refused: bool,
 }
@@ -88,6 +91,21 @@ pub struct Disk {
     sectors: u64,
     readonly: bool,
     fence: Option<Fence>,
+    /// Which file this is, beyond its path (see [`identity_of`]).
+    identity: String,
+}
+
+/// What tells one disk image from another file at the same path: the
+/// volume's id and the disk's name for a disk on a shared volume, and the
+/// file's inode (the same on every host that mounts the same filesystem)
+/// for both.
+pub fn identity_of(path: &Path, volume: Option<(&Volume, &str)>) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path)?.ino();
+    Ok(match volume {
+        Some((v, name)) => format!("volume {} disk {name} inode {ino}", v.id()),
+        None => format!("inode {ino}"),
+    })
 }
 
 fn image_error(path: &Path, e: csv_fs::Error) -> Error {
@@ -125,7 +143,8 @@ impl Disk {
         if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(Error::BadSize { path: path.to_owned(), size });
         }
-        Ok(Disk { image, lock_file, path: path.to_owned(), sectors: size / SECTOR, readonly, fence: None })
+        let identity = identity_of(path, None).map_err(|source| Error::Open { path: path.to_owned(), source })?;
+        Ok(Disk { image, lock_file, path: path.to_owned(), sectors: size / SECTOR, readonly, fence: None, identity })
     }
 
     /// Opens a configured disk: on a shared volume under its lease
@@ -142,9 +161,17 @@ impl Disk {
         let volume = Volume::open(&vd.volume).map_err(Error::Image)?;
         let path = volume.disk_path(&vd.name).map_err(Error::Image)?;
         let mut disk = Disk::open_standby(&path, cfg.readonly)?;
+        disk.identity = identity_of(&path, Some((&volume, &vd.name)))
+            .map_err(|source| Error::Open { path: path.clone(), source })?;
         let store: Arc<dyn LeaseStore> = Arc::new(volume.lease_store(host.lease_ttl));
-        disk.fence =
-            Some(Fence { store, disk: vd.name.clone(), host: host.host_id.clone(), keeper: None, refused: false });
+        disk.fence = Some(Fence {
+            store,
+            disk: vd.name.clone(),
+            host: host.host_id.clone(),
+            keeper: None,
+            handed: None,
+            refused: false,
+        });
         if standby || cfg.readonly {
             return Ok(disk);
         }
@@ -248,6 +275,10 @@ impl Disk {
         self.readonly
     }
 
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
     pub fn format_name(&self) -> &'static str {
         self.image.format().name()
     }
@@ -282,10 +313,36 @@ impl Backend for Disk {
                     disk: disk.clone(),
                     why: format!("lease lost before handoff: {why}"),
                 })?;
-            fence.store.handoff(&lease, to_host).map_err(|source| BackendError::Lease { disk, source })?;
+            match fence.store.handoff(&lease, to_host) {
+                Ok(handed) => fence.handed = Some(handed),
+                Err(source) => {
+                    // Still ours at the old epoch: keep renewing it.
+                    fence.start(lease);
+                    return Err(BackendError::Lease { disk, source });
+                }
+            }
         }
         // SAFETY: flock on a descriptor we own.
         unsafe { libc::flock(self.lock_file.as_raw_fd(), libc::LOCK_UN) };
+        Ok(())
+    }
+
+    fn reclaim(&mut self) -> Result<(), BackendError> {
+        let disk = self.path.clone();
+        match &mut self.fence {
+            Some(fence) => {
+                if let Some(handed) = fence.handed.take() {
+                    let host = fence.host.clone();
+                    let lease = fence
+                        .store
+                        .handoff(&handed, &host)
+                        .map_err(|source| BackendError::Lease { disk: disk.clone(), source })?;
+                    fence.start(lease);
+                    fence.refused = false;
+                }
+            }
+            None => self.lock().map_err(|_| BackendError::Locked { disk })?,
+        }
         Ok(())
     }
 

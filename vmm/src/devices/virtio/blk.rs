@@ -58,6 +58,10 @@ impl Block {
         self.disk.sectors()
     }
 
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
     /// Serves one request; returns the bytes written into the chain's
     /// writable part (data + status).
     fn serve(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
@@ -190,6 +194,10 @@ impl VirtioDevice for Block {
 
     fn backend_mut(&mut self) -> Option<&mut dyn Backend> {
         Some(&mut self.disk)
+    }
+
+    fn disk_identity(&self) -> Option<String> {
+        Some(self.disk.identity().to_owned())
     }
 
     fn features(&self) -> u64 {

@@ -88,6 +88,10 @@ pub trait VirtioDevice: Send {
     fn describe(&self) -> serde_json::Value;
     /// Its backend's identity, saved with the VM state.
     fn identity(&self) -> crate::state::devices::BackendSnapshot;
+    /// Which disk image backs it (disks only; see `devices::disk`).
+    fn disk_identity(&self) -> Option<String> {
+        None
+    }
     /// The host side to flush, hand over, take, give up or announce.
     fn backend_mut(&mut self) -> Option<&mut dyn crate::devices::backend::Backend>;
 }
