@@ -76,6 +76,39 @@ fn encrypted(pair: Pair, total: usize, key: &Key, suite: Suite) -> Duration {
     push(sw, dr, total, |w| w.flush().expect("flush"))
 }
 
+/// One thread sealing `total` bytes in full records, no socket: the
+/// cipher's own ceiling on this machine.
+fn seal_only(total: usize, suite: Suite) -> Duration {
+    use snow::resolvers::{BoxedCryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
+    let resolver = || -> BoxedCryptoResolver {
+        match suite.backend {
+            Backend::Ring => Box::new(FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver))),
+            Backend::RustCrypto => Box::new(DefaultResolver),
+        }
+    };
+    let psk = [7u8; 32];
+    let build = || snow::Builder::with_resolver(suite.pattern().parse().expect("pattern"), resolver());
+    let mut i = build().psk(0, &psk).expect("psk").build_initiator().expect("initiator");
+    let mut r = build().psk(0, &psk).expect("psk").build_responder().expect("responder");
+    let (mut m, mut p) = ([0u8; 256], [0u8; 256]);
+    let n = i.write_message(&[], &mut m).expect("m1");
+    r.read_message(&m[..n], &mut p).expect("m1");
+    let n = r.write_message(&[], &mut m).expect("m2");
+    i.read_message(&m[..n], &mut p).expect("m2");
+    let t = i.into_stateless_transport_mode().expect("transport");
+    let plain = vec![5u8; secure::MAX_PLAIN];
+    let mut out = vec![0u8; secure::MAX_RECORD];
+    let t0 = Instant::now();
+    let mut nonce = 0;
+    let mut done = 0;
+    while done < total {
+        t.write_message(nonce, &plain, &mut out).expect("seal");
+        nonce += 1;
+        done += plain.len();
+    }
+    t0.elapsed()
+}
+
 fn mib_s(total: usize, d: Duration) -> f64 {
     total as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
@@ -96,6 +129,10 @@ fn main() {
         ("AESGCM RustCrypto", Suite { cipher: Cipher::AesGcm, backend: Backend::RustCrypto }),
         ("ChaChaPoly RustCrypto", Suite { cipher: Cipher::ChaChaPoly, backend: Backend::RustCrypto }),
     ];
+    for (sname, suite) in suites {
+        let d = (0..repeats).map(|_| seal_only(total, suite)).min().unwrap_or_default();
+        println!("{:16} {sname:22} {:8.0} MiB/s", "seal only", mib_s(total, d));
+    }
     let transports: [(&str, Pair); 2] = [("unix socketpair", unix_pair), ("loopback tcp", tcp_pair)];
     println!("{mib} MiB in 1 MiB writes, best of {repeats}");
     for (tname, pair) in transports {
