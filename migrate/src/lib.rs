@@ -3,6 +3,7 @@
 //! - `wire`: the framed, versioned, checksummed protocol;
 //! - `transport`: TCP between hosts, Unix sockets on one host;
 //! - `auth`: mutual challenge-response on the cluster key;
+//! - `secure`: the encrypted, authenticated channel (Noise, cluster key as PSK);
 //! - `preflight`: the destination proves it can run the guest;
 //! - `source`: quick and live (pre-copy) migration from this host;
 //! - `destination`: receiving a VM;
@@ -30,6 +31,7 @@ pub mod destination;
 pub mod figures;
 pub mod preflight;
 pub mod progress;
+pub mod secure;
 pub mod source;
 pub mod transport;
 pub mod wire;
