@@ -8,14 +8,12 @@
 //! Prints MiB/s (best of REPEATS, default 3) and the ratio to plain.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use migrate::auth::{self, Key};
 use migrate::secure::{self, Backend, Cipher, Suite};
-use migrate::transport::Stream;
+use migrate::transport::{connect, Endpoint, Listener, Stream};
 
 const CHUNK: usize = 1 << 20;
 
@@ -23,17 +21,16 @@ const CHUNK: usize = 1 << 20;
 type Pair = fn() -> std::io::Result<(Stream, Stream)>;
 
 fn unix_pair() -> std::io::Result<(Stream, Stream)> {
-    let (a, b) = UnixStream::pair()?;
-    Ok((Stream::Unix(a), Stream::Unix(b)))
+    Stream::pair()
 }
 
 fn tcp_pair() -> std::io::Result<(Stream, Stream)> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let a = TcpStream::connect(l.local_addr()?)?;
-    let (b, _) = l.accept()?;
-    a.set_nodelay(true)?;
-    b.set_nodelay(true)?;
-    Ok((Stream::Tcp(a), Stream::Tcp(b)))
+    let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()))?;
+    let Listener::Tcp(tcp) = &l else { unreachable!("a tcp endpoint") };
+    let addr = tcp.local_addr()?;
+    let a = connect(&Endpoint::Tcp(addr.to_string()), std::time::Duration::from_secs(5))?;
+    let b = l.accept()?;
+    Ok((a, b))
 }
 
 /// Sends `total` bytes from `w` to `r` (on two threads); returns the time

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use vmm::migration::{Destination, IncomingVm, ReceivedVm, Requirements, RunState};
 
-use crate::auth::{self, Key};
+use crate::auth::Key;
 use crate::preflight::{self, CpuPolicy};
+use crate::secure::{self, Duplex};
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Hello, Kind, Reason, ZeroRange, PROTOCOL_VERSION};
+use std::io::Write;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Authentication and the hello must come this quickly.
@@ -26,7 +28,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Auth(#[from] auth::Error),
+    Secure(#[from] secure::Error),
     #[error("refused the migration: {0}")]
     Refused(String),
     #[error("source aborted: {0}")]
@@ -59,7 +61,7 @@ pub fn receive<D: Destination + 'static>(listener: &Listener, dest: Arc<D>, poli
         if let Ok(vm) = rx.try_recv() {
             return vm;
         }
-        let mut stream = match listener.accept_timeout(ACCEPT_POLL) {
+        let stream = match listener.accept_timeout(ACCEPT_POLL) {
             Ok(Some(s)) => s,
             Ok(None) => continue,
             Err(e) => {
@@ -70,7 +72,7 @@ pub fn receive<D: Destination + 'static>(listener: &Listener, dest: Arc<D>, poli
         };
         let (dest, policy, taken, tx) = (dest.clone(), policy.clone(), taken.clone(), tx.clone());
         let spawned = std::thread::Builder::new().name("migration-in".into()).spawn(move || {
-            match attempt(&mut stream, dest.as_ref(), &policy, &taken) {
+            match attempt(stream, dest.as_ref(), &policy, &taken) {
                 Ok(Some(vm)) => {
                     let _ = tx.send(vm);
                 }
@@ -89,15 +91,17 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// One connection: `Some` VM once it is this host's, `None` after a
 /// check-only. `taken` is claimed by the first attempt that restores a VM.
 pub fn attempt<D: Destination>(
-    stream: &mut Stream,
+    stream: Stream,
     dest: &D,
     policy: &Policy,
     taken: &AtomicBool,
 ) -> Result<Option<Arc<D::Vm>>, Error> {
-    // Authentication and the hello, within one total deadline.
+    // The encrypted handshake and the hello, within one total deadline.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut io = Duplex::new(secure::accept(stream, &policy.key, deadline)?);
+    let stream = &mut io;
     stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
-    stream.set_deadline(Some(Instant::now() + HANDSHAKE_TIMEOUT));
-    auth::accept(stream, &policy.key)?;
+    stream.set_deadline(Some(deadline));
     let hello: Hello = wire::read_frame(stream)?.expect(Kind::Hello, "Hello")?.decode()?;
     stream.set_deadline(None);
     let mut problems = check(&hello, dest, policy).err().unwrap_or_default();
@@ -107,9 +111,11 @@ pub fn attempt<D: Destination>(
     if !problems.is_empty() {
         let reason = problems.join("; ");
         let _ = wire::send(stream, Kind::Refuse, &Reason { reason: reason.clone() });
+        let _ = stream.writer.finish();
         return Err(Error::Refused(reason));
     }
     wire::send(stream, Kind::HelloAck, &wire::Ack { host_id: dest.host_id().to_owned() })?;
+    stream.flush().map_err(wire::Error::Io)?;
     if hello.check_only {
         eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.requirements.mem_bytes >> 20);
         return Ok(None);
@@ -123,6 +129,7 @@ pub fn attempt<D: Destination>(
         Ok(vm) => Ok(Some(vm)),
         Err(e) => {
             let _ = wire::send(stream, Kind::Abort, &Reason { reason: e.to_string() });
+            let _ = stream.writer.finish();
             Err(e)
         }
     }
@@ -151,7 +158,7 @@ fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy) -> Result<(),
 }
 
 fn receive_vm<I: IncomingVm>(
-    stream: &mut Stream,
+    stream: &mut Duplex,
     incoming: I,
     taken: &AtomicBool,
     commit_wait: Duration,
@@ -195,7 +202,9 @@ where
     committed?;
     // The VM is ours now: nothing below may drop it.
     run_after_commit(vm.as_ref());
-    if let Err(e) = wire::write_frame(stream, Kind::Resumed, &[]) {
+    if let Err(e) =
+        wire::write_frame(stream, Kind::Resumed, &[]).and_then(|()| stream.writer.finish().map_err(wire::Error::Io))
+    {
         tracing::warn!("the source did not hear that the VM runs here ({e}); it runs here all the same");
     }
     if vm.saved_run_state() == RunState::Running {
@@ -205,8 +214,9 @@ where
 }
 
 /// Sends `Ready` and waits (within `wait` in total) for the source's verdict.
-fn wait_for_commit(stream: &mut Stream, wait: Duration) -> Result<(), Error> {
+fn wait_for_commit(stream: &mut Duplex, wait: Duration) -> Result<(), Error> {
     wire::write_frame(stream, Kind::Ready, &[])?;
+    stream.flush().map_err(wire::Error::Io)?;
     stream.set_deadline(Some(Instant::now() + wait));
     let commit = wire::read_frame(stream);
     stream.set_deadline(None);

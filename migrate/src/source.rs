@@ -6,20 +6,23 @@
 //! state it had, and the destination discards what it built (it never
 //! ran). After `Commit` the VM never runs here again.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm::migration::{DirtyBitmap, Extent, MemorySource, MigratableVm, RunState, ScanStats, PAGE_SIZE};
 
-use crate::auth::{self, Key};
+use crate::auth::Key;
 use crate::figures::Figures;
 use crate::progress::{self, Shared};
-use crate::transport::{connect, Endpoint, Stream};
+use crate::secure::{self, SecureReader, SecureWriter};
+use crate::transport::{connect, Endpoint};
 use crate::wire::{self, Hello, Kind, Mode, Reason, ZeroRange, MEM_CHUNK, PROTOCOL_VERSION};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The encrypted handshake must be done this quickly, in total.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any single read or write that takes longer means the peer is gone.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: f64 = (1 << 20) as f64;
@@ -88,7 +91,7 @@ pub enum Error {
     #[error("cannot connect to {endpoint}: {source}")]
     Connect { endpoint: Endpoint, source: std::io::Error },
     #[error(transparent)]
-    Auth(#[from] auth::Error),
+    Secure(#[from] secure::Error),
     #[error("destination refused the migration: {0}")]
     Refused(String),
     #[error("destination failed: {0}")]
@@ -139,7 +142,7 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-type Writer = Counting<BufWriter<Stream>>;
+type Writer = Counting<SecureWriter>;
 
 fn send_extent(w: &mut impl Write, extent: Extent<'_>) -> Result<(), wire::Error> {
     match extent {
@@ -301,17 +304,13 @@ fn migrate_claimed(
 ) -> Result<Figures, Error> {
     let t0 = Instant::now();
     progress::update(progress, |p| p.phase = "connecting".into());
-    let mut stream = connect(to, CONNECT_TIMEOUT).map_err(|source| Error::Connect { endpoint: to.clone(), source })?;
-    stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
-    auth::connect(&mut stream, &opts.key)?;
-    let mut reader = stream.try_clone().map_err(wire::Error::Io)?;
+    let stream = connect(to, CONNECT_TIMEOUT).map_err(|source| Error::Connect { endpoint: to.clone(), source })?;
+    // Every byte from here on is encrypted and authenticated, bound to this
+    // session (see `secure`).
+    let (mut reader, mut writer) = secure::connect(stream, &opts.key, Instant::now() + HANDSHAKE_TIMEOUT)?;
+    writer.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
     let cap = opts.max_bandwidth_mib_s.filter(|r| *r > 0.0).map(|r| (r * MIB, 0, Instant::now()));
-    let mut w = Counting {
-        inner: BufWriter::with_capacity(MEM_CHUNK + 64, stream),
-        bytes: 0,
-        cap,
-        cancel: Some(opts.cancel.clone()),
-    };
+    let mut w = Counting { inner: writer, bytes: 0, cap, cancel: Some(opts.cancel.clone()) };
 
     progress::update(progress, |p| p.phase = "preflight".into());
     let requirements = vm.requirements();
@@ -378,7 +377,7 @@ fn migrate_claimed(
     let t_pause = Instant::now();
     let deadline = Some(t_pause + opts.switchover_timeout);
     reader.set_deadline(deadline);
-    w.inner.get_mut().set_deadline(deadline);
+    w.inner.set_deadline(deadline);
     if was_running {
         if let Err(e) = vm.pause() {
             let e = Error::from(e);
@@ -428,7 +427,7 @@ fn cancelled_by_request(opts: &Options, e: Error) -> Error {
 fn abort(w: &mut Writer, e: &Error) {
     w.cancel = None;
     let _ = wire::send(w, Kind::Abort, &Reason { reason: e.to_string() });
-    let _ = w.flush();
+    let _ = w.inner.finish();
 }
 
 /// Round 0 and the iterative rounds; returns the dirty set not yet sent.
@@ -525,7 +524,7 @@ enum Failure {
 fn switchover(
     vm: &dyn MigratableVm,
     w: &mut Writer,
-    reader: &mut Stream,
+    reader: &mut SecureReader,
     logging: bool,
     mut pending: DirtyBitmap,
     destination_host: &str,
@@ -579,13 +578,14 @@ fn switchover(
     vm.retire().map_err(|e| before(e.into()))?;
     let after = Some(Instant::now() + RESUMED_TIMEOUT);
     reader.set_deadline(after);
-    w.inner.get_mut().set_deadline(after);
+    w.inner.set_deadline(after);
     wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
     w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;
     let resumed = wire::read_frame(reader).map_err(|e| Failure::AfterCommit(e.into()))?;
     if resumed.kind != Kind::Resumed {
         return Err(Failure::AfterCommit(wire::Error::Unexpected { expected: "Resumed", got: resumed.kind }.into()));
     }
+    let _ = w.inner.finish();
     Ok(())
 }
 

@@ -18,9 +18,11 @@ use vmm::migration::{
 use crate::auth::Key;
 use crate::destination::{self, Policy as DestPolicy};
 use crate::preflight::CpuPolicy;
+use crate::secure::Duplex;
 use crate::source::{self, Error, Options, Policy};
 use crate::transport::{Endpoint, Listener};
 use crate::wire::{self, Kind, Mode};
+use std::io::Write;
 
 const PAGES: u64 = 1024; // 4 MiB
 
@@ -354,9 +356,9 @@ fn destination(
 ) -> std::thread::JoinHandle<Result<Option<Arc<FakeReceived>>, String>> {
     let listener = Listener::bind(&sock.endpoint()).unwrap();
     std::thread::spawn(move || {
-        let mut stream = listener.accept().map_err(|e| e.to_string())?;
+        let stream = listener.accept().map_err(|e| e.to_string())?;
         let policy = DestPolicy { key: key(), cpu: CpuPolicy::default() };
-        destination::attempt(&mut stream, &dest, &policy, &AtomicBool::new(false)).map_err(|e| e.to_string())
+        destination::attempt(stream, &dest, &policy, &AtomicBool::new(false)).map_err(|e| e.to_string())
     })
 }
 
@@ -493,10 +495,12 @@ fn every_failure_before_commit_gives_the_vm_back_as_it_was() {
 fn rogue_destination(sock: &Sock, until: &'static str) -> std::thread::JoinHandle<()> {
     let listener = Listener::bind(&sock.endpoint()).unwrap();
     std::thread::spawn(move || {
-        let mut s = listener.accept().unwrap();
-        crate::auth::accept(&mut s, &key()).unwrap();
+        let stream = listener.accept().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut s = Duplex::new(crate::secure::accept(stream, &key(), deadline).unwrap());
         let _hello = wire::read_frame(&mut s).unwrap();
         wire::send(&mut s, Kind::HelloAck, &wire::Ack { host_id: "rogue".into() }).unwrap();
+        s.flush().unwrap();
         loop {
             let f = wire::read_frame(&mut s).unwrap();
             if f.kind == Kind::State {
@@ -506,10 +510,12 @@ fn rogue_destination(sock: &Sock, until: &'static str) -> std::thread::JoinHandl
         match until {
             "abort-before-ready" => {
                 wire::send(&mut s, Kind::Abort, &wire::Reason { reason: "no room".into() }).unwrap();
+                s.flush().unwrap();
             }
             "vanish-before-ready" => {}
             "vanish-after-commit" => {
                 wire::write_frame(&mut s, Kind::Ready, &[]).unwrap();
+                s.flush().unwrap();
                 let commit = wire::read_frame(&mut s).unwrap();
                 assert_eq!(commit.kind, Kind::Commit);
             }
@@ -548,8 +554,9 @@ fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
     let sock = Sock::new("source-gone");
     let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
     // A source that commits and vanishes without waiting for Resumed.
-    let mut s = crate::transport::connect(&sock.endpoint(), Duration::from_secs(5)).unwrap();
-    crate::auth::connect(&mut s, &key()).unwrap();
+    let stream = crate::transport::connect(&sock.endpoint(), Duration::from_secs(5)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut s = Duplex::new(crate::secure::connect(stream, &key(), deadline).unwrap());
     let req = Requirements {
         mem_bytes: 16 * PAGE_SIZE,
         vcpus: 1,
@@ -566,11 +573,14 @@ fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
         switchover_timeout_ms: 1000,
     };
     wire::send(&mut s, Kind::Hello, &hello).unwrap();
+    s.flush().unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::HelloAck);
     wire::write_frame(&mut s, Kind::MemData, &wire::mem_data_payload(PAGE_SIZE, &[7; 4096])).unwrap();
     wire::write_frame(&mut s, Kind::State, &serde_json::to_vec(&RunState::Running).unwrap()).unwrap();
+    s.flush().unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::Ready);
     wire::write_frame(&mut s, Kind::Commit, &[]).unwrap();
+    s.flush().unwrap();
     drop(s);
     let vm = dest.join().unwrap().unwrap().expect("the committed VM is kept");
     assert!(vm.running.load(Ordering::SeqCst), "and runs, whatever happened to the connection");

@@ -56,6 +56,12 @@ impl Stream {
         Stream { inner, timeout: None, deadline: None }
     }
 
+    /// A connected pair on this host (for tests of what runs over a stream).
+    pub fn pair() -> std::io::Result<(Stream, Stream)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Stream::new(Inner::Unix(a)), Stream::new(Inner::Unix(b))))
+    }
+
     pub fn try_clone(&self) -> std::io::Result<Stream> {
         let inner = match &self.inner {
             Inner::Tcp(s) => Inner::Tcp(s.try_clone()?),

@@ -8,8 +8,11 @@
 //! allocating) and bad checksums, and the destination refuses any memory
 //! range outside the guest.
 //!
+//! Frames travel inside the encrypted, authenticated session of `secure`
+//! (the CRC then only catches our own bugs; a tampered byte fails the
+//! session's AEAD first).
+//!
 //! A migration, in order (source → destination unless marked ←):
-//! ← `AuthChallenge`, `AuthResponse`, ← `AuthProof` (see `auth`),
 //! `Hello` (what the preflight checks: memory, devices, the guest's CPUID
 //! and TSC; not the config, which travels once, inside `State`)
 //! ← `HelloAck`|`Refuse`, then `MemZero`/`MemData` frames, `State` (the
@@ -46,29 +49,12 @@ pub enum Kind {
     Commit = 8,
     Resumed = 9,
     Abort = 10,
-    AuthChallenge = 11,
-    AuthResponse = 12,
-    AuthProof = 13,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
-        const ALL: [Kind; 13] = [
-            Hello,
-            HelloAck,
-            Refuse,
-            MemZero,
-            MemData,
-            State,
-            Ready,
-            Commit,
-            Resumed,
-            Abort,
-            AuthChallenge,
-            AuthResponse,
-            AuthProof,
-        ];
+        const ALL: [Kind; 10] = [Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort];
         ALL.into_iter().find(|k| *k as u8 == v)
     }
 }

@@ -4,6 +4,8 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+
+use migrate::secure::Duplex;
 use std::time::{Duration, Instant};
 
 use ferry_e2e::{
@@ -118,24 +120,39 @@ fn quick_migration_there_and_back_keeps_counter_memory_and_disk() {
     assert_eq!(banner_cpus, 2);
 }
 
+/// The encrypted session a real peer would open, over a raw stream.
+fn secure_accept(stream: migrate::transport::Stream) -> Duplex {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut c = Duplex::new(migrate::secure::accept(stream, &cluster_key_loaded(), deadline).unwrap());
+    c.set_timeout(Some(T)).unwrap();
+    c
+}
+
+fn secure_connect(port: u16) -> Duplex {
+    let to: migrate::Endpoint = format!("tcp:127.0.0.1:{port}").parse().unwrap();
+    let stream = migrate::transport::connect(&to, Duration::from_secs(5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    Duplex::new(migrate::secure::connect(stream, &cluster_key_loaded(), deadline).unwrap())
+}
+
 /// A destination that follows the protocol up to `fail_at`, then fails.
 fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let listener = migrate::transport::Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let port: u16 = listener.local_addr().rsplit(':').next().unwrap().parse().unwrap();
     let t = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        c.set_read_timeout(Some(T)).unwrap();
-        migrate::auth::accept(&mut c, &cluster_key_loaded()).unwrap();
+        let mut c = secure_accept(listener.accept().unwrap());
         let hello = wire::read_frame(&mut c).unwrap();
         assert_eq!(hello.kind, Kind::Hello);
         match fail_at {
             "hello" => return,
             "refuse" => {
                 wire::send(&mut c, Kind::Refuse, &wire::Reason { reason: "no room for you".into() }).unwrap();
+                c.flush().unwrap();
                 return;
             }
             "garbage" => {
                 c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+                c.flush().unwrap();
                 return;
             }
             // A destination whose host id cannot hold a lease: the source's
@@ -143,6 +160,7 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
             "bad-host-id" => wire::send(&mut c, Kind::HelloAck, &wire::Ack { host_id: "no/such/host".into() }).unwrap(),
             _ => wire::send(&mut c, Kind::HelloAck, &wire::Ack { host_id: "fake".into() }).unwrap(),
         }
+        c.flush().unwrap();
         let mut frames = 0;
         loop {
             let Ok(f) = wire::read_frame(&mut c) else { return };
@@ -155,10 +173,14 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
             }
         }
         match fail_at {
-            "abort" => wire::send(&mut c, Kind::Abort, &wire::Reason { reason: "restore failed here".into() }).unwrap(),
+            "abort" => {
+                wire::send(&mut c, Kind::Abort, &wire::Reason { reason: "restore failed here".into() }).unwrap();
+                c.flush().unwrap();
+            }
             "state" => {}
             "bad-host-id" => {
                 wire::write_frame(&mut c, Kind::Ready, &[]).unwrap();
+                c.flush().unwrap();
                 let verdict = wire::read_frame(&mut c).unwrap();
                 assert_eq!(verdict.kind, Kind::Abort, "never a commit after a failed handoff");
             }
@@ -243,68 +265,68 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
         check_only: false,
         switchover_timeout_ms: 10_000,
     };
-    type Feed = Box<dyn Fn(&mut TcpStream)>;
+    type Feed = Box<dyn Fn(u16)>;
     let cases: Vec<(&str, Feed)> = vec![
         (
-            "bad frame magic",
-            Box::new(|c: &mut TcpStream| {
-                let _ = wire::read_frame(c); // the challenge
+            // Not a Noise handshake at all: what an old or foreign peer sends.
+            "secure handshake",
+            Box::new(|port: u16| {
+                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
                 c.write_all(&[0x42; 64]).unwrap();
             }),
         ),
         (
             "outside guest memory",
-            Box::new(move |c: &mut TcpStream| {
-                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
-                wire::send(c, Kind::Hello, &hello(32)).unwrap();
-                let _ = wire::read_frame(c);
-                wire::write_frame(c, Kind::MemData, &wire::mem_data_payload(1 << 40, &[1; 4096])).unwrap();
+            Box::new(move |port: u16| {
+                let mut c = secure_connect(port);
+                wire::send(&mut c, Kind::Hello, &hello(32)).unwrap();
+                c.flush().unwrap();
+                let _ = wire::read_frame(&mut c);
+                wire::write_frame(&mut c, Kind::MemData, &wire::mem_data_payload(1 << 40, &[1; 4096])).unwrap();
+                c.flush().unwrap();
             }),
         ),
         (
-            "peer closed",
-            Box::new(move |c: &mut TcpStream| {
-                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
-                wire::send(c, Kind::Hello, &hello(32)).unwrap();
-                let _ = wire::read_frame(c);
-                wire::write_frame(c, Kind::MemData, &wire::mem_data_payload(0, &[1; 4096])).unwrap();
+            "closed",
+            Box::new(move |port: u16| {
+                let mut c = secure_connect(port);
+                wire::send(&mut c, Kind::Hello, &hello(32)).unwrap();
+                c.flush().unwrap();
+                let _ = wire::read_frame(&mut c);
+                wire::write_frame(&mut c, Kind::MemData, &wire::mem_data_payload(0, &[1; 4096])).unwrap();
+                c.flush().unwrap();
                 // ...and the source vanishes mid-stream.
             }),
         ),
         (
             "checksum",
-            Box::new(move |c: &mut TcpStream| {
-                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
-                wire::send(c, Kind::Hello, &hello(32)).unwrap();
-                let _ = wire::read_frame(c);
+            Box::new(move |port: u16| {
+                let mut c = secure_connect(port);
+                wire::send(&mut c, Kind::Hello, &hello(32)).unwrap();
+                c.flush().unwrap();
+                let _ = wire::read_frame(&mut c);
                 let mut frame = Vec::new();
                 wire::write_frame(&mut frame, Kind::MemData, &wire::mem_data_payload(0, &[7; 4096])).unwrap();
                 frame[100] ^= 1;
                 c.write_all(&frame).unwrap();
+                c.flush().unwrap();
             }),
         ),
         (
             "more than this host has available",
-            Box::new(move |c: &mut TcpStream| {
-                migrate::auth::connect(c, &cluster_key_loaded()).unwrap();
-                wire::send(c, Kind::Hello, &hello(64 << 20)).unwrap();
-                let _ = wire::read_frame(c);
+            Box::new(move |port: u16| {
+                let mut c = secure_connect(port);
+                wire::send(&mut c, Kind::Hello, &hello(64 << 20)).unwrap();
+                c.flush().unwrap();
+                let _ = wire::read_frame(&mut c);
             }),
         ),
     ];
     for (expect, feed) in cases {
         let port = free_port();
         let dest = receiver(&format!("tcp:127.0.0.1:{port}"));
-        let deadline = Instant::now() + T;
-        let mut c = loop {
-            match TcpStream::connect(("127.0.0.1", port)) {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("receiver never listened: {e}"),
-            }
-        };
-        feed(&mut c);
-        drop(c);
+        dest.wait_stderr(T, "waiting for a migration");
+        feed(port);
         dest.wait_stderr(T, expect);
         assert!(
             dest.stderr().contains("nothing kept") && dest.stderr().contains("still waiting"),
@@ -314,8 +336,8 @@ fn a_destination_fed_garbage_refuses_and_never_runs_a_vm() {
         assert!(!dest.api_sock.exists(), "{expect}: no VM ever ran");
         assert!(!dest.lines().iter().any(|l| heartbeat_number(l).is_some()));
         // ...and the destination still takes a proper connection after it.
-        let mut again = TcpStream::connect(("127.0.0.1", port)).expect("still listening after a bad peer");
-        assert_eq!(wire::read_frame(&mut again).unwrap().kind, Kind::AuthChallenge);
+        // A proper session still opens: the receiver kept listening.
+        drop(secure_connect(port));
     }
 }
 
