@@ -309,6 +309,41 @@ fn agents_run_ha_vms_from_etcd_and_a_restarted_agent_adopts_its_vmm() {
     let h: Value = serde_json::from_str(&cli_ok(&lab, &eps, &["vm", "history", "web", "--json"])).unwrap();
     let kinds: Vec<&str> = h.as_array().unwrap().iter().map(|e| e["entry"]["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["created", "started", "stopped"], "{h:#}");
+
+    // Fencing: node a cut off from the fabric (its etcd member loses the
+    // quorum) cannot renew its lease, so its agent kills the VMM and exits
+    // before the lease could expire.
+    let out = cli_ok(&lab, &eps, &["vm", "start", "web", "--on", "a", "--wait"]);
+    assert!(out.contains("running on node a"), "{out}");
+    let pid = vm_show(&lab, &eps, "web")["status"]["pid"].as_u64().unwrap() as u32;
+    let cut = Instant::now();
+    lab.ok(&["cut", "a"]);
+    // Watch both ends from outside: when the agent ends, and when etcd
+    // (the other members) lets node a's lease go.
+    let deadline = cut + Duration::from_secs(20);
+    let (mut fenced, mut down) = (None, None);
+    while fenced.is_none() || down.is_none() {
+        if fenced.is_none() {
+            if let Some(st) = agents[0].child.try_wait().unwrap() {
+                fenced = Some((cut.elapsed(), st.code()));
+            }
+        }
+        if down.is_none() {
+            let s = status(&lab, &eps);
+            if s["nodes"].as_array().unwrap().iter().any(|n| n["id"] == "a" && n["state"] == "Down") {
+                down = Some(cut.elapsed());
+            }
+        }
+        assert!(Instant::now() < deadline, "fenced {fenced:?}, down {down:?}: {}", agents[0].log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ((fenced_after, code), down_after) = (fenced.unwrap(), down.unwrap());
+    assert_eq!(code, Some(3), "fenced: {}", agents[0].log());
+    assert!(agents[0].log().contains("fencing"), "{}", agents[0].log());
+    assert!(processes_with(&sock).is_empty(), "the VMM {pid} was killed");
+    assert!(fenced_after < down_after, "a fences itself ({fenced_after:?}) before its lease is gone ({down_after:?})");
+    eprintln!("node a cut: fenced itself after {fenced_after:?}; its lease gone after {down_after:?} (TTL 3 s)");
+    lab.ok(&["heal", "a"]);
     eprintln!("whole test: {:?}", t0.elapsed());
     drop(agents);
 }
