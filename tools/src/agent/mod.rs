@@ -502,13 +502,20 @@ impl Agent {
                 continue;
             }
             let dir = e.path();
-            let Some((pid, state)) = process::adopt(&name, &dir, &self.events_tx) else { continue };
-            let (taps, mem_mib) = match std::fs::read(dir.join("machine.json"))
+            let (taps, mem_mib): (Vec<String>, u64) = match std::fs::read(dir.join("machine.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<vmm::config::MachineConfig>(&b).ok())
             {
                 Some(m) => ((0..m.nics.len()).map(|i| spec::tap_name(&name, i)).collect(), m.mem_mib),
                 None => (vec![], 0),
+            };
+            let Some((pid, state)) = process::adopt(&name, &dir, &self.events_tx) else {
+                // Its VMM is gone (it ended while no agent ran): a tap it
+                // left behind goes too, unless the VM is to boot here.
+                if self.wanted(&name).is_none() {
+                    taps.iter().for_each(|t| tap::remove(t));
+                }
+                continue;
             };
             let epoch = self.owners.get(&name).map_or(0, |o| o.epoch);
             eprintln!("ferry node: VM {name}: adopted the running VMM (pid {pid}, {state})");
