@@ -7,6 +7,7 @@
 //! /ferry/<cluster>/vms/<name>                 VmRecord (machine config, preferred owners)
 //! /ferry/<cluster>/vms/<name>/owner           Owner {node, epoch}
 //! /ferry/<cluster>/vms/<name>/history/<seq>   HistoryEntry, seq zero-padded to 20 digits
+//! /ferry/<cluster>/vms/<name>/status          VmStatus, under the running node's lease
 //! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
 //! ```
 //!
@@ -50,6 +51,7 @@ pub enum ClusterKey {
     Vm(String),
     VmOwner(String),
     VmHistory(String, u64),
+    VmStatus(String),
     Leader,
 }
 
@@ -109,6 +111,11 @@ impl Keys {
         format!("{}vms/{name}/history/{seq:020}", self.prefix)
     }
 
+    /// What the agent running the VM reports (under its node lease).
+    pub fn vm_status(&self, name: &str) -> String {
+        format!("{}vms/{name}/status", self.prefix)
+    }
+
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }
@@ -125,6 +132,7 @@ impl Keys {
             ["nodes", id, "admin"] if name_ok(id) => Some(ClusterKey::NodeAdmin((*id).to_owned())),
             ["vms", name] if name_ok(name) => Some(ClusterKey::Vm((*name).to_owned())),
             ["vms", name, "owner"] if name_ok(name) => Some(ClusterKey::VmOwner((*name).to_owned())),
+            ["vms", name, "status"] if name_ok(name) => Some(ClusterKey::VmStatus((*name).to_owned())),
             ["vms", name, "history", seq] if name_ok(name) && seq.len() == 20 => {
                 Some(ClusterKey::VmHistory((*name).to_owned(), seq.parse().ok()?))
             }
@@ -165,6 +173,8 @@ mod tests {
         assert_eq!(k.parse(&k.vm_owner("web")), Some(ClusterKey::VmOwner("web".into())));
         assert_eq!(k.parse(&k.vm_history("web", u64::MAX)), Some(ClusterKey::VmHistory("web".into(), u64::MAX)));
         assert_eq!(k.parse(&k.leader()), Some(ClusterKey::Leader));
+        assert_eq!(k.vm_status("web"), "/ferry/c1/vms/web/status");
+        assert_eq!(k.parse(&k.vm_status("web")), Some(ClusterKey::VmStatus("web".into())));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub use error::{Error, Failure, Result};
 pub use keys::{ClusterKey, Keys};
 pub use lease::{Lease, LeaseState, LostReason};
 pub use ops::{Cluster, NodeLease, Takeover, Versioned};
-pub use records::{HistoryEntry, HistoryKind, LeaderRecord, NodeAdmin, NodeRecord, Owner, VmRecord, FORMAT_VERSION};
+pub use records::{
+    HistoryEntry, HistoryKind, LeaderRecord, NodeAdmin, NodeRecord, Owner, VmRecord, VmStatus, FORMAT_VERSION,
+};
 pub use store::{Effect, Kv, Listing, MemberStatus, Store, StoreConfig};
 pub use watch::{Change, ChangeKind, Watch};

@@ -9,7 +9,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTar
 use crate::error::{Error, Result};
 use crate::keys::{validate_name, Keys};
 use crate::lease::Lease;
-use crate::records::{self, HistoryEntry, NodeAdmin, NodeRecord, Owner, Record, VmRecord, FORMAT_VERSION};
+use crate::records::{self, HistoryEntry, NodeAdmin, NodeRecord, Owner, Record, VmRecord, VmStatus, FORMAT_VERSION};
 use crate::store::{Kv, Store};
 use crate::watch::Watch;
 
@@ -135,6 +135,36 @@ impl Cluster {
 
     pub async fn node(&self, id: &str) -> Result<Option<Versioned<NodeRecord>>> {
         self.get_record(&self.keys.node(id)).await
+    }
+
+    /// Rewrites a registered node's record (what it offers), only while
+    /// the key is still under `node`'s lease: a record taken over by
+    /// another agent is left alone ([`Error::NodeHeld`]).
+    pub async fn update_node(&self, node: &NodeLease, record: &NodeRecord) -> Result<()> {
+        let key = self.keys.node(&node.node);
+        let lease = node.lease.id();
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(key.as_str(), records::encode(record), Some(PutOptions::new().with_lease(lease)))])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let r = self.store.txn("update node", txn).await?;
+        if r.succeeded() {
+            return Ok(());
+        }
+        let held = first_kv(r.op_responses().first()).map_or(0, |kv| kv.lease);
+        Err(Error::NodeHeld { node: node.node.clone(), lease: held })
+    }
+
+    /// Every node's operator settings, by node id.
+    pub async fn node_admins(&self) -> Result<Vec<(String, NodeAdmin)>> {
+        let listing = self.store.list(&self.keys.nodes_prefix()).await?;
+        let mut out = vec![];
+        for kv in &listing.kvs {
+            if let Some(crate::keys::ClusterKey::NodeAdmin(id)) = self.keys.parse(&kv.key) {
+                out.push((id, records::decode(&kv.key, &kv.value)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Sets a node's operator settings (idempotent put).
@@ -283,6 +313,49 @@ impl Cluster {
         for kv in &listing.kvs {
             if let Some(crate::keys::ClusterKey::VmHistory(_, seq)) = self.keys.parse(&kv.key) {
                 out.push((seq, records::decode(&kv.key, &kv.value)?));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- what agents report ---------------------------------------------
+
+    /// Publishes what the agent running `name` sees, under its node lease
+    /// (idempotent put).
+    pub async fn put_vm_status(&self, name: &str, node: &NodeLease, status: &VmStatus) -> Result<()> {
+        validate_name("VM name", name)?;
+        self.store.put(&self.keys.vm_status(name), records::encode(status), Some(node.lease.id())).await.map(|_| ())
+    }
+
+    /// Removes the VM's status if `node`'s lease wrote it (a status written
+    /// since by another node stays). Idempotent.
+    pub async fn delete_vm_status(&self, name: &str, node: &NodeLease) -> Result<()> {
+        let key = self.keys.vm_status(name);
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, node.lease.id())])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.store.txn("delete VM status", txn).await.map(|_| ())
+    }
+
+    pub async fn vm_status(&self, name: &str) -> Result<Option<Versioned<VmStatus>>> {
+        self.get_record(&self.keys.vm_status(name)).await
+    }
+
+    /// Every VM's owner and status (if an agent reports one), by VM name.
+    pub async fn vm_owners_and_statuses(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, (Option<Owner>, Option<VmStatus>)>> {
+        let listing = self.store.list(&self.keys.vms_prefix()).await?;
+        let mut out: std::collections::BTreeMap<String, (Option<Owner>, Option<VmStatus>)> = Default::default();
+        for kv in &listing.kvs {
+            match self.keys.parse(&kv.key) {
+                Some(crate::keys::ClusterKey::VmOwner(n)) => {
+                    out.entry(n).or_default().0 = Some(records::decode(&kv.key, &kv.value)?)
+                }
+                Some(crate::keys::ClusterKey::VmStatus(n)) => {
+                    out.entry(n).or_default().1 = Some(records::decode(&kv.key, &kv.value)?)
+                }
+                _ => {}
             }
         }
         Ok(out)

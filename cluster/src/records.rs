@@ -160,6 +160,30 @@ impl Record for HistoryEntry {
     const KIND: &'static str = "history";
 }
 
+/// What the agent running a VM reports about it, under that agent's node
+/// lease (so it goes when the node does). Informational: the owner key,
+/// not this, says who may run the VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub v: u32,
+    /// The node whose agent wrote it.
+    pub node: String,
+    /// The owner epoch the agent runs the VM under.
+    pub epoch: u64,
+    /// Starting, Running, Paused, Migrating, Stopping, Failed (or the VMM's
+    /// own lifecycle state).
+    pub state: String,
+    /// The VMM process.
+    pub pid: Option<u32>,
+    /// Anything worth saying (why it failed, that it was re-adopted).
+    pub detail: String,
+    pub since_unix_ms: u64,
+}
+
+impl Record for VmStatus {
+    const KIND: &'static str = "VM status";
+}
+
 /// The cluster leader, under its lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderRecord {

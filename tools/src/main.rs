@@ -1,5 +1,6 @@
 //! `ferry`: run a VM on KVM and control it.
 
+mod agent;
 mod cli;
 mod lab;
 mod ping;

@@ -41,3 +41,22 @@ pub fn forward_to(events: Sender<VmEvent>) {
         })
         .expect("spawn the signal thread");
 }
+
+/// Starts a thread that hands each of them, as it arrives, to `f` (for the
+/// node agent, which outlives a signal only to report it).
+pub fn forward_with(f: impl Fn(libc::c_int) + Send + 'static) {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = handled_set();
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait with a valid set and out-pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    return;
+                }
+                f(sig);
+            }
+        })
+        .expect("spawn the signal thread");
+}

@@ -1,14 +1,17 @@
 //! The command line: one module per command family.
 
+mod cluster_cmd;
 mod control;
 mod cpu;
 mod host;
 mod lab;
 mod migrate;
+mod node;
 mod ping;
 mod run;
 mod snapshot;
 mod validate;
+mod vm;
 mod volume;
 
 use std::path::PathBuf;
@@ -78,6 +81,14 @@ enum Command {
     /// Build, inspect or tear down the lab: network namespaces that play a
     /// switch fabric, two VM hosts and a client on one machine (root).
     Lab(lab::LabArgs),
+    /// The node agent (`ferry node run`): runs this node's share of the
+    /// cluster's VMs.
+    Node(node::NodeArgs),
+    /// Highly available VMs, kept in the cluster's etcd: create, start,
+    /// stop, list, show, history.
+    Vm(vm::VmArgs),
+    /// The cluster as a whole: status.
+    Cluster(cluster_cmd::ClusterArgs),
     /// Measure loss, reply gaps and RTTs to an address, from inside a
     /// network namespace (ICMP echo or UDP probes; root). Prints JSON.
     Ping(ping::PingArgs),
@@ -105,6 +116,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Disk(args) => volume::disk(args),
         Command::Lab(args) => lab::lab(args),
         Command::Ping(args) => ping::ping(args),
+        Command::Node(args) => node::node(args),
+        Command::Vm(args) => vm::vm(args),
+        Command::Cluster(args) => cluster_cmd::cluster(args),
     }
 }
 

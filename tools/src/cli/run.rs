@@ -8,14 +8,16 @@ use vmm::boot::BootProtocol;
 use vmm::config::{DiskConfig, MachineConfig, NetConfig};
 use vmm::{VmConfig, Vmm};
 
-use super::host::{serve, HostArgs};
+use anyhow::Context;
+
+use super::host::{serve, taps_for, HostArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
     /// Kernel image: an ELF with a PVH note (the test guest,
     /// target/guest/ferry-guest.elf), a Linux vmlinux, or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "machine")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk for Linux.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -51,15 +53,32 @@ pub struct RunArgs {
     /// expired (refused while the old owner still renews them).
     #[arg(long)]
     takeover: bool,
+    /// The whole guest-visible machine as JSON (a MachineConfig, as the
+    /// cluster stores it; what `ferry node run` boots VMs with), instead of
+    /// --kernel, --cmdline, --mem-mib, --vcpus, --boot, --disk and
+    /// --cpu-profile. `--net tap=NAME` then names one tap per NIC, in order.
+    #[arg(long, value_name = "FILE",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "boot", "disk", "cpu_profile"])]
+    machine: Option<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     crate::signals::block();
+    if let Some(path) = &args.machine {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let machine: MachineConfig =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a machine config", path.display()))?;
+        let macs: Vec<_> = machine.nics.iter().map(|n| n.mac).collect();
+        let taps = taps_for(&args.net, &macs)?;
+        let config = VmConfig { machine, host: args.host.host_config(taps, args.takeover) };
+        let vmm = Arc::new(Vmm::boot(config)?);
+        return serve(vmm, args.host.api_sock.as_deref(), Some(migrate::api::ApiMigrator::new()));
+    }
     let (nics, taps) = args.net.iter().map(NetConfig::split).unzip();
     let machine = MachineConfig {
-        kernel: args.kernel,
+        kernel: args.kernel.expect("clap requires --kernel without --machine"),
         initrd: args.initrd,
         cmdline: args.cmdline,
         mem_mib: args.mem_mib,

@@ -1,0 +1,107 @@
+//! `ferry node run`: the node agent (see `crate::agent`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::agent::{self, AgentConfig};
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    command: NodeCommand,
+}
+
+const RUN_HELP: &str = "\
+Run this node's agent: it registers the node in the cluster under an etcd
+lease, publishes what the node offers, and runs exactly the VMs whose owner
+key names this node, each as its own `ferry run` VMM (API socket, console
+and logs under --state-dir/vms/NAME/), with its taps on --vm-bridge.
+
+Stopping or killing the agent leaves its VMs running; the next agent started
+with the same --state-dir adopts them from their API sockets. If the agent
+cannot renew its node lease until shortly before it could expire, it kills
+its VMMs and exits with status 3 (fencing), so that no other node can start
+a VM while it still runs here.
+
+Under systemd (KillMode=process: stopping or restarting the unit must not
+take the VMs with it):
+
+  # /etc/systemd/system/ferry-node.service
+  [Unit]
+  Description=Ferry node agent
+  After=network-online.target
+  Wants=network-online.target
+
+  [Service]
+  ExecStart=/usr/local/bin/ferry node run \\
+      --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379 \\
+      --cluster prod --node-id %H --vm-bridge br0 --state-dir /var/lib/ferry/node
+  Restart=always
+  RestartSec=2
+  KillMode=process
+
+  [Install]
+  WantedBy=multi-user.target
+
+Then: systemctl daemon-reload && systemctl enable --now ferry-node";
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Run this node's agent (a daemon; see --help for a systemd unit).
+    #[command(long_about = RUN_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    etcd: super::vm::EtcdArgs,
+    /// This node's id in the cluster (also its name in disk leases).
+    #[arg(long, value_name = "ID")]
+    node_id: String,
+    /// The bridge the node's VM taps are attached to.
+    #[arg(long, value_name = "BRIDGE", default_value = "br0")]
+    vm_bridge: String,
+    /// Where the agent keeps its VMs' sockets, consoles and logs (one agent
+    /// per directory).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/node")]
+    state_dir: PathBuf,
+    /// TTL of the node's etcd lease (whole seconds, at least 1), renewed
+    /// every third of it.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    lease_ttl_ms: u64,
+    /// TTL of the shared-volume disk leases its VMMs hold.
+    #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms())]
+    disk_lease_ttl_ms: u64,
+    /// The node's address for migrations, published in its record.
+    #[arg(long, value_name = "IP")]
+    address: Option<String>,
+    /// The KVM device its VMMs use.
+    #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+}
+
+pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
+    match args.command {
+        NodeCommand::Run(a) => {
+            if a.lease_ttl_ms < 1000 {
+                anyhow::bail!("--lease-ttl-ms {}: etcd leases last at least 1000 ms", a.lease_ttl_ms);
+            }
+            let state_dir =
+                if a.state_dir.is_absolute() { a.state_dir } else { std::env::current_dir()?.join(a.state_dir) };
+            agent::run(AgentConfig {
+                etcd: a.etcd.etcd,
+                cluster: a.etcd.cluster,
+                node_id: a.node_id,
+                vm_bridge: a.vm_bridge,
+                state_dir,
+                lease_ttl: Duration::from_millis(a.lease_ttl_ms),
+                disk_lease_ttl_ms: a.disk_lease_ttl_ms,
+                address: a.address,
+                kvm_device: a.kvm_device,
+            })
+        }
+    }
+}
