@@ -70,6 +70,14 @@ pub struct MigrateArgs {
     /// Cap the migration's bandwidth (MiB/s), to spare a shared network.
     #[arg(long, value_name = "MIB_S")]
     max_bandwidth: Option<f64>,
+    /// The switchover (pause to commit) must fit this, or the VM resumes
+    /// here; the destination waits for the commit a little longer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    switchover_timeout: f64,
+    /// Ask this Unix socket before committing (the cluster agent's; see
+    /// migrate::source::gate): the move commits only if it agrees.
+    #[arg(long, value_name = "PATH")]
+    commit_gate: Option<PathBuf>,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -94,6 +102,8 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     request.auto_converge = !args.no_auto_converge;
     request.check_only = args.check_only;
     request.max_bandwidth_mib_s = args.max_bandwidth;
+    request.switchover_timeout_s = args.switchover_timeout;
+    request.commit_gate = args.commit_gate.clone();
     // Refuse bad numbers here, with the same words the API would use.
     request.options().map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = serde_json::to_vec(&request)?;
