@@ -17,8 +17,11 @@ use csv_fs::{BlockBackend, Image, OpenMode};
 use migrate::wire::{self, Ack, Hello, Kind, Reason, ZeroRange};
 use vmm::state::VmState;
 
+/// A fuzz entry point.
+pub type Target = fn(&[u8]);
+
 /// The targets, by name: what `make fuzz` runs and the corpus replays.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("wire_frames", fuzz_wire_frames),
     ("vm_state", fuzz_vm_state),
     ("snapshot_load", fuzz_snapshot_load),

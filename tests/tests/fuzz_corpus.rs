@@ -50,3 +50,24 @@ fn seeds_are_valid_inputs() {
         }
     }
 }
+
+/// Crashes found in code Ferry does not own yet, kept as inputs until fixed
+/// (then they move into `fuzz/corpus/<target>/`): `fuzz/crashes/qcow2_open/`
+/// holds images on which imago 0.2.6 recurses without bound allocating
+/// refcount blocks (stack overflow: `Allocator::allocate_cluster_at` ->
+/// `ensure_rb` -> `allocate_clusters` -> ...), and one whose first write
+/// does not read back (clusters overlapping metadata). Run with
+/// `cargo test --release -p ferry-e2e --test fuzz_corpus -- --ignored`.
+#[test]
+#[ignore = "open: imago crashes on these crafted qcow2 images (issue 16)"]
+fn known_crashes_replay_cleanly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/crashes");
+    for (target, run) in ferry_fuzz::TARGETS {
+        let Ok(dir) = std::fs::read_dir(root.join(target)) else { continue };
+        for f in dir {
+            let f = f.unwrap().path();
+            eprintln!("{target}: {}", f.display());
+            run(&std::fs::read(&f).unwrap());
+        }
+    }
+}
