@@ -13,7 +13,7 @@ export FERRY_BIN       := $(CURDIR)/$(FERRY)
 export FERRY_GUEST     := $(CURDIR)/$(GUEST)
 export FERRY_LINUX_DIR := $(CURDIR)/$(LINUX_DIR)
 
-.PHONY: all deps build guest linux test demo bench lint fmt clean
+.PHONY: all deps build guest linux test demo bench fuzz lint fmt clean
 
 all: build guest
 
@@ -52,6 +52,10 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-storage -- target/bench/storage.json
+
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, on fuzz/corpus/ (needs nightly)
+fuzz:
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-60} scripts/fuzz.sh
 
 lint:
 	$(CARGO) fmt --all --check

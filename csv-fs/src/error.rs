@@ -36,6 +36,13 @@ pub enum Error {
 
     #[error("{path}: corrupt {format} image: {reason}")]
     CorruptImage { path: PathBuf, format: &'static str, reason: String },
+    /// A VHD whose header, footer or block table fails a check; every
+    /// field is checked before it is used.
+    #[error("{path}: corrupt vhd image: {problem}")]
+    BadVhd { path: PathBuf, problem: VhdProblem },
+    /// The volume's record of a disk disagrees with the disk's file.
+    #[error("{path}: disk record says {recorded} but the image file is {file}")]
+    FormatMismatch { path: PathBuf, recorded: String, file: String },
     #[error("{path}: unsupported image: {reason}")]
     Unsupported { path: PathBuf, reason: String },
     #[error("invalid disk size {size}: {reason}")]
@@ -62,6 +69,45 @@ pub enum Error {
     CorruptLease { path: PathBuf, reason: String },
     #[error("{path}: lock still held by another process after {waited_ms} ms")]
     LockTimeout { path: PathBuf, waited_ms: u64 },
+}
+
+/// Why a VHD was refused. Offsets and sizes are in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VhdProblem {
+    #[error("{len} bytes is too short for {what} (at least {min})")]
+    TooShort { len: u64, min: u64, what: &'static str },
+    #[error("no VHD footer (\"conectix\") {at}")]
+    NoFooter { at: &'static str },
+    #[error("footer {at} has checksum {stored:#x}, computed {computed:#x}")]
+    FooterChecksum { at: &'static str, stored: u32, computed: u32 },
+    #[error("disk size {size} exceeds the VHD limit of {max} bytes")]
+    DiskTooLarge { size: u64, max: u64 },
+    #[error("disk size {size} is not a multiple of 512")]
+    SizeNotSectors { size: u64 },
+    #[error("disk type {found} where {expected} was expected")]
+    DiskType { found: u32, expected: &'static str },
+    #[error("truncated: footer says {size} bytes but only {available} precede it")]
+    FixedTruncated { size: u64, available: u64 },
+    #[error("the footer at offset 0 and the one at the end of the file differ (truncated or tampered?)")]
+    FootersDiffer,
+    #[error("dynamic header offset {offset:#x} is not sector-aligned or lies outside the metadata area")]
+    HeaderOffset { offset: u64 },
+    #[error("no dynamic header (\"cxsparse\") at {offset:#x}")]
+    NoDynamicHeader { offset: u64 },
+    #[error("dynamic header has checksum {stored:#x}, computed {computed:#x}")]
+    HeaderChecksum { stored: u32, computed: u32 },
+    #[error("block size {size} is not a power of two from {min} to {max} bytes")]
+    BlockSize { size: u64, min: u64, max: u64 },
+    #[error("BAT of {entries} blocks of {block_size} bytes cannot cover a disk of {size} bytes")]
+    BatTooSmall { entries: u64, block_size: u64, size: u64 },
+    #[error("BAT of {entries} entries is larger than a disk of {size} bytes needs ({max})")]
+    BatTooLarge { entries: u64, max: u64, size: u64 },
+    #[error("BAT at {offset:#x} ({entries} entries) overlaps the header or footer or runs past the end of the file")]
+    BatOutsideFile { offset: u64, entries: u64 },
+    #[error("BAT entry {index} points at {start:#x}, outside the data area (truncated?)")]
+    BlockOutsideData { index: usize, start: u64 },
+    #[error("BAT entries {first} and {second} point at overlapping blocks")]
+    BlocksOverlap { first: usize, second: usize },
 }
 
 impl Error {

@@ -8,6 +8,7 @@
 //! ```text
 //! volume.json        header: magic, format version, volume id
 //! disks/NAME.EXT     disk images (raw, vhd, qcow2); the extension names the format family
+//! disks/NAME.json    the disk's record: its format (the authority on open, never the content), size
 //! leases/NAME.json   the disk's lease record, replaced atomically (temp + fsync + rename)
 //! leases/NAME.lock   never replaced: its OFD lock serialises read-modify-write of the record
 //! vms/NAME/          per-VM files (configuration, saved state)
@@ -24,7 +25,7 @@ pub mod volume;
 
 pub mod fsutil;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, VhdProblem};
 pub use image::{BlockBackend, Format, Image, OpenMode};
 pub use lease::{FileLeaseStore, Lease, LeaseKeeper, LeaseRecord, LeaseStore, DEFAULT_TTL};
-pub use volume::{DiskInfo, Volume, VolumeHeader, VolumeStatus};
+pub use volume::{DiskInfo, DiskRecord, Volume, VolumeHeader, VolumeStatus};

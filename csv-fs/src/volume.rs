@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{now_ms, Error, Result};
-use crate::fsutil::{check_name, fsync_dir, hex, is_full, random_bytes, read_optional, OfdLock};
+use crate::fsutil::{atomic_write, check_name, fsync_dir, hex, is_full, random_bytes, read_optional, OfdLock};
 use crate::image::{self, Format, Image, OpenMode};
 use crate::lease::{FileLeaseStore, LeaseRecord, LeaseStore};
 
@@ -25,6 +25,17 @@ pub struct VolumeHeader {
     pub magic: String,
     pub version: u32,
     pub id: String,
+    pub created_unix_ms: u64,
+}
+
+/// The volume's record of a disk, `disks/NAME.json`, written by
+/// [`Volume::create_disk`] before the image appears under its name. Its
+/// format is the authority when the disk is opened: nothing the guest
+/// writes into the image can change how the image is read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub format: Format,
+    pub virtual_size: u64,
     pub created_unix_ms: u64,
 }
 
@@ -169,6 +180,36 @@ impl Volume {
         self.find_disk(name).ok_or_else(|| Error::NoSuchDisk { name: name.to_owned(), volume: self.root.clone() })
     }
 
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.disks_dir().join(format!("{name}.json"))
+    }
+
+    /// The record of disk `name`; `None` for a disk made before volumes
+    /// kept records (its format then comes from its file's extension, see
+    /// [`image::format_for_path`]).
+    pub fn disk_record(&self, name: &str) -> Result<Option<DiskRecord>> {
+        check_name("disk", name)?;
+        let path = self.record_path(name);
+        let Some(bytes) = read_optional(&path)? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::CorruptVolume { path, reason: format!("disk record: {e}") })
+    }
+
+    /// The format disk `name` is opened as: its record's, checked against
+    /// its file's extension (or the extension's alone, for a disk without
+    /// a record).
+    pub fn disk_format(&self, name: &str) -> Result<Format> {
+        let path = self.disk_path(name)?;
+        let Some(record) = self.disk_record(name)? else { return image::format_for_path(&path) };
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_owned();
+        let matches = ext == record.format.extension() || (record.format == Format::Raw && ext == "img");
+        if !matches {
+            return Err(Error::FormatMismatch { path, recorded: record.format.name().into(), file: format!(".{ext}") });
+        }
+        Ok(record.format)
+    }
+
     fn find_disk(&self, name: &str) -> Option<PathBuf> {
         EXTENSIONS.iter().map(|ext| self.disks_dir().join(format!("{name}.{ext}"))).find(|p| p.exists())
     }
@@ -196,20 +237,28 @@ impl Volume {
                 e => e,
             });
         }
+        // The record goes first: a disk never appears without one.
+        let record = DiskRecord { format, virtual_size: size, created_unix_ms: now_ms() };
+        let bytes = serde_json::to_vec_pretty(&record).expect("the record serialises");
+        if let Err(e) = atomic_write(&self.record_path(name), &bytes, "the disk record") {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         fsync_dir(&disks)?;
         tracing::info!(disk = name, %format, size, "disk created");
         self.disk_info(name)
     }
 
-    /// Opens disk `name`; its format comes from its file.
+    /// Opens disk `name` as the format its record names.
     pub fn open_disk(&self, name: &str, mode: OpenMode) -> Result<Image> {
-        Image::open(&self.disk_path(name)?, mode)
+        let format = self.disk_format(name)?;
+        Image::open_as(&self.disk_path(name)?, format, mode)
     }
 
     pub fn disk_info(&self, name: &str) -> Result<DiskInfo> {
         let path = self.disk_path(name)?;
-        let image = Image::open(&path, OpenMode::ReadOnly)?;
+        let image = self.open_disk(name, OpenMode::ReadOnly)?;
         let lease = self.lease_store(crate::lease::DEFAULT_TTL).read(name)?;
         Ok(DiskInfo {
             name: name.to_owned(),
@@ -331,6 +380,53 @@ mod tests {
         std::fs::write(&h, text).unwrap();
         std::fs::remove_dir(dir.join("vms")).unwrap();
         assert!(matches!(Volume::open(&dir), Err(Error::CorruptVolume { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_record_names_the_format_not_the_content() {
+        let dir = scratch("rec");
+        let v = Volume::create(&dir).unwrap();
+        for f in Format::ALL {
+            let name = f.name();
+            v.create_disk(name, f, 4 << 20).unwrap();
+            let rec = v.disk_record(name).unwrap().unwrap();
+            assert_eq!((rec.format, rec.virtual_size), (f, 4 << 20));
+            assert_eq!(v.disk_format(name).unwrap(), f);
+            assert_eq!(v.open_disk(name, OpenMode::ReadOnly).unwrap().format(), f);
+        }
+        assert_eq!(v.list_disks().unwrap().len(), 4, "records are not disks");
+
+        // A raw disk whose guest wrote a qcow2 header and a VHD footer.
+        let mut img = v.open_disk("raw", OpenMode::ReadWrite).unwrap();
+        let mut q = vec![0u8; 512];
+        let qpath = v.disk_path("qcow2").unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&qpath).unwrap(), &mut q, 0).unwrap();
+        let mut foot = vec![0u8; 512];
+        let fpath = v.disk_path("vhd-fixed").unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&fpath).unwrap(), &mut foot, 4 << 20).unwrap();
+        use crate::image::BlockBackend;
+        img.write_at(&q, 0).unwrap();
+        img.write_at(&foot, (4 << 20) - 512).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        let img = v.open_disk("raw", OpenMode::ReadOnly).unwrap();
+        assert_eq!(img.format(), Format::Raw);
+        let mut back = vec![0u8; 512];
+        img.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, q);
+        img.read_at(&mut back, (4 << 20) - 512).unwrap();
+        assert_eq!(back, foot);
+
+        // A record that disagrees with the file is refused by name; a
+        // disk without a record (an older volume) goes by its extension.
+        let rec = DiskRecord { format: Format::Qcow2, virtual_size: 4 << 20, created_unix_ms: 0 };
+        std::fs::write(v.record_path("raw"), serde_json::to_vec(&rec).unwrap()).unwrap();
+        assert!(matches!(v.open_disk("raw", OpenMode::ReadOnly), Err(Error::FormatMismatch { .. })));
+        std::fs::remove_file(v.record_path("raw")).unwrap();
+        assert_eq!(v.open_disk("raw", OpenMode::ReadOnly).unwrap().format(), Format::Raw);
+        std::fs::write(v.record_path("raw"), b"{").unwrap();
+        assert!(matches!(v.open_disk("raw", OpenMode::ReadOnly), Err(Error::CorruptVolume { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

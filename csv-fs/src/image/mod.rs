@@ -122,18 +122,10 @@ impl fmt::Debug for Image {
 }
 
 impl Image {
-    /// Opens `path`; the format comes from the extension (`.raw`, `.img`,
-    /// `.vhd`, `.qcow2`) and for `.vhd` from the footer; any other name is
-    /// probed by content. Extensions win over content so that a raw disk
-    /// whose guest wrote a qcow2 magic is never misread.
+    /// Opens `path`, its format from [`format_for_path`]: from the name,
+    /// never from content the guest can write.
     pub fn open(path: &Path, mode: OpenMode) -> Result<Image> {
-        let format = match path.extension().and_then(|e| e.to_str()) {
-            Some("raw") | Some("img") => Format::Raw,
-            Some("vhd") => vhd::probe(path)?,
-            Some("qcow2") => Format::Qcow2,
-            _ => probe(path)?,
-        };
-        Image::open_as(path, format, mode)
+        Image::open_as(path, format_for_path(path)?, mode)
     }
 
     /// Opens `path` as `format`.
@@ -236,19 +228,20 @@ fn open_backend(path: &Path, format: Format, writable: bool) -> Result<Box<dyn B
     })
 }
 
-/// Tells the format from the content: qcow2 magic, a VHD footer at the
-/// start (dynamic) or end (fixed), else raw.
-pub fn probe(path: &Path) -> Result<Format> {
-    let mut magic = [0u8; 4];
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len >= 4 {
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).map_err(|e| Error::io(path, e))?;
-        if &magic == b"QFI\xfb" {
-            return Ok(Format::Qcow2);
-        }
-    }
-    Ok(vhd::probe(path).unwrap_or(Format::Raw))
+/// The format of a plain image path (one not on a volume, whose disks
+/// carry their format in the volume's record): `.qcow2` is qcow2, `.vhd` is
+/// VHD (fixed or dynamic by the footer at the end of the file, which the
+/// guest cannot write), and anything else (`.raw`, `.img`, a block device,
+/// no extension at all) is raw. Content is never probed: a guest on a raw
+/// disk that writes a qcow2 header or a VHD footer into it still gets a raw
+/// disk holding those bytes on the next open. A qcow2 or VHD image must
+/// therefore be named `.qcow2` or `.vhd` to be read as one.
+pub fn format_for_path(path: &Path) -> Result<Format> {
+    Ok(match path.extension().and_then(|e| e.to_str()) {
+        Some("vhd") => vhd::probe(path)?,
+        Some("qcow2") => Format::Qcow2,
+        _ => Format::Raw,
+    })
 }
 
 pub fn allocated_bytes(path: &Path) -> Result<u64> {
@@ -275,4 +268,9 @@ mod tests;
 #[cfg(test)]
 fn vhd_checksum_for_tests(footer: &[u8; 512]) -> u32 {
     vhd::checksum_for_tests(footer)
+}
+
+#[cfg(test)]
+fn vhd_header_checksum_for_tests(header: &[u8]) -> u32 {
+    vhd::header_checksum_for_tests(header)
 }

@@ -2,6 +2,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::error::VhdProblem;
 
 fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("csv-fs-img-{tag}-{}", std::process::id()));
@@ -193,15 +194,191 @@ fn corrupt_qcow2_is_an_error_not_a_panic() {
 }
 
 #[test]
-fn formats_parse_and_probe() {
+fn formats_come_from_the_name_never_the_content() {
     assert_eq!("vhd-fixed".parse::<Format>().unwrap(), Format::VhdFixed);
     assert!("vmdk".parse::<Format>().is_err());
-    let dir = scratch("probe");
+    let dir = scratch("byname");
     for f in Format::ALL {
-        let p = dir.join(format!("{}.bin", f.name()));
+        let p = file_for(&dir, f);
         Image::create(&p, f, 1 << 20).unwrap();
-        assert_eq!(probe(&p).unwrap(), f);
+        assert_eq!(format_for_path(&p).unwrap(), f);
         assert_eq!(Image::open(&p, OpenMode::ReadOnly).unwrap().format(), f);
+        // Under a name without a known extension, any image is raw.
+        let other = dir.join(format!("{}.bin", f.name()));
+        std::fs::copy(&p, &other).unwrap();
+        assert_eq!(Image::open(&other, OpenMode::ReadOnly).unwrap().format(), Format::Raw);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The headers a guest on a raw disk might write into its first sector.
+fn hostile_first_sectors(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (tag, f) in [("vhd-dynamic", Format::VhdDynamic), ("qcow2", Format::Qcow2)] {
+        let p = dir.join(format!("model.{}", f.extension()));
+        Image::create(&p, f, 1 << 20).unwrap();
+        let mut head = vec![0u8; 2048];
+        std::fs::File::open(&p).unwrap().read_exact_at(&mut head, 0).unwrap();
+        out.push((tag, head));
+    }
+    // A fixed VHD footer is the last sector of the file.
+    let p = dir.join("model-fixed.vhd");
+    Image::create(&p, Format::VhdFixed, 1 << 20).unwrap();
+    let mut foot = vec![0u8; 512];
+    std::fs::File::open(&p).unwrap().read_exact_at(&mut foot, 1 << 20).unwrap();
+    out.push(("vhd-fixed footer", foot));
+    out
+}
+
+#[test]
+fn a_raw_disk_holding_image_headers_stays_raw() {
+    let dir = scratch("hostile");
+    let size = 4u64 << 20;
+    for (tag, bytes) in hostile_first_sectors(&dir) {
+        for name in ["d.raw", "d.img", "d", "d.disk"] {
+            let p = dir.join(name);
+            let _ = std::fs::remove_file(&p);
+            Image::create(&p, Format::Raw, size).unwrap();
+            // The guest writes the header at the start and at the end.
+            let mut img = Image::open(&p, OpenMode::ReadWrite).unwrap();
+            img.write_at(&bytes, 0).unwrap();
+            img.write_at(&bytes, size - bytes.len() as u64).unwrap();
+            img.flush().unwrap();
+            drop(img);
+            let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
+            assert_eq!(img.format(), Format::Raw, "{tag} in {name}");
+            assert_eq!(img.len(), size, "{tag} in {name}");
+            let mut back = vec![0u8; bytes.len()];
+            img.read_at(&mut back, 0).unwrap();
+            assert!(back == bytes, "{tag} in {name}: the guest's bytes read back unchanged");
+            img.read_at(&mut back, size - bytes.len() as u64).unwrap();
+            assert!(back == bytes, "{tag} in {name}: tail unchanged");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fixed_vhd_whose_guest_wrote_a_dynamic_footer_stays_fixed() {
+    let dir = scratch("fixedhostile");
+    let hostile = hostile_first_sectors(&dir);
+    let (_, dynamic_head) = &hostile[0];
+    let p = dir.join("f.vhd");
+    Image::create(&p, Format::VhdFixed, 4 << 20).unwrap();
+    let mut img = Image::open(&p, OpenMode::ReadWrite).unwrap();
+    img.write_at(dynamic_head, 0).unwrap();
+    drop(img);
+    let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.format(), Format::VhdFixed);
+    let mut back = vec![0u8; dynamic_head.len()];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(&back == dynamic_head);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh 8 MiB dynamic VHD whose dynamic header gets `edit`, checksum fixed.
+fn crafted_vhd(dir: &Path, name: &str, edit: impl FnOnce(&mut [u8; 1024])) -> PathBuf {
+    let p = dir.join(name);
+    Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+    let mut h = [0u8; 1024];
+    std::fs::File::open(&p).unwrap().read_exact_at(&mut h, 512).unwrap();
+    edit(&mut h);
+    let sum = super::vhd_header_checksum_for_tests(&h);
+    h[36..40].copy_from_slice(&sum.to_be_bytes());
+    patch(&p, 512, &h);
+    p
+}
+
+fn vhd_problem(path: &Path) -> VhdProblem {
+    match Image::open(path, OpenMode::ReadOnly) {
+        Err(Error::BadVhd { problem, .. }) => problem,
+        Err(e) => panic!("{}: {e}", path.display()),
+        Ok(_) => panic!("{} opened", path.display()),
+    }
+}
+
+/// Rewrites both footers of `p` through `edit`, checksums fixed.
+fn edit_footers(p: &Path, edit: impl Fn(&mut [u8; 512])) {
+    let len = std::fs::metadata(p).unwrap().len();
+    for at in [0, len - 512] {
+        let mut f = [0u8; 512];
+        std::fs::File::open(p).unwrap().read_exact_at(&mut f, at).unwrap();
+        edit(&mut f);
+        let sum = super::vhd_checksum_for_tests(&f);
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
+        patch(p, at, &f);
+    }
+}
+
+#[test]
+fn crafted_vhd_headers_are_refused_by_name() {
+    let dir = scratch("crafted");
+    // The attack: a BAT of 2^32 - 1 entries in a sparse 16 GiB file would
+    // have us allocate 16 GiB for the table alone. Bounded by the disk size.
+    let p = crafted_vhd(&dir, "huge-bat.vhd", |h| h[28..32].copy_from_slice(&u32::MAX.to_be_bytes()));
+    let mut foot = [0u8; 512];
+    std::fs::File::open(&p).unwrap().read_exact_at(&mut foot, 0).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(17 << 30).unwrap();
+    patch(&p, (17 << 30) - 512, &foot);
+    let e = vhd_problem(&p);
+    assert!(matches!(e, VhdProblem::BatTooLarge { entries: 0xFFFF_FFFF, max: 4, .. }), "{e:?}");
+    assert!(e.to_string().contains("larger than"), "{e}");
+
+    let p = crafted_vhd(&dir, "small-bat.vhd", |h| h[28..32].copy_from_slice(&3u32.to_be_bytes()));
+    assert!(matches!(vhd_problem(&p), VhdProblem::BatTooSmall { entries: 3, .. }));
+
+    for bs in [0u32, 512, 3 << 20, 1 << 31] {
+        let p = crafted_vhd(&dir, &format!("bs{bs}.vhd"), |h| h[32..36].copy_from_slice(&bs.to_be_bytes()));
+        assert!(matches!(vhd_problem(&p), VhdProblem::BlockSize { .. }), "block size {bs}");
+    }
+
+    // The BAT on top of the dynamic header, past the end, or wrapping.
+    for (tag, off) in [("hdr", 512u64), ("foot", 0), ("end", 1 << 40), ("wrap", u64::MAX - 3)] {
+        let p = crafted_vhd(&dir, &format!("bat-{tag}.vhd"), |h| h[16..24].copy_from_slice(&off.to_be_bytes()));
+        assert!(matches!(vhd_problem(&p), VhdProblem::BatOutsideFile { .. }), "BAT at {off:#x}");
+    }
+
+    // Two BAT entries pointing at one block.
+    let p = dir.join("overlap.vhd");
+    Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+    let mut img = Image::open(&p, OpenMode::ReadWrite).unwrap();
+    img.write_at(&[1; 512], 0).unwrap();
+    drop(img);
+    let mut first = [0u8; 4];
+    std::fs::File::open(&p).unwrap().read_exact_at(&mut first, 1536).unwrap();
+    patch(&p, 1536 + 4, &first);
+    assert!(matches!(vhd_problem(&p), VhdProblem::BlocksOverlap { first: 0, second: 1 }));
+
+    // Footer fields: a header offset outside the file or on the footer copy,
+    // a size past the format's limit or not in whole sectors, a wrong type.
+    for (tag, off) in [("h0", 0u64), ("hend", 1 << 40), ("hodd", 513)] {
+        let p = dir.join(format!("{tag}.vhd"));
+        Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+        edit_footers(&p, |f| f[16..24].copy_from_slice(&off.to_be_bytes()));
+        assert!(matches!(vhd_problem(&p), VhdProblem::HeaderOffset { .. }), "header at {off:#x}");
+    }
+    let p = dir.join("toolarge.vhd");
+    Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+    edit_footers(&p, |f| f[48..56].copy_from_slice(&(4096u64 << 30).to_be_bytes()));
+    assert!(matches!(vhd_problem(&p), VhdProblem::DiskTooLarge { .. }));
+    let p = dir.join("oddsize.vhd");
+    Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+    edit_footers(&p, |f| f[48..56].copy_from_slice(&((8u64 << 20) - 1).to_be_bytes()));
+    assert!(matches!(vhd_problem(&p), VhdProblem::SizeNotSectors { .. }));
+    let p = dir.join("type.vhd");
+    Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+    edit_footers(&p, |f| f[60..64].copy_from_slice(&7u32.to_be_bytes()));
+    assert!(matches!(vhd_problem(&p), VhdProblem::DiskType { found: 7, .. }));
+
+    // The two footers of a dynamic VHD disagree.
+    let p = dir.join("differ.vhd");
+    Image::create(&p, Format::VhdDynamic, 8 << 20).unwrap();
+    let mut f = [0u8; 512];
+    std::fs::File::open(&p).unwrap().read_exact_at(&mut f, 0).unwrap();
+    f[48..56].copy_from_slice(&(4u64 << 20).to_be_bytes());
+    let sum = super::vhd_checksum_for_tests(&f);
+    f[64..68].copy_from_slice(&sum.to_be_bytes());
+    patch(&p, 0, &f);
+    assert!(matches!(vhd_problem(&p), VhdProblem::FootersDiffer));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{read_error, BlockBackend, Format};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VhdProblem};
 use crate::fsutil::random_bytes;
 
 const COOKIE: &[u8; 8] = b"conectix";
@@ -29,6 +29,10 @@ const UNUSED: u32 = u32::MAX;
 /// The format's own limit (Hyper-V and QEMU agree).
 pub const MAX_SIZE: u64 = 2040 << 30;
 const BLOCK_SIZE: u64 = 2 << 20;
+/// Block sizes accepted on open. Hyper-V and QEMU write 2 MiB; the floor
+/// keeps the BAT of the largest disk (2040 GiB) to 32 Mi entries.
+const MIN_BLOCK_SIZE: u64 = 64 << 10;
+const MAX_BLOCK_SIZE: u64 = 256 << 20;
 /// Seconds from the Unix epoch to the VHD epoch, 2000-01-01 00:00 UTC.
 const VHD_EPOCH: u64 = 946_684_800;
 /// 65535 cylinders x 16 heads x 255 sectors: a geometry this large means
@@ -50,10 +54,6 @@ fn be64(b: &[u8], at: usize) -> u64 {
 fn checksum(b: &[u8], field: usize) -> u32 {
     let sum = b.iter().enumerate().filter(|(i, _)| !(field..field + 4).contains(i)).map(|(_, &v)| v as u32);
     !sum.fold(0u32, u32::wrapping_add)
-}
-
-fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
-    Error::CorruptImage { path: path.to_owned(), format: NAME, reason: reason.into() }
 }
 
 /// CHS geometry from the VHD specification's algorithm.
@@ -115,28 +115,41 @@ fn footer(size: u64, disk_type: u32, data_offset: u64) -> [u8; 512] {
 struct Footer {
     data_offset: u64,
     disk_type: u32,
+    /// The size the guest sees.
     size: u64,
+    /// The larger of `current_size` and the CHS size: a BAT may cover
+    /// either, never more.
+    max_size: u64,
 }
 
-fn parse_footer(path: &Path, b: &[u8; 512], where_: &str) -> Result<Footer> {
+fn bad(path: &Path, problem: VhdProblem) -> Error {
+    Error::BadVhd { path: path.to_owned(), problem }
+}
+
+fn parse_footer(path: &Path, b: &[u8; 512], at: &'static str) -> Result<Footer> {
     if &b[0..8] != COOKIE {
-        return Err(corrupt(path, format!("no VHD footer (\"conectix\") {where_}")));
+        return Err(bad(path, VhdProblem::NoFooter { at }));
     }
     let (stored, computed) = (be32(b, 64), checksum(b, 64));
     if stored != computed {
-        return Err(corrupt(path, format!("footer {where_} has checksum {stored:#x}, computed {computed:#x}")));
+        return Err(bad(path, VhdProblem::FooterChecksum { at, stored, computed }));
     }
     let current_size = be64(b, 48);
-    let chs = be16(b, 56) as u64 * b[58] as u64 * b[59] as u64;
+    let chs_size = be16(b, 56) as u64 * b[58] as u64 * b[59] as u64 * 512;
     // QEMU's rule: images from Virtual PC and old QEMU ("vpc ", "qemu", ...)
     // are as large as their CHS geometry says; Hyper-V's ("win ") and the
     // like, or any image at the maximum geometry, use current_size.
     let by_size = matches!(&b[28..32], b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
-    let size = if by_size || chs == MAX_GEOMETRY_SECTORS { current_size } else { chs * 512 };
-    if size > MAX_SIZE {
-        return Err(corrupt(path, format!("disk size {size} exceeds the VHD limit of {MAX_SIZE} bytes")));
+    let size = if by_size || chs_size == MAX_GEOMETRY_SECTORS * 512 { current_size } else { chs_size };
+    for s in [size, current_size] {
+        if s > MAX_SIZE {
+            return Err(bad(path, VhdProblem::DiskTooLarge { size: s, max: MAX_SIZE }));
+        }
     }
-    Ok(Footer { data_offset: be64(b, 16), disk_type: be32(b, 60), size })
+    if !size.is_multiple_of(512) {
+        return Err(bad(path, VhdProblem::SizeNotSectors { size }));
+    }
+    Ok(Footer { data_offset: be64(b, 16), disk_type: be32(b, 60), size, max_size: size.max(current_size) })
 }
 
 fn read_block<const N: usize>(file: &File, path: &Path, offset: u64, what: &str) -> Result<[u8; N]> {
@@ -145,29 +158,24 @@ fn read_block<const N: usize>(file: &File, path: &Path, offset: u64, what: &str)
     Ok(b)
 }
 
-/// Fixed or dynamic, from the footer; errors if neither footer is there.
+/// Fixed or dynamic, from the footer at the end of the file. Only that
+/// footer is read: in a fixed VHD the first sector is guest data, so a
+/// guest that writes a dynamic footer there must not turn its disk into a
+/// dynamic one on the next open. (A dynamic VHD's copy at offset 0 is then
+/// checked against it by [`Vhd::open_dynamic`].)
 pub fn probe(path: &Path) -> Result<Format> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < FOOTER {
-        return Err(corrupt(path, format!("{len} bytes is too short for a VHD footer")));
-    }
-    let head: [u8; 512] = read_block(&file, path, 0, "footer")?;
-    if &head[0..8] == COOKIE {
-        let f = parse_footer(path, &head, "at offset 0")?;
-        return match f.disk_type {
-            TYPE_DYNAMIC => Ok(Format::VhdDynamic),
-            TYPE_DIFFERENCING => Err(Error::Unsupported { path: path.to_owned(), reason: "differencing VHD".into() }),
-            t => Err(corrupt(path, format!("footer copy at offset 0 has disk type {t}, expected 3 (dynamic)"))),
-        };
+        return Err(bad(path, VhdProblem::TooShort { len, min: FOOTER, what: "a VHD footer" }));
     }
     let tail: [u8; 512] = read_block(&file, path, len - FOOTER, "footer")?;
     let f = parse_footer(path, &tail, "at the end of the file")?;
     match f.disk_type {
         TYPE_FIXED => Ok(Format::VhdFixed),
-        TYPE_DYNAMIC => Err(corrupt(path, "dynamic VHD without its footer copy at offset 0")),
+        TYPE_DYNAMIC => Ok(Format::VhdDynamic),
         TYPE_DIFFERENCING => Err(Error::Unsupported { path: path.to_owned(), reason: "differencing VHD".into() }),
-        t => Err(corrupt(path, format!("unknown disk type {t}"))),
+        found => Err(bad(path, VhdProblem::DiskType { found, expected: "fixed (2) or dynamic (3)" })),
     }
 }
 
@@ -249,26 +257,29 @@ impl Vhd {
     pub fn open_fixed(path: &Path, writable: bool) -> Result<Vhd> {
         let (file, len) = Vhd::open_file(path, writable)?;
         if len < FOOTER {
-            return Err(corrupt(path, format!("{len} bytes is too short for a VHD footer")));
+            return Err(bad(path, VhdProblem::TooShort { len, min: FOOTER, what: "a VHD footer" }));
         }
         let f = parse_footer(path, &read_block(&file, path, len - FOOTER, "footer")?, "at the end of the file")?;
         if f.disk_type != TYPE_FIXED {
-            return Err(corrupt(path, format!("disk type {} where a fixed VHD (2) was expected", f.disk_type)));
+            return Err(bad(path, VhdProblem::DiskType { found: f.disk_type, expected: "fixed (2)" }));
         }
         if f.size > len - FOOTER {
-            return Err(corrupt(
-                path,
-                format!("truncated: footer says {} bytes but only {} precede it", f.size, len - FOOTER),
-            ));
+            return Err(bad(path, VhdProblem::FixedTruncated { size: f.size, available: len - FOOTER }));
         }
         Ok(Vhd { file, path: path.to_owned(), size: f.size, dynamic: None })
     }
 
+    /// Opens a dynamic VHD, checking every field before use: both footers,
+    /// the dynamic header's place and checksum, a block size that is a sane
+    /// power of two, a BAT exactly as large as the disk needs (so a crafted
+    /// header cannot make us allocate gigabytes), inside the file and clear
+    /// of the header and footers, and blocks inside the data area that do
+    /// not overlap one another.
     pub fn open_dynamic(path: &Path, writable: bool) -> Result<Vhd> {
         let (file, len) = Vhd::open_file(path, writable)?;
         let min = 2 * FOOTER + DYN_HEADER as u64;
         if len < min {
-            return Err(corrupt(path, format!("{len} bytes is too short for a dynamic VHD (at least {min})")));
+            return Err(bad(path, VhdProblem::TooShort { len, min, what: "a dynamic VHD" }));
         }
         let head: [u8; 512] = read_block(&file, path, 0, "footer copy")?;
         let f = parse_footer(path, &head, "at offset 0")?;
@@ -277,59 +288,80 @@ impl Vhd {
             TYPE_DIFFERENCING => {
                 return Err(Error::Unsupported { path: path.to_owned(), reason: "differencing VHD".into() })
             }
-            t => return Err(corrupt(path, format!("disk type {t} where a dynamic VHD (3) was expected"))),
+            found => return Err(bad(path, VhdProblem::DiskType { found, expected: "dynamic (3)" })),
         }
         let tail: [u8; 512] = read_block(&file, path, len - FOOTER, "footer")?;
-        if &tail[0..8] != COOKIE {
-            return Err(corrupt(path, "no footer at the end of the file (truncated?)"));
+        let t = parse_footer(path, &tail, "at the end of the file")?;
+        if (t.disk_type, t.size, t.data_offset) != (f.disk_type, f.size, f.data_offset) {
+            return Err(bad(path, VhdProblem::FootersDiffer));
         }
-        if !f.data_offset.is_multiple_of(512) || f.data_offset.checked_add(DYN_HEADER as u64).is_none_or(|e| e > len) {
-            return Err(corrupt(path, format!("dynamic header offset {:#x} is outside the file", f.data_offset)));
+        // The footers occupy [0, 512) and [len - 512, len); everything
+        // else the header describes must lie between them.
+        let data_end = len - FOOTER;
+        let within =
+            |start: u64, bytes: u64| start >= FOOTER && start.checked_add(bytes).is_some_and(|e| e <= data_end);
+        let header_at = f.data_offset;
+        if !header_at.is_multiple_of(512) || !within(header_at, DYN_HEADER as u64) {
+            return Err(bad(path, VhdProblem::HeaderOffset { offset: header_at }));
         }
-        let h: [u8; DYN_HEADER] = read_block(&file, path, f.data_offset, "dynamic header")?;
+        let h: [u8; DYN_HEADER] = read_block(&file, path, header_at, "dynamic header")?;
         if &h[0..8] != DYN_COOKIE {
-            return Err(corrupt(path, format!("no dynamic header (\"cxsparse\") at {:#x}", f.data_offset)));
+            return Err(bad(path, VhdProblem::NoDynamicHeader { offset: header_at }));
         }
         let (stored, computed) = (be32(&h, 36), checksum(&h, 36));
         if stored != computed {
-            return Err(corrupt(path, format!("dynamic header has checksum {stored:#x}, computed {computed:#x}")));
+            return Err(bad(path, VhdProblem::HeaderChecksum { stored, computed }));
         }
         let table_offset = be64(&h, 16);
         let entries = be32(&h, 28) as u64;
         let block_size = be32(&h, 32) as u64;
-        if !block_size.is_power_of_two() || !(4096..=(256 << 20)).contains(&block_size) {
-            return Err(corrupt(path, format!("block size {block_size} is not a power of two from 4 KiB to 256 MiB")));
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(bad(
+                path,
+                VhdProblem::BlockSize { size: block_size, min: MIN_BLOCK_SIZE, max: MAX_BLOCK_SIZE },
+            ));
         }
+        // Both bounds: from below so every sector has an entry, from above
+        // (by the disk size, not the file size: a sparse file can claim any
+        // length) so the table we allocate is only as large as the disk.
         if entries * block_size < f.size {
-            return Err(corrupt(
-                path,
-                format!("BAT of {entries} blocks of {block_size} bytes cannot cover a disk of {} bytes", f.size),
-            ));
+            return Err(bad(path, VhdProblem::BatTooSmall { entries, block_size, size: f.size }));
         }
-        if table_offset.checked_add(entries * 4).is_none_or(|e| e > len) {
-            return Err(corrupt(
-                path,
-                format!("BAT at {table_offset:#x} ({entries} entries) runs past the end of the file"),
-            ));
+        let max = f.max_size.div_ceil(block_size).max(1);
+        if entries > max {
+            return Err(bad(path, VhdProblem::BatTooLarge { entries, max, size: f.max_size }));
         }
-        let mut raw = vec![0u8; (entries * 4) as usize];
+        let bat_bytes = entries * 4;
+        let header_end = header_at + DYN_HEADER as u64;
+        let overlaps_header = table_offset < header_end && header_at < table_offset.saturating_add(bat_bytes);
+        if !within(table_offset, bat_bytes) || overlaps_header {
+            return Err(bad(path, VhdProblem::BatOutsideFile { offset: table_offset, entries }));
+        }
+        let mut raw = vec![0u8; bat_bytes as usize];
         file.read_exact_at(&mut raw, table_offset).map_err(|e| read_error(path, NAME, "BAT", e))?;
         let bat: Vec<u32> = raw.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        drop(raw);
         let bitmap_size = (block_size / 512).div_ceil(8).next_multiple_of(512);
-        let mut next_block = (len - FOOTER) / 512 * 512;
+        let metadata_end = header_end.max(table_offset + bat_bytes);
+        let mut next_block = data_end / 512 * 512;
+        let mut used: Vec<(u64, usize)> = Vec::new();
         for (i, &e) in bat.iter().enumerate() {
             if e == UNUSED {
                 continue;
             }
             let start = e as u64 * 512;
             let end = start + bitmap_size + block_size;
-            if start < table_offset + entries * 4 || end > len - FOOTER {
-                return Err(corrupt(
-                    path,
-                    format!("BAT entry {i} points at {start:#x}, outside the data area (truncated?)"),
-                ));
+            if start < metadata_end || end > data_end {
+                return Err(bad(path, VhdProblem::BlockOutsideData { index: i, start }));
             }
+            used.push((start, i));
             next_block = next_block.max(end);
+        }
+        used.sort_unstable();
+        for w in used.windows(2) {
+            if w[0].0 + bitmap_size + block_size > w[1].0 {
+                return Err(bad(path, VhdProblem::BlocksOverlap { first: w[0].1, second: w[1].1 }));
+            }
         }
         let dynamic = Dynamic {
             footer: head,
@@ -355,7 +387,11 @@ impl Vhd {
         let d = self.dynamic.as_ref().unwrap();
         let start = d.next_block;
         if start / 512 >= UNUSED as u64 {
-            return Err(corrupt(&self.path, "file too large for a 32-bit BAT sector offset"));
+            return Err(Error::CorruptImage {
+                path: self.path.clone(),
+                format: NAME,
+                reason: "file too large for a 32-bit BAT sector offset".into(),
+            });
         }
         let end = start + d.bitmap_size + d.block_size;
         self.file.write_all_at(&d.footer, end).map_err(|e| self.io(e))?;
@@ -473,4 +509,9 @@ impl BlockBackend for Vhd {
 #[cfg(test)]
 pub fn checksum_for_tests(footer: &[u8; 512]) -> u32 {
     checksum(footer, 64)
+}
+
+#[cfg(test)]
+pub fn header_checksum_for_tests(header: &[u8]) -> u32 {
+    checksum(header, 36)
 }
