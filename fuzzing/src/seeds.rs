@@ -29,11 +29,21 @@ fn frames() -> Vec<u8> {
         mem_bytes: 64 << 20,
         vcpus: 2,
         nics: Vec::new(),
-        disks: vec!["/v/d.img".parse().expect("disk config")],
+        disks: vec![vmm::migration::DiskRequirement {
+            disk: "/v/d.img".parse().expect("disk config"),
+            size_bytes: 16 << 20,
+            identity: "inode 12".into(),
+        }],
         guest_cpuid: Vec::new(),
         tsc_khz: 2_000_000,
     };
-    let hello = Hello { protocol_version: wire::PROTOCOL_VERSION, mode: Mode::Live, requirements, check_only: false };
+    let hello = Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        mode: Mode::Live,
+        requirements,
+        check_only: false,
+        switchover_timeout_ms: 10_000,
+    };
     wire::send(&mut s, Kind::Hello, &hello).unwrap();
     wire::send(&mut s, Kind::HelloAck, &Ack { host_id: "host-b".into() }).unwrap();
     wire::send(&mut s, Kind::MemZero, &ZeroRange { offset: 4096, len: 8192 }).unwrap();

@@ -153,8 +153,11 @@ fn a_relay_that_rewrites_one_memory_byte_is_refused_and_the_vm_stays_on_the_sour
     assert!(!ok, "a rewritten byte must fail the migration");
     eprintln!("source saw: {err}");
     assert_refused_and_intact(&vm, &dest, "rewritten byte");
-    assert!(dest.stderr().contains("tamper") || dest.stderr().contains("invalid") || dest.stderr().contains("secure"),
-        "the destination names the tampering: {}", dest.stderr());
+    assert!(
+        dest.stderr().contains("tamper") || dest.stderr().contains("invalid") || dest.stderr().contains("secure"),
+        "the destination names the tampering: {}",
+        dest.stderr()
+    );
 }
 
 #[test]

@@ -133,11 +133,21 @@ impl Disk {
     /// Opens `path` without taking its lock or writing: a migration
     /// destination holds the image this way until the source hands it over.
     pub fn open_standby(path: &Path, readonly: bool) -> Result<Disk, Error> {
+        Disk::open_standby_as(path, None, readonly)
+    }
+
+    /// The same with the format given (a volume's record of how the disk
+    /// was created); None: by the path's extension. Never by content.
+    fn open_standby_as(path: &Path, format: Option<csv_fs::Format>, readonly: bool) -> Result<Disk, Error> {
         if !path.exists() {
             return Err(Error::Missing { path: path.to_owned() });
         }
         let mode = if readonly { OpenMode::ReadOnly } else { OpenMode::Standby };
-        let image = Image::open(path, mode).map_err(|e| image_error(path, e))?;
+        let image = match format {
+            Some(f) => Image::open_as(path, f, mode),
+            None => Image::open(path, mode),
+        }
+        .map_err(|e| image_error(path, e))?;
         let lock_file = File::open(path).map_err(|source| Error::Open { path: path.to_owned(), source })?;
         let size = image.len();
         if size == 0 || !size.is_multiple_of(SECTOR) {
@@ -160,7 +170,8 @@ impl Disk {
         };
         let volume = Volume::open(&vd.volume).map_err(Error::Image)?;
         let path = volume.disk_path(&vd.name).map_err(Error::Image)?;
-        let mut disk = Disk::open_standby(&path, cfg.readonly)?;
+        let format = volume.disk_format(&vd.name).map_err(Error::Image)?;
+        let mut disk = Disk::open_standby_as(&path, Some(format), cfg.readonly)?;
         disk.identity = identity_of(&path, Some((&volume, &vd.name)))
             .map_err(|source| Error::Open { path: path.clone(), source })?;
         let store: Arc<dyn LeaseStore> = Arc::new(volume.lease_store(host.lease_ttl));
