@@ -43,6 +43,9 @@ pub struct MigrateRequest {
     pub check_only: bool,
     #[serde(default)]
     pub max_bandwidth_mib_s: Option<f64>,
+    /// A single read or write that takes longer means the peer is gone.
+    #[serde(default = "default_io_timeout_s")]
+    pub io_timeout_s: f64,
     /// The switchover (pause to commit) must fit this, or the VM resumes.
     #[serde(default = "default_switchover_s")]
     pub switchover_timeout_s: f64,
@@ -62,6 +65,9 @@ fn default_downtime_ms() -> f64 {
 }
 fn default_timeout_s() -> f64 {
     60.0
+}
+fn default_io_timeout_s() -> f64 {
+    source::IO_TIMEOUT.as_secs_f64()
 }
 fn default_switchover_s() -> f64 {
     source::DEFAULT_SWITCHOVER_TIMEOUT.as_secs_f64()
@@ -107,6 +113,7 @@ impl MigrateRequest {
             auto_converge: true,
             check_only: false,
             max_bandwidth_mib_s: None,
+            io_timeout_s: default_io_timeout_s(),
             switchover_timeout_s: default_switchover_s(),
             commit_gate: None,
         }
@@ -127,6 +134,8 @@ impl MigrateRequest {
         range("timeout_s", "(0, 86400]", t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_S, t.to_string())?;
         let sw = self.switchover_timeout_s;
         range("switchover_timeout_s", "[0.1, 600]", sw.is_finite() && (0.1..=600.0).contains(&sw), sw.to_string())?;
+        let io = self.io_timeout_s;
+        range("io_timeout_s", "[0.1, 600]", io.is_finite() && (0.1..=600.0).contains(&io), io.to_string())?;
         let r = self.max_rounds;
         range("max_rounds", "[1, 10000]", (1..=MAX_ROUNDS).contains(&r), r.to_string())?;
         if let Some(b) = self.max_bandwidth_mib_s {
@@ -144,6 +153,7 @@ impl MigrateRequest {
         o.max_bandwidth_mib_s = self.max_bandwidth_mib_s;
         o.commit_gate = self.commit_gate.clone();
         o.switchover_timeout = Duration::from_secs_f64(sw);
+        o.io_timeout = Duration::from_secs_f64(io);
         Ok((to, o))
     }
 }

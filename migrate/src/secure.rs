@@ -465,6 +465,11 @@ impl SecureReader {
         self.stream.set_deadline(deadline);
     }
 
+    /// True if the peer closed or reset the connection (nothing consumed).
+    pub fn peer_gone(&self) -> bool {
+        self.stream.peer_gone()
+    }
+
     /// True once the peer's authenticated close has been read.
     pub fn is_closed(&self) -> bool {
         self.state == ReaderState::Closed

@@ -24,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The encrypted handshake must be done this quickly, in total.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Any single read or write that takes longer means the peer is gone.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: f64 = (1 << 20) as f64;
 pub const DEFAULT_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the commit, how long the destination has to say it runs the VM.
@@ -59,6 +59,9 @@ pub struct Options {
     pub max_bandwidth_mib_s: Option<f64>,
     /// Set from outside (`vm.migration-cancel`) to give up before the commit.
     pub cancel: Arc<AtomicBool>,
+    /// Any single read or write that takes longer means the peer is gone
+    /// (a silent network cut shows as this).
+    pub io_timeout: Duration,
     /// The whole switchover (pause to commit) must fit this, or the VM
     /// resumes here; the destination waits for the commit a little longer.
     pub switchover_timeout: Duration,
@@ -80,6 +83,7 @@ impl Options {
             check_only: false,
             max_bandwidth_mib_s: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            io_timeout: IO_TIMEOUT,
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
             commit_gate: None,
         }
@@ -308,7 +312,7 @@ fn migrate_claimed(
     // Every byte from here on is encrypted and authenticated, bound to this
     // session (see `secure`).
     let (mut reader, mut writer) = secure::connect(stream, &opts.key, Instant::now() + HANDSHAKE_TIMEOUT)?;
-    writer.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+    writer.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;
     let cap = opts.max_bandwidth_mib_s.filter(|r| *r > 0.0).map(|r| (r * MIB, 0, Instant::now()));
     let mut w = Counting { inner: writer, bytes: 0, cap, cancel: Some(opts.cancel.clone()) };
 
@@ -567,20 +571,39 @@ fn switchover(
     let t_handoff = Instant::now();
     vm.release_backends(destination_host).map_err(|e| before(e.into()))?;
     figures.handoff_ms = ms(t_handoff.elapsed());
+    // From here a failure before the commit is sent must also take the
+    // disks back.
+    let undo = |vm: &dyn MigratableVm, e: Error| {
+        if let Err(r) = vm.reclaim_backends() {
+            tracing::error!("the migration failed before its commit and a disk could not be taken back: {r}");
+        }
+        Failure::BeforeCommit(e)
+    };
     if let Some(path) = &opts.commit_gate {
         if let Err(e) = gate::ask(path, destination_host) {
-            // Nothing was committed: the disks come back to this host.
-            let _ = vm.reclaim_backends();
-            return Err(before(e));
+            return Err(undo(vm, e));
         }
     }
-    // The point of no return: from here the VM never runs on this host.
-    vm.retire().map_err(|e| before(e.into()))?;
+    // Send the commit, then retire. The VM is paused meanwhile, so nothing
+    // runs in between; and a commit that could not be sent (the destination
+    // already gone: the write fails) never reached it, so the VM is still
+    // this host's. Only a commit that left is a point of no return.
+    if reader.peer_gone() {
+        // It sends nothing between Ready and Commit: a close now means the
+        // destination died after Ready and can never run the VM.
+        return Err(undo(
+            vm,
+            Error::DestinationFailed("the destination closed the connection before the commit".into()),
+        ));
+    }
     let after = Some(Instant::now() + RESUMED_TIMEOUT);
     reader.set_deadline(after);
     w.inner.set_deadline(after);
-    wire::write_frame(w, Kind::Commit, &[]).map_err(|e| Failure::AfterCommit(e.into()))?;
-    w.flush().map_err(|e| Failure::AfterCommit(wire::Error::Io(e).into()))?;
+    let sent = wire::write_frame(w, Kind::Commit, &[]).and_then(|()| w.flush().map_err(wire::Error::Io));
+    if let Err(e) = sent {
+        return Err(undo(vm, e.into()));
+    }
+    vm.retire().map_err(|e| Failure::AfterCommit(e.into()))?;
     let resumed = wire::read_frame(reader).map_err(|e| Failure::AfterCommit(e.into()))?;
     if resumed.kind != Kind::Resumed {
         return Err(Failure::AfterCommit(wire::Error::Unexpected { expected: "Resumed", got: resumed.kind }.into()));

@@ -91,6 +91,20 @@ impl Stream {
         }
     }
 
+    /// True if the peer has closed or reset the connection (checked
+    /// without blocking or consuming anything).
+    pub fn peer_gone(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.inner {
+            Inner::Tcp(s) => s.as_raw_fd(),
+            Inner::Unix(s) => s.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: poll on one pollfd we own, without waiting.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// Narrows the socket timeout to what the deadline leaves.
     fn before_io(&self) -> std::io::Result<()> {
         let Some(deadline) = self.deadline else { return Ok(()) };

@@ -70,6 +70,10 @@ pub struct MigrateArgs {
     /// Cap the migration's bandwidth (MiB/s), to spare a shared network.
     #[arg(long, value_name = "MIB_S")]
     max_bandwidth: Option<f64>,
+    /// A single read or write on the migration stream that takes longer
+    /// means the destination is gone (a silent network cut shows as this).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    io_timeout: f64,
     /// The switchover (pause to commit) must fit this, or the VM resumes
     /// here; the destination waits for the commit a little longer.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
@@ -103,6 +107,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     request.check_only = args.check_only;
     request.max_bandwidth_mib_s = args.max_bandwidth;
     request.switchover_timeout_s = args.switchover_timeout;
+    request.io_timeout_s = args.io_timeout;
     request.commit_gate = args.commit_gate.clone();
     // Refuse bad numbers here, with the same words the API would use.
     request.options().map_err(|e| anyhow::anyhow!("{e}"))?;
