@@ -185,3 +185,31 @@ fn the_destination_killed_after_ready_leaves_the_vm_running_on_the_source() {
     assert_eq!(ping["pings_lost"], 0, "{ping}");
     drop(dest);
 }
+
+#[test]
+fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destination() {
+    if !kvm_available("the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destination") {
+        return;
+    }
+    let lab = lab_with_taps("fi4");
+    let mut vm = boot(&lab, 128, "wss_mib=32 dirty_mib_s=8");
+    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7873, &["--net", "tap=vm0"]);
+    let source_pid = vm.pid() as i32;
+    let dir = TempDir::new("gate");
+    let (gate_path, gate_thread) = gate(&dir, move || {
+        // Kill the source a moment after the gate lets it commit.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            // SAFETY: kill(2) on a child process of this test, by pid.
+            unsafe { libc::kill(source_pid, libc::SIGKILL) };
+        });
+    });
+    let gate_arg = gate_path.display().to_string();
+    let _ = ferry_e2e::migrate_in_lab(&lab, "a", &vm, "tcp:10.200.77.2:7873", &["--commit-gate", &gate_arg]);
+    gate_thread.join().unwrap();
+    vm.wait_exit(T);
+    dest.wait_api(T);
+    still_runs(&dest, "the destination had the commit when the source died");
+    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
+    assert_eq!(ping["pings_lost"], 0, "the guest answers from host b: {ping}");
+}
