@@ -166,8 +166,10 @@ fn receive_vm<I: IncomingVm>(
 where
     I::Vm: 'static,
 {
+    let mut payload = Vec::with_capacity(wire::MAX_PAYLOAD as usize);
     let state = loop {
-        let frame = wire::read_frame(stream)?;
+        let kind = wire::read_frame_into(stream, &mut payload)?;
+        let frame = wire::FrameRef { kind, payload: &payload };
         match frame.kind {
             Kind::MemZero => {
                 let z: ZeroRange = frame.decode()?;
@@ -178,7 +180,7 @@ where
                 let (offset, bytes) = wire::parse_mem_data(&frame.payload)?;
                 incoming.memory().write_at(offset, bytes).map_err(|e| wire::Error::Payload(e.to_string()))?;
             }
-            Kind::State => break frame.payload,
+            Kind::State => break payload.clone(),
             Kind::Abort => return Err(Error::SourceAborted(frame.decode::<Reason>()?.reason)),
             other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
         }

@@ -151,9 +151,10 @@ type Writer = Counting<SecureWriter>;
 fn send_extent(w: &mut impl Write, extent: Extent<'_>) -> Result<(), wire::Error> {
     match extent {
         Extent::Zero { offset, len } => wire::send(w, Kind::MemZero, &ZeroRange { offset, len }),
-        Extent::Data { offset, bytes } => bytes.chunks(MEM_CHUNK).enumerate().try_for_each(|(i, chunk)| {
-            wire::write_frame(w, Kind::MemData, &wire::mem_data_payload(offset + (i * MEM_CHUNK) as u64, chunk))
-        }),
+        Extent::Data { offset, bytes } => bytes
+            .chunks(MEM_CHUNK)
+            .enumerate()
+            .try_for_each(|(i, chunk)| wire::write_mem_data(w, offset + (i * MEM_CHUNK) as u64, chunk)),
     }
 }
 

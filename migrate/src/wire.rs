@@ -87,21 +87,35 @@ pub struct Frame {
 }
 
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), Error> {
-    let len = u32::try_from(payload.len())
+    write_frame_parts(w, kind, &[payload])
+}
+
+/// Writes a frame whose payload is `parts` back to back, without joining
+/// them first (a memory chunk goes out with its offset, uncopied).
+pub fn write_frame_parts(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> Result<(), Error> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(total)
         .ok()
         .filter(|l| *l <= MAX_PAYLOAD)
-        .ok_or(Error::TooLarge(payload.len().min(u32::MAX as usize) as u32))?;
+        .ok_or(Error::TooLarge(total.min(u32::MAX as usize) as u32))?;
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(MAGIC);
     header[4] = kind as u8;
     header[8..12].copy_from_slice(&len.to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header[4..12]);
-    crc.update(payload);
     w.write_all(&header)?;
-    w.write_all(payload)?;
+    for part in parts {
+        crc.update(part);
+        w.write_all(part)?;
+    }
     w.write_all(&crc.finalize().to_le_bytes())?;
     Ok(())
+}
+
+/// Writes a `MemData` frame: `offset` then `bytes` (see [`mem_data_payload`]).
+pub fn write_mem_data(w: &mut impl Write, offset: u64, bytes: &[u8]) -> Result<(), Error> {
+    write_frame_parts(w, Kind::MemData, &[&offset.to_le_bytes(), bytes])
 }
 
 /// Writes a frame whose payload is a serde message.
@@ -111,6 +125,14 @@ pub fn send<T: Serialize>(w: &mut impl Write, kind: Kind, msg: &T) -> Result<(),
 }
 
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, Error> {
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
+    Ok(Frame { kind, payload })
+}
+
+/// Reads one frame into `payload` (reused across frames: a destination
+/// taking gigabytes of memory allocates its buffer once).
+pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, Error> {
     let mut header = [0u8; HEADER_LEN];
     if let Err(e) = r.read_exact(&mut header) {
         return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof { Error::Closed } else { Error::Io(e) });
@@ -123,9 +145,10 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, Error> {
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
+    // Sized only after the length was checked against the limit.
+    payload.resize(len as usize, 0);
     let mut crc_bytes = [0u8; 4];
-    r.read_exact(&mut payload).and_then(|_| r.read_exact(&mut crc_bytes)).map_err(|e| {
+    r.read_exact(payload).and_then(|_| r.read_exact(&mut crc_bytes)).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::Closed
         } else {
@@ -134,11 +157,23 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, Error> {
     })?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header[4..12]);
-    crc.update(&payload);
+    crc.update(payload);
     if crc.finalize() != u32::from_le_bytes(crc_bytes) {
         return Err(Error::Checksum);
     }
-    Ok(Frame { kind, payload })
+    Ok(kind)
+}
+
+/// A frame whose payload lives in a reused buffer.
+pub struct FrameRef<'a> {
+    pub kind: Kind,
+    pub payload: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    pub fn decode<'b, T: Deserialize<'b>>(&'b self) -> Result<T, Error> {
+        postcard::from_bytes(self.payload).map_err(|e| Error::Payload(format!("{:?} frame: {e}", self.kind)))
+    }
 }
 
 impl Frame {
@@ -222,7 +257,7 @@ mod tests {
     fn frames_round_trip_and_damage_is_named() {
         let mut buf = Vec::new();
         send(&mut buf, Kind::Refuse, &Reason { reason: "no".into() }).unwrap();
-        write_frame(&mut buf, Kind::MemData, &mem_data_payload(4096, &[1, 2, 3])).unwrap();
+        write_mem_data(&mut buf, 4096, &[1, 2, 3]).unwrap();
         let mut r = &buf[..];
         let f = read_frame(&mut r).unwrap();
         assert_eq!(f.kind, Kind::Refuse);
