@@ -177,7 +177,7 @@ where
                 incoming.memory().zero_range(z.offset, z.len).map_err(|e| wire::Error::Payload(e.to_string()))?;
             }
             Kind::MemData => {
-                let (offset, bytes) = wire::parse_mem_data(&frame.payload)?;
+                let (offset, bytes) = wire::parse_mem_data(frame.payload)?;
                 incoming.memory().write_at(offset, bytes).map_err(|e| wire::Error::Payload(e.to_string()))?;
             }
             Kind::State => break payload.clone(),
