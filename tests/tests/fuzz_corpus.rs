@@ -56,15 +56,21 @@ fn seeds_are_valid_inputs() {
 /// allocating refcount blocks (stack overflow: `Allocator::allocate_cluster_at`
 /// -> `ensure_rb` -> `allocate_clusters` -> ...), on the other its first
 /// write did not read back (clusters allocated over metadata). Both are
-/// truncated short of their L1 table and have refcount 0 on metadata; csv-fs
-/// refuses them by name before imago sees them. Any new crash kept in
+/// truncated short of their L1 table and have refcount 0 on metadata. A
+/// third (a write that did not read back) maps compressed guest data past
+/// the end of the file. csv-fs refuses all three by name before imago sees
+/// them. Any new crash kept in
 /// `fuzz/crashes/<target>/` replays here too.
 #[test]
 fn known_crashes_replay_cleanly() {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/qcow2_open");
     let scratch = std::env::temp_dir().join(format!("ferry-known-crashes-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
-    for name in ["crash-51485d84491b8db08eafcfce74aab5fb9605fa8b", "crash-9874ea43e01ce3fccc60dec64fd21f2067b07211"] {
+    for name in [
+        "crash-51485d84491b8db08eafcfce74aab5fb9605fa8b",
+        "crash-9874ea43e01ce3fccc60dec64fd21f2067b07211",
+        "crash-f733810fff62fe20f76bb7ac467815caa8914716",
+    ] {
         let data = std::fs::read(corpus.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         ferry_fuzz::fuzz_qcow2_open(&data);
         let p = scratch.join(format!("{name}.qcow2"));

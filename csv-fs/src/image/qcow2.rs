@@ -8,8 +8,13 @@
 //! over the header or its tables. So [`validate`] checks the header and the
 //! whole metadata layout (header, L1 table, refcount table, refcount blocks,
 //! L2 tables: aligned, inside the file, disjoint, and each with a non-zero
-//! refcount) before imago sees the image, and refuses by name.
+//! refcount; every data cluster an L2 table maps: inside the file, off the
+//! metadata, counted) before imago sees the image, and refuses by name.
+//! This reads every L2 table once per open (about 1/8192 of the allocated
+//! data with 64 KiB clusters). Not checked: two L2 entries sharing one data
+//! cluster (the guest sees aliased data; the metadata stays intact).
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -106,6 +111,10 @@ const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// bit 63 of an L1 entry is the "copied" flag.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L1_COPIED: u64 = 1 << 63;
+/// L2 entries: bit 62 marks a compressed cluster (whose descriptor holds
+/// a byte offset and a sector count), bit 0 reads as zeros.
+const L2_COMPRESSED: u64 = 1 << 62;
+const L2_ZERO: u64 = 1;
 /// Incompatible feature bits by name; imago reads none of them (external
 /// data files aside, which Ferry refuses), so every set bit is refused.
 const INCOMPATIBLE: [&str; 5] = ["dirty", "corrupt", "external data file", "compression type", "extended L2 entries"];
@@ -307,18 +316,71 @@ pub(super) fn validate(path: &Path) -> Result<()> {
     // Every metadata cluster must be counted as used, or imago's allocator
     // hands it out again (and, for a refcount block's own range, recurses
     // trying to allocate the block that would count it).
+    // Refcounts, each refcount block read once.
     let per_block = cs / 2;
+    let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut referenced = |offset: u64| -> Result<bool> {
+        let index = offset / cs;
+        let rb = refblocks.get((index / per_block) as usize).copied().unwrap_or(0);
+        if rb == 0 {
+            return Ok(false);
+        }
+        let block = match blocks.entry(rb) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let mut b = vec![0u8; cs as usize];
+                read(&mut b, rb, "a refcount block")?;
+                v.insert(b)
+            }
+        };
+        let at = ((index % per_block) * 2) as usize;
+        Ok(block[at..at + 2] != [0, 0])
+    };
     for e in &extents {
         for c in 0..e.clusters {
             let offset = e.start + c * cs;
-            let index = offset / cs;
-            let rb = refblocks.get((index / per_block) as usize).copied().unwrap_or(0);
-            let mut rc = [0u8; 2];
-            if rb != 0 {
-                read(&mut rc, rb + (index % per_block) * 2, "a refcount block")?;
-            }
-            if rc == [0, 0] {
+            if !referenced(offset)? {
                 return Err(bad(path, Qcow2Problem::Unreferenced { what: e.what, offset }));
+            }
+        }
+    }
+    // Data clusters the L2 tables map: inside the file, off the metadata,
+    // and counted, or imago would allocate over them (or them over its
+    // metadata) on a write.
+    let l2_tables: Vec<u64> = extents.iter().filter(|e| e.what == "an L2 table").map(|e| e.start).collect();
+    let compressed_bits = 62 - (cluster_bits - 8);
+    let mut table = vec![0u8; cs as usize];
+    for l2 in l2_tables {
+        read(&mut table, l2, "an L2 table")?;
+        for (i, c) in table.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes(c.try_into().unwrap());
+            let (what, offset) = if e & L2_COMPRESSED != 0 {
+                ("a compressed cluster", e & ((1 << compressed_bits) - 1))
+            } else {
+                if e & !(OFFSET_MASK | L1_COPIED | L2_ZERO) != 0 {
+                    return Err(bad(path, Qcow2Problem::ReservedBits { what: "L2 table", index: i as u64, entry: e }));
+                }
+                let offset = e & OFFSET_MASK;
+                if !offset.is_multiple_of(cs) {
+                    return Err(bad(path, Qcow2Problem::Unaligned { what: "a data cluster", offset }));
+                }
+                ("a data cluster", offset)
+            };
+            if offset == 0 {
+                continue;
+            }
+            if offset >= len {
+                return Err(bad(path, Qcow2Problem::OutsideFile { what, offset, len: cs, file_len: len }));
+            }
+            let at = extents.partition_point(|m| m.start <= offset);
+            if let Some(m) = at.checked_sub(1).map(|k| &extents[k]) {
+                if offset < m.start + m.clusters * cs {
+                    let (first, first_at, second, second_at) = (m.what, m.start, what, offset);
+                    return Err(bad(path, Qcow2Problem::Overlap { first, first_at, second, second_at }));
+                }
+            }
+            if !referenced(offset)? {
+                return Err(bad(path, Qcow2Problem::Unreferenced { what, offset }));
             }
         }
     }

@@ -516,6 +516,21 @@ fn crafted_qcow2_headers_are_refused_by_name() {
     let e = case("l2end.qcow2", 0x30000, &(1u64 << 40).to_be_bytes());
     assert!(matches!(e, Q::OutsideFile { what: "an L2 table", .. }), "{e:?}");
 
+    // L2 entries (the data cluster of guest offset 1 MiB is entry 16): on
+    // the header, past the end, unaligned, with refcount 0.
+    let data = be_at(&p, l2 + 16 * 8) & !(1 << 63);
+    assert!(data > l2, "{data:#x}");
+    let e = case("dhdr.qcow2", l2 + 17 * 8, &((1u64 << 63) | 0x10000).to_be_bytes());
+    assert!(matches!(e, Q::Overlap { first: "the refcount table", second: "a data cluster", .. }), "{e:?}");
+    let e = case("dend.qcow2", l2 + 17 * 8, &((1u64 << 63) | (1 << 40)).to_be_bytes());
+    assert!(matches!(e, Q::OutsideFile { what: "a data cluster", .. }), "{e:?}");
+    let e = case("dodd.qcow2", l2 + 17 * 8, &(data + 512).to_be_bytes());
+    assert!(matches!(e, Q::Unaligned { what: "a data cluster", .. }), "{e:?}");
+    let e = case("dres.qcow2", l2 + 17 * 8, &(data | 0x100).to_be_bytes());
+    assert!(matches!(e, Q::ReservedBits { what: "L2 table", index: 17, .. }), "{e:?}");
+    let e = case("drc0.qcow2", 0x20000 + (data >> 16) * 2, &[0, 0]);
+    assert_eq!(e, Q::Unreferenced { what: "a data cluster", offset: data });
+
     // Refcounts of zero on metadata: imago would allocate over it (the
     // fuzzer's overlap), or, with no refcount block at all for the first
     // clusters, recurse allocating one (the fuzzer's stack overflow).
@@ -530,9 +545,10 @@ fn crafted_qcow2_headers_are_refused_by_name() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The two images fuzzing found imago crashing on (`fuzz/corpus/qcow2_open/
-/// crash-*`) are truncated short of their L1 table; padded to full length,
-/// they are refused for their zero refcounts instead.
+/// The two images fuzzing first found imago crashing on
+/// (`fuzz/corpus/qcow2_open/crash-*`) are truncated short of their L1
+/// table; padded to full length, they are refused for their zero refcounts
+/// instead. The third maps guest data (compressed) past the end of the file.
 #[test]
 fn fuzzer_qcow2_crashes_are_refused_even_untruncated() {
     let dir = scratch("qcow2-crashes");
@@ -548,6 +564,10 @@ fn fuzzer_qcow2_crashes_are_refused_even_untruncated() {
         let e = qcow2_problem(&p);
         assert!(matches!(e, Qcow2Problem::Unreferenced { offset: 0, .. }), "{name}: {e:?}");
     }
+    let p = dir.join("third.qcow2");
+    std::fs::copy(corpus.join("crash-f733810fff62fe20f76bb7ac467815caa8914716"), &p).unwrap();
+    let e = qcow2_problem(&p);
+    assert!(matches!(e, Qcow2Problem::OutsideFile { .. } | Qcow2Problem::Overlap { .. }), "{e:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
