@@ -57,8 +57,8 @@ fn seeds_are_valid_inputs() {
 /// -> `ensure_rb` -> `allocate_clusters` -> ...), on the other its first
 /// write did not read back (clusters allocated over metadata). Both are
 /// truncated short of their L1 table and have refcount 0 on metadata. A
-/// third (a write that did not read back) maps compressed guest data past
-/// the end of the file. csv-fs refuses all three by name before imago sees
+/// third and fourth (writes that did not read back) map compressed guest
+/// data past the end of the file and onto the header. csv-fs refuses all three by name before imago sees
 /// them. Any new crash kept in
 /// `fuzz/crashes/<target>/` replays here too.
 #[test]
@@ -70,6 +70,7 @@ fn known_crashes_replay_cleanly() {
         "crash-51485d84491b8db08eafcfce74aab5fb9605fa8b",
         "crash-9874ea43e01ce3fccc60dec64fd21f2067b07211",
         "crash-f733810fff62fe20f76bb7ac467815caa8914716",
+        "crash-0233e814f790cef0886353b31a6ffb83d9942223",
     ] {
         let data = std::fs::read(corpus.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         ferry_fuzz::fuzz_qcow2_open(&data);

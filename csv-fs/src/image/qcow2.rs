@@ -366,7 +366,9 @@ pub(super) fn validate(path: &Path) -> Result<()> {
                 }
                 ("a data cluster", offset)
             };
-            if offset == 0 {
+            // Offset 0 is "unallocated" for a standard entry; a compressed
+            // one always points somewhere (at 0: into the header).
+            if offset == 0 && e & L2_COMPRESSED == 0 {
                 continue;
             }
             if offset >= len {

@@ -528,6 +528,8 @@ fn crafted_qcow2_headers_are_refused_by_name() {
     assert!(matches!(e, Q::Unaligned { what: "a data cluster", .. }), "{e:?}");
     let e = case("dres.qcow2", l2 + 17 * 8, &(data | 0x100).to_be_bytes());
     assert!(matches!(e, Q::ReservedBits { what: "L2 table", index: 17, .. }), "{e:?}");
+    let e = case("dz.qcow2", l2 + 17 * 8, &(1u64 << 62).to_be_bytes());
+    assert!(matches!(e, Q::Overlap { first: "the header", second: "a compressed cluster", .. }), "{e:?}");
     let e = case("drc0.qcow2", 0x20000 + (data >> 16) * 2, &[0, 0]);
     assert_eq!(e, Q::Unreferenced { what: "a data cluster", offset: data });
 
