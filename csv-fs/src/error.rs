@@ -40,6 +40,11 @@ pub enum Error {
     /// field is checked before it is used.
     #[error("{path}: corrupt vhd image: {problem}")]
     BadVhd { path: PathBuf, problem: VhdProblem },
+    /// A qcow2 image whose header or metadata layout Ferry refuses before
+    /// handing it to `imago`: malformed, or using a feature Ferry does not
+    /// support.
+    #[error("{path}: qcow2 image refused: {problem}")]
+    BadQcow2 { path: PathBuf, problem: Qcow2Problem },
     /// The volume's record of a disk disagrees with the disk's file.
     #[error("{path}: disk record says {recorded} but the image file is {file}")]
     FormatMismatch { path: PathBuf, recorded: String, file: String },
@@ -108,6 +113,53 @@ pub enum VhdProblem {
     BlockOutsideData { index: usize, start: u64 },
     #[error("BAT entries {first} and {second} point at overlapping blocks")]
     BlocksOverlap { first: usize, second: usize },
+}
+
+/// Why a qcow2 image was refused. Offsets and sizes are in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Qcow2Problem {
+    #[error("{len} bytes is too short for {what} (at least {min})")]
+    TooShort { len: u64, min: u64, what: &'static str },
+    #[error("no qcow2 magic (\"QFI\\xfb\"): found {found:#010x}")]
+    Magic { found: u32 },
+    #[error("qcow2 version {found} (Ferry reads versions 2 and 3)")]
+    Version { found: u32 },
+    #[error("cluster_bits {found} is outside {min}..={max}")]
+    ClusterBits { found: u32, min: u32, max: u32 },
+    #[error("header length {found} is not from {min} to the cluster size {max} in multiples of 8")]
+    HeaderLength { found: u32, min: u32, max: u64 },
+    #[error("virtual size {size} exceeds Ferry's qcow2 limit of {max} bytes")]
+    DiskTooLarge { size: u64, max: u64 },
+    #[error(
+        "has a backing file (Ferry does not support backing files; `qemu-img convert` it into a standalone image)"
+    )]
+    BackingFile,
+    #[error("encrypted (method {method}; Ferry does not support qcow2 encryption)")]
+    Encrypted { method: u32 },
+    #[error("{count} internal snapshot(s) (Ferry does not support qcow2 snapshots; `qemu-img snapshot -d` them)")]
+    Snapshots { count: u32 },
+    #[error("refcount_order {found} ({bits}-bit refcounts); Ferry supports only 4 (16-bit, QEMU's default)")]
+    RefcountOrder { found: u32, bits: u64 },
+    #[error("incompatible feature bit {bit} ({name}) is set; Ferry does not support it")]
+    IncompatibleFeature { bit: u32, name: &'static str },
+    #[error("header extension {kind:#010x} ({name}); Ferry does not support it")]
+    Extension { kind: u32, name: &'static str },
+    #[error("header extensions run past the first cluster (at {offset:#x})")]
+    ExtensionsOverflow { offset: u64 },
+    #[error("{what} at {offset:#x} is not cluster-aligned")]
+    Unaligned { what: &'static str, offset: u64 },
+    #[error("{what} at {offset:#x} ({len} bytes) runs past the end of the file ({file_len} bytes)")]
+    OutsideFile { what: &'static str, offset: u64, len: u64, file_len: u64 },
+    #[error("L1 table of {entries} entries where a disk of {size} bytes needs {needed} (at most {max})")]
+    L1Size { entries: u32, needed: u64, max: u64, size: u64 },
+    #[error("refcount table of {clusters} clusters is larger than {max} or than the file")]
+    RefcountTableSize { clusters: u32, max: u64 },
+    #[error("{what} entry {index} has reserved bits set ({entry:#018x})")]
+    ReservedBits { what: &'static str, index: u64, entry: u64 },
+    #[error("{first} at {first_at:#x} and {second} at {second_at:#x} overlap")]
+    Overlap { first: &'static str, first_at: u64, second: &'static str, second_at: u64 },
+    #[error("{what} at {offset:#x} has refcount 0: new clusters would be allocated over it")]
+    Unreferenced { what: &'static str, offset: u64 },
 }
 
 impl Error {

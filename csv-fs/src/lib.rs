@@ -25,7 +25,7 @@ pub mod volume;
 
 pub mod fsutil;
 
-pub use error::{Error, Result, VhdProblem};
+pub use error::{Error, Qcow2Problem, Result, VhdProblem};
 pub use image::{BlockBackend, Format, Image, OpenMode};
 pub use lease::{FileLeaseStore, Lease, LeaseKeeper, LeaseRecord, LeaseStore, DEFAULT_TTL};
 pub use volume::{DiskInfo, DiskRecord, Volume, VolumeHeader, VolumeStatus};

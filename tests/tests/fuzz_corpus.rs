@@ -51,16 +51,38 @@ fn seeds_are_valid_inputs() {
     }
 }
 
-/// Crashes found in code Ferry does not own yet, kept as inputs until fixed
-/// (then they move into `fuzz/corpus/<target>/`): `fuzz/crashes/qcow2_open/`
-/// holds images on which imago 0.2.6 recurses without bound allocating
-/// refcount blocks (stack overflow: `Allocator::allocate_cluster_at` ->
-/// `ensure_rb` -> `allocate_clusters` -> ...), and one whose first write
-/// does not read back (clusters overlapping metadata). Run with
-/// `cargo test --release -p ferry-e2e --test fuzz_corpus -- --ignored`.
+/// The crafted qcow2 images fuzzing found in imago 0.2.6 (issue 16), now in
+/// `fuzz/corpus/qcow2_open/`: on one imago recursed without bound
+/// allocating refcount blocks (stack overflow: `Allocator::allocate_cluster_at`
+/// -> `ensure_rb` -> `allocate_clusters` -> ...), on the other its first
+/// write did not read back (clusters allocated over metadata). Both are
+/// truncated short of their L1 table and have refcount 0 on metadata. A
+/// third and fourth (writes that did not read back) map compressed guest
+/// data past the end of the file and onto the header. csv-fs refuses all three by name before imago sees
+/// them. Any new crash kept in
+/// `fuzz/crashes/<target>/` replays here too.
 #[test]
-#[ignore = "open: imago crashes on these crafted qcow2 images (issue 16)"]
 fn known_crashes_replay_cleanly() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/qcow2_open");
+    let scratch = std::env::temp_dir().join(format!("ferry-known-crashes-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    for name in [
+        "crash-51485d84491b8db08eafcfce74aab5fb9605fa8b",
+        "crash-9874ea43e01ce3fccc60dec64fd21f2067b07211",
+        "crash-f733810fff62fe20f76bb7ac467815caa8914716",
+        "crash-0233e814f790cef0886353b31a6ffb83d9942223",
+    ] {
+        let data = std::fs::read(corpus.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        ferry_fuzz::fuzz_qcow2_open(&data);
+        let p = scratch.join(format!("{name}.qcow2"));
+        std::fs::write(&p, &data).unwrap();
+        match csv_fs::Image::open(&p, csv_fs::OpenMode::ReadWrite) {
+            Err(csv_fs::Error::BadQcow2 { problem, .. }) => eprintln!("{name}: refused: {problem}"),
+            Err(e) => panic!("{name}: refused, but not by the qcow2 checks: {e}"),
+            Ok(_) => panic!("{name}: opened"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/crashes");
     for (target, run) in ferry_fuzz::TARGETS {
         let Ok(dir) = std::fs::read_dir(root.join(target)) else { continue };
