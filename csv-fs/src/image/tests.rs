@@ -580,7 +580,13 @@ fn fuzzer_qcow2_crashes_are_refused_even_untruncated() {
 fn qemu_written_qcow2_images_open() {
     let ok = |c: &mut std::process::Command| c.output().map(|o| o.status.success()).unwrap_or(false);
     if !ok(std::process::Command::new("qemu-img").arg("--version")) {
-        eprintln!("qemu-img not found: skipped");
+        // Never a silent skip: qemu-img comes with `make deps` (qemu-utils).
+        assert_eq!(
+            std::env::var("FERRY_NO_KVM").as_deref(),
+            Ok("1"),
+            "qemu-img is needed for this test (make deps installs qemu-utils)"
+        );
+        eprintln!("qemu_written_qcow2_images_open: not run: FERRY_NO_KVM=1 and no qemu-img");
         return;
     }
     let dir = scratch("qemu-qcow2");
