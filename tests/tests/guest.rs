@@ -119,6 +119,11 @@ fn api_reports_info_and_rejects_unknown_requests() {
     assert!(missing.starts_with("HTTP/1.1 404") && missing.contains("\"error\""), "{missing}");
     let wrong = raw("GET /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(wrong.starts_with("HTTP/1.1 405"), "{wrong}");
+    // Every route is in the table, vm.migration included (it answered 404).
+    let put_progress =
+        raw("PUT /api/v1/vm.migration HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert!(put_progress.starts_with("HTTP/1.1 405"), "{put_progress}");
+    assert!(put_progress.to_lowercase().contains("allow: get"), "405 names the allowed method: {put_progress}");
 }
 
 #[test]
