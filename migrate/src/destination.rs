@@ -124,7 +124,9 @@ pub fn attempt<D: Destination>(
     let incoming = dest.prepare(&hello.requirements)?;
     // The source gives up (and resumes) past its switchover deadline; wait
     // for its commit longer than that, so it never commits to nobody.
-    let commit_wait = Duration::from_millis(hello.switchover_timeout_ms) + COMMIT_MARGIN;
+    // The peer names it: bounded like the source's own option (600 s).
+    let asked = Duration::from_millis(hello.switchover_timeout_ms).min(MAX_SWITCHOVER_WAIT);
+    let commit_wait = asked + COMMIT_MARGIN;
     match receive_vm(stream, incoming, taken, commit_wait) {
         Ok(vm) => Ok(Some(vm)),
         Err(e) => {
@@ -134,6 +136,10 @@ pub fn attempt<D: Destination>(
         }
     }
 }
+
+/// The longest switchover a source may ask the destination to wait for
+/// (the API refuses more than this on the source side too).
+const MAX_SWITCHOVER_WAIT: Duration = Duration::from_secs(600);
 
 /// How much longer than the source's switchover deadline the destination
 /// waits for the commit.

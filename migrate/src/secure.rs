@@ -582,6 +582,7 @@ impl Duplex {
     }
 
     pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.reader.set_timeout(t)?;
         self.writer.set_timeout(t)
     }
 

@@ -313,7 +313,9 @@ fn migrate_claimed(
     // Every byte from here on is encrypted and authenticated, bound to this
     // session (see `secure`).
     let (mut reader, mut writer) = secure::connect(stream, &opts.key, Instant::now() + HANDSHAKE_TIMEOUT)?;
+    // Both halves keep it: clearing a deadline on either puts it back.
     writer.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;
+    reader.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;
     let cap = opts.max_bandwidth_mib_s.filter(|r| *r > 0.0).map(|r| (r * MIB, 0, Instant::now()));
     let mut w = Counting { inner: writer, bytes: 0, cap, cancel: Some(opts.cancel.clone()) };
 

@@ -80,7 +80,13 @@ impl Stream {
 
     /// Everything from now on must be done by `deadline` (None: no limit
     /// beyond the per-operation timeout).
+    /// Clearing it puts the per-operation timeout back.
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        if deadline.is_none() && self.deadline.is_some() {
+            if let Err(e) = self.apply(self.timeout) {
+                tracing::warn!("cannot restore the migration socket's timeout: {e}");
+            }
+        }
         self.deadline = deadline;
     }
 
@@ -105,20 +111,27 @@ impl Stream {
         r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
-    /// Narrows the socket timeout to what the deadline leaves.
-    fn before_io(&self) -> std::io::Result<()> {
+    /// Narrows the timeout of the direction about to be used to what the
+    /// deadline leaves (one setsockopt, and only while a deadline is set).
+    fn before_io(&self, reading: bool) -> std::io::Result<()> {
         let Some(deadline) = self.deadline else { return Ok(()) };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
         }
-        self.apply(Some(self.timeout.map_or(left, |t| t.min(left))))
+        let t = Some(self.timeout.map_or(left, |t| t.min(left)));
+        match (&self.inner, reading) {
+            (Inner::Tcp(s), true) => s.set_read_timeout(t),
+            (Inner::Tcp(s), false) => s.set_write_timeout(t),
+            (Inner::Unix(s), true) => s.set_read_timeout(t),
+            (Inner::Unix(s), false) => s.set_write_timeout(t),
+        }
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.before_io()?;
+        self.before_io(true)?;
         match &mut self.inner {
             Inner::Tcp(s) => s.read(buf),
             Inner::Unix(s) => s.read(buf),
@@ -128,7 +141,7 @@ impl Read for Stream {
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.before_io()?;
+        self.before_io(false)?;
         match &mut self.inner {
             Inner::Tcp(s) => s.write(buf),
             Inner::Unix(s) => s.write(buf),

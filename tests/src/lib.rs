@@ -537,6 +537,69 @@ pub fn migrate_in_lab(lab: &Lab, from: &str, vm: &Vm, to: &str, extra: &[&str]) 
     (out.status.success(), figures, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The test guest's address and NIC on the lab (tap vm0 on the host).
+pub const LAB_GUEST_IP: &str = "10.200.77.10";
+pub const LAB_GUEST_NIC: &str = "tap=vm0,mac=52:54:00:c0:ff:ee";
+
+/// Boots the test guest on lab host `host` with `mem_mib` and `cmdline`
+/// (after `heartbeat_ms=200 ip=LAB_GUEST_IP`), on tap vm0; returns once its
+/// workload is ready and it heartbeats.
+pub fn boot_in_lab(lab: &Lab, host: &str, mem_mib: u32, cmdline: &str) -> Vm {
+    let guest = guest_elf();
+    let args = vec![
+        s("--kernel"),
+        guest.display().to_string(),
+        s("--mem-mib"),
+        mem_mib.to_string(),
+        s("--cmdline"),
+        format!("heartbeat_ms=200 ip={LAB_GUEST_IP} {cmdline}"),
+        s("--net"),
+        s(LAB_GUEST_NIC),
+    ];
+    let vm = Vm::launch(Some(&lab.netns(host)), "run", &args);
+    let t = Duration::from_secs(60);
+    vm.wait_line(t, |l| l.starts_with("workload ready"));
+    vm.wait_line(t, |l| heartbeat_number(l).is_some());
+    vm
+}
+
+/// [`migrate_in_lab`] on its own thread, for tests that act while it runs.
+pub fn migrate_in_lab_background(
+    lab: &Lab,
+    from: &str,
+    vm: &Vm,
+    to: &str,
+    extra: &[&str],
+) -> std::thread::JoinHandle<(bool, serde_json::Value, String)> {
+    let (ns, api) = (lab.netns(from), vm.api_sock.clone());
+    let mut args: Vec<String> = vec![s("migrate"), s("--json"), s("--key-file"), cluster_key().display().to_string()];
+    args.extend([s("--to"), to.to_owned()]);
+    args.extend(extra.iter().map(|e| e.to_string()));
+    std::thread::spawn(move || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(ferry_bin())
+            .args(&args)
+            .arg("--api-sock")
+            .arg(&api)
+            .output()
+            .expect("run ferry migrate");
+        let figures = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.success(), figures, String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+}
+
+impl Vm {
+    /// Waits until `vm.info` reports lifecycle state `state` (e.g. "Migrating").
+    pub fn wait_state(&self, timeout: Duration, state: &str) {
+        let deadline = Instant::now() + timeout;
+        while self.info()["state"] != state {
+            assert!(Instant::now() < deadline, "the VM never became {state}: {}", self.info());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Small statistics the benchmarks share.
 pub mod stats {
     /// The median (the upper middle value of an even count), if any.

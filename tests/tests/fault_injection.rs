@@ -11,31 +11,10 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, s, Lab, TempDir, Vm};
+use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, Lab, TempDir, Vm};
 
 const T: Duration = Duration::from_secs(60);
-const GUEST_IP: &str = "10.200.77.10";
-
-fn boot(lab: &Lab, mem_mib: u32, cmdline: &str) -> Vm {
-    let guest = ferry_e2e::guest_elf();
-    let vm = Vm::launch(
-        Some(&lab.netns("a")),
-        "run",
-        &[
-            s("--kernel"),
-            guest.display().to_string(),
-            s("--mem-mib"),
-            mem_mib.to_string(),
-            s("--cmdline"),
-            format!("heartbeat_ms=200 ip={GUEST_IP} {cmdline}"),
-            s("--net"),
-            s("tap=vm0,mac=52:54:00:c0:ff:ee"),
-        ],
-    );
-    vm.wait_line(T, |l| l.starts_with("workload ready"));
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
-    vm
-}
+use ferry_e2e::LAB_GUEST_IP as GUEST_IP;
 
 fn lab_with_taps(name: &str) -> Lab {
     let lab = Lab::up(name);
@@ -83,33 +62,21 @@ fn a_silent_cut_during_round_0_leaves_the_vm_on_the_source() {
         return;
     }
     let lab = lab_with_taps("fi1");
-    let vm = boot(&lab, 512, "wss_mib=256 dirty_mib_s=0");
+    let vm = ferry_e2e::boot_in_lab(&lab, "a", 512, "wss_mib=256 dirty_mib_s=0");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7870, &["--net", "tap=vm0"]);
-    let migration = {
-        let (ns, api, key) = (lab.netns("a"), vm.api_sock.clone(), ferry_e2e::cluster_key());
-        std::thread::spawn(move || {
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(ferry_e2e::ferry_bin())
-                .args(["migrate", "--json", "--max-bandwidth", "32", "--io-timeout", "3"])
-                .args(["--to", "tcp:10.200.77.2:7870", "--key-file"])
-                .arg(&key)
-                .arg("--api-sock")
-                .arg(&api)
-                .output()
-                .unwrap()
-        })
-    };
-    let deadline = Instant::now() + T;
-    while vm.info()["state"] != "Migrating" {
-        assert!(Instant::now() < deadline, "the migration never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let migration = ferry_e2e::migrate_in_lab_background(
+        &lab,
+        "a",
+        &vm,
+        "tcp:10.200.77.2:7870",
+        &["--max-bandwidth", "32", "--io-timeout", "3"],
+    );
+    vm.wait_state(T, "Migrating");
     std::thread::sleep(Duration::from_millis(800));
     lab.ok(&["cut", "b"]);
-    let out = migration.join().unwrap();
+    let (ok, _, _) = migration.join().unwrap();
     lab.ok(&["heal", "b"]);
-    assert!(!out.status.success(), "a cut link fails the migration");
+    assert!(!ok, "a cut link fails the migration");
     still_runs(&vm, "after a silent cut in round 0");
     assert!(!dest.api_sock.exists(), "the destination never ran the VM");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
@@ -122,7 +89,7 @@ fn a_lost_resumed_after_the_commit_leaves_the_vm_running_on_the_destination_only
         return;
     }
     let lab = lab_with_taps("fi2");
-    let mut vm = boot(&lab, 128, "wss_mib=32 dirty_mib_s=8");
+    let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7871, &["--net", "tap=vm0"]);
     let dir = TempDir::new("gate");
     let b = lab.netns("b");
@@ -159,7 +126,7 @@ fn the_destination_killed_after_ready_leaves_the_vm_running_on_the_source() {
         return;
     }
     let lab = lab_with_taps("fi3");
-    let vm = boot(&lab, 128, "wss_mib=32 dirty_mib_s=8");
+    let vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7872, &["--net", "tap=vm0"]);
     let dest_pid = dest.pid() as i32;
     let dir = TempDir::new("gate");
@@ -192,7 +159,7 @@ fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destina
         return;
     }
     let lab = lab_with_taps("fi4");
-    let mut vm = boot(&lab, 128, "wss_mib=32 dirty_mib_s=8");
+    let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7873, &["--net", "tap=vm0"]);
     let source_pid = vm.pid() as i32;
     let dir = TempDir::new("gate");

@@ -2,30 +2,12 @@
 //! migration owns the VM, what a cancel leaves behind, what a retired
 //! source can no longer do, and a paused VM arriving paused.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, s, Lab, Vm};
+use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, Lab, Vm};
 
 const T: Duration = Duration::from_secs(60);
-const GUEST_IP: &str = "10.200.77.10";
-
-fn boot(lab: &Lab, mem_mib: u32, cmdline: &str) -> Vm {
-    let guest = ferry_e2e::guest_elf();
-    let args = vec![
-        s("--kernel"),
-        guest.display().to_string(),
-        s("--mem-mib"),
-        mem_mib.to_string(),
-        s("--cmdline"),
-        format!("heartbeat_ms=200 ip={GUEST_IP} {cmdline}"),
-        s("--net"),
-        s("tap=vm0,mac=52:54:00:c0:ff:ee"),
-    ];
-    let vm = Vm::launch(Some(&lab.netns("a")), "run", &args);
-    vm.wait_line(T, |l| l.starts_with("workload ready"));
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
-    vm
-}
+use ferry_e2e::LAB_GUEST_IP as GUEST_IP;
 
 /// Runs `ferry ARGS --api-sock SOCK` inside host a; (success, stderr).
 fn ferry_on_a(lab: &Lab, vm: &Vm, args: &[&str]) -> (bool, String) {
@@ -48,28 +30,12 @@ fn during_a_migration_the_api_is_refused_and_a_cancel_leaves_the_vm_running() {
     let lab = Lab::up("lc1");
     lab.ok(&["tap", "add", "a", "vm0"]);
     lab.ok(&["tap", "add", "b", "vm0"]);
-    let vm = boot(&lab, 512, "wss_mib=256 dirty_mib_s=0");
+    let vm = ferry_e2e::boot_in_lab(&lab, "a", 512, "wss_mib=256 dirty_mib_s=0");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7860, &["--net", "tap=vm0"]);
     // 256 MiB of data at 16 MiB/s: the migration runs for many seconds.
-    let migration = {
-        let (ns, api, key) = (lab.netns("a"), vm.api_sock.clone(), ferry_e2e::cluster_key());
-        std::thread::spawn(move || {
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(ferry_e2e::ferry_bin())
-                .args(["migrate", "--json", "--max-bandwidth", "16", "--to", "tcp:10.200.77.2:7860", "--key-file"])
-                .arg(&key)
-                .arg("--api-sock")
-                .arg(&api)
-                .output()
-                .unwrap()
-        })
-    };
-    let deadline = Instant::now() + T;
-    while vm.info()["state"] != "Migrating" {
-        assert!(Instant::now() < deadline, "the migration never started: {}", vm.info());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let migration =
+        ferry_e2e::migrate_in_lab_background(&lab, "a", &vm, "tcp:10.200.77.2:7860", &["--max-bandwidth", "16"]);
+    vm.wait_state(T, "Migrating");
     for (args, what) in [
         (&["announce"][..], "announce"),
         (&["shutdown"][..], "shut down"),
@@ -83,9 +49,8 @@ fn during_a_migration_the_api_is_refused_and_a_cancel_leaves_the_vm_running() {
     assert_eq!(vm.info()["state"], "Migrating", "the refusals changed nothing");
     let (ok, err) = ferry_on_a(&lab, &vm, &["migrate-cancel"]);
     assert!(ok, "cancel: {err}");
-    let out = migration.join().unwrap();
-    assert!(!out.status.success(), "the cancelled migration fails");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = migration.join().unwrap();
+    assert!(!ok, "the cancelled migration fails");
     assert!(err.contains("cancelled"), "{err}");
     assert_eq!(vm.info()["state"], "Running", "the VM runs on the source again");
     let before = last_heartbeat(&vm).unwrap();
@@ -108,7 +73,7 @@ fn a_paused_vm_arrives_paused_and_the_retired_source_is_gone() {
     let lab = Lab::up("lc2");
     lab.ok(&["tap", "add", "a", "vm0"]);
     lab.ok(&["tap", "add", "b", "vm0"]);
-    let mut vm = boot(&lab, 128, "wss_mib=32 dirty_mib_s=8");
+    let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let (ok, err) = ferry_on_a(&lab, &vm, &["pause"]);
     assert!(ok, "{err}");
     let paused_at = last_heartbeat(&vm).unwrap();
