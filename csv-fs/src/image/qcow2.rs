@@ -84,7 +84,14 @@ impl BlockBackend for Qcow2 {
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        self.access.write(buf, offset).map_err(|e| map_err(&self.path, e))
+        self.access.write(buf, offset).map_err(|e| map_err(&self.path, e))?;
+        // Write the metadata the write changed (new L2 entries, refcounts)
+        // out of imago's cache into the file now: a VMM killed with
+        // SIGKILL then leaves a consistent image (the page cache keeps what
+        // reached the file; only `flush` makes it durable against power
+        // loss). Without it a kill left L1 pointing at an L2 table whose
+        // refcount was still in the dead process's cache.
+        self.access.flush().map_err(|e| map_err(&self.path, e))
     }
 
     fn flush(&mut self) -> Result<()> {
