@@ -54,6 +54,10 @@ pub enum Error {
     LeaseLost { lease: i64, reason: crate::lease::LostReason },
     #[error("the watch on {prefix} cannot resume: revision {compacted} was compacted; list again and re-watch")]
     Compacted { prefix: String, compacted: i64 },
+    #[error("VM {vm:?} is already moving ({from} -> {to}, move {id})")]
+    MoveInFlight { vm: String, id: String, from: String, to: String },
+    #[error("VM {vm:?}: move {id} is no longer asked for (it was aborted or already ended)")]
+    MoveGone { vm: String, id: String },
     #[error("VM {vm:?}: could not find a free history sequence number after {tries} tries")]
     HistoryContended { vm: String, tries: u32 },
 }

@@ -8,6 +8,8 @@
 //! /ferry/<cluster>/vms/<name>/owner           Owner {node, epoch}
 //! /ferry/<cluster>/vms/<name>/history/<seq>   HistoryEntry, seq zero-padded to 20 digits
 //! /ferry/<cluster>/vms/<name>/status          VmStatus, under the running node's lease
+//! /ferry/<cluster>/vms/<name>/move            MoveRecord: a move asked for, until it commits or fails
+//! /ferry/<cluster>/vms/<name>/incoming        IncomingRecord, under the destination node's lease
 //! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
 //! ```
 //!
@@ -52,6 +54,8 @@ pub enum ClusterKey {
     VmOwner(String),
     VmHistory(String, u64),
     VmStatus(String),
+    VmMove(String),
+    VmIncoming(String),
     Leader,
 }
 
@@ -116,6 +120,16 @@ impl Keys {
         format!("{}vms/{name}/status", self.prefix)
     }
 
+    /// The move asked for (deleted by the transaction that commits it).
+    pub fn vm_move(&self, name: &str) -> String {
+        format!("{}vms/{name}/move", self.prefix)
+    }
+
+    /// Where the destination of a move listens (under its node lease).
+    pub fn vm_incoming(&self, name: &str) -> String {
+        format!("{}vms/{name}/incoming", self.prefix)
+    }
+
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }
@@ -133,6 +147,8 @@ impl Keys {
             ["vms", name] if name_ok(name) => Some(ClusterKey::Vm((*name).to_owned())),
             ["vms", name, "owner"] if name_ok(name) => Some(ClusterKey::VmOwner((*name).to_owned())),
             ["vms", name, "status"] if name_ok(name) => Some(ClusterKey::VmStatus((*name).to_owned())),
+            ["vms", name, "move"] if name_ok(name) => Some(ClusterKey::VmMove((*name).to_owned())),
+            ["vms", name, "incoming"] if name_ok(name) => Some(ClusterKey::VmIncoming((*name).to_owned())),
             ["vms", name, "history", seq] if name_ok(name) && seq.len() == 20 => {
                 Some(ClusterKey::VmHistory((*name).to_owned(), seq.parse().ok()?))
             }
@@ -175,6 +191,8 @@ mod tests {
         assert_eq!(k.parse(&k.leader()), Some(ClusterKey::Leader));
         assert_eq!(k.vm_status("web"), "/ferry/c1/vms/web/status");
         assert_eq!(k.parse(&k.vm_status("web")), Some(ClusterKey::VmStatus("web".into())));
+        assert_eq!(k.parse(&k.vm_move("web")), Some(ClusterKey::VmMove("web".into())));
+        assert_eq!(k.parse(&k.vm_incoming("web")), Some(ClusterKey::VmIncoming("web".into())));
     }
 
     #[test]

@@ -11,11 +11,13 @@
 //!   clock before etcd can expire it.
 //! - [`watch`]: [`Watch`], a prefix's changes pushed by etcd.
 //! - [`election`]: the leader, by a leased key created only if absent.
+//! - [`moves`]: a VM's move between nodes, committed by one transaction.
 
 pub mod election;
 pub mod error;
 pub mod keys;
 pub mod lease;
+pub mod moves;
 pub mod ops;
 pub mod records;
 pub mod store;
@@ -25,9 +27,11 @@ pub use election::{Leadership, LeadershipLost};
 pub use error::{Error, Failure, Result};
 pub use keys::{ClusterKey, Keys};
 pub use lease::{Lease, LeaseState, LostReason};
+pub use moves::MoveOutcome;
 pub use ops::{Cluster, NodeLease, Takeover, Versioned};
 pub use records::{
-    HistoryEntry, HistoryKind, LeaderRecord, NodeAdmin, NodeRecord, Owner, VmRecord, VmStatus, FORMAT_VERSION,
+    HistoryEntry, HistoryKind, IncomingRecord, LeaderRecord, MoveRecord, NodeAdmin, NodeRecord, Owner, VmRecord,
+    VmStatus, FORMAT_VERSION,
 };
 pub use store::{Effect, Kv, Listing, MemberStatus, Store, StoreConfig};
 pub use watch::{Change, ChangeKind, Watch};

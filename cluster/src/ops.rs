@@ -46,14 +46,14 @@ pub enum Takeover {
     Replace,
 }
 
-fn first_kv(r: Option<&TxnOpResponse>) -> Option<Kv> {
+pub(crate) fn first_kv(r: Option<&TxnOpResponse>) -> Option<Kv> {
     match r {
         Some(TxnOpResponse::Get(g)) => g.kvs().first().map(Kv::from_etcd),
         _ => None,
     }
 }
 
-fn decode_kv<T: Record>(kv: &Kv) -> Result<Versioned<T>> {
+pub(crate) fn decode_kv<T: Record>(kv: &Kv) -> Result<Versioned<T>> {
     Ok(Versioned {
         value: records::decode(&kv.key, &kv.value)?,
         mod_revision: kv.mod_revision,
@@ -75,7 +75,7 @@ impl Cluster {
         &self.keys
     }
 
-    async fn get_record<T: Record>(&self, key: &str) -> Result<Option<Versioned<T>>> {
+    pub(crate) async fn get_record<T: Record>(&self, key: &str) -> Result<Option<Versioned<T>>> {
         self.store.get(key).await?.map(|kv| decode_kv(&kv)).transpose()
     }
 

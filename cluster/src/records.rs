@@ -69,6 +69,10 @@ pub struct NodeAdmin {
     pub draining: bool,
     /// No VMs are placed on it until then (Unix ms).
     pub quarantined_until_unix_ms: Option<u64>,
+    /// The VMs its last drain moved away (what `resume --failback` brings
+    /// back).
+    #[serde(default)]
+    pub drained: Vec<String>,
 }
 
 impl Record for NodeAdmin {
@@ -133,6 +137,8 @@ pub enum HistoryKind {
     Stopped,
     LiveMove,
     QuickMove,
+    /// A move that did not happen (the VM stayed where it was).
+    MoveFailed,
     Failover,
     /// A kind written by a newer Ferry.
     #[serde(other)]
@@ -182,6 +188,45 @@ pub struct VmStatus {
 
 impl Record for VmStatus {
     const KIND: &'static str = "VM status";
+}
+
+/// A move asked for: the VM goes from `from` (its owner at epoch `epoch`)
+/// to `to`. The source's agent drives it; the transaction that commits it
+/// changes the owner and deletes this record at once, so whoever is unsure
+/// of a move's end reads the owner key (see [`crate::Cluster::commit_move`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub v: u32,
+    /// Unique per move (it names the history entry too).
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    /// The owner epoch the move starts from; it commits as `epoch + 1`.
+    pub epoch: u64,
+    /// "live" or "quick".
+    pub mode: String,
+    /// Who asked: "operator", "drain", "failback".
+    pub reason: String,
+    pub requested_unix_ms: u64,
+}
+
+impl Record for MoveRecord {
+    const KIND: &'static str = "move";
+}
+
+/// The destination of a move, ready: where its `ferry receive` listens.
+/// Under the destination node's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingRecord {
+    pub v: u32,
+    pub move_id: String,
+    pub node: String,
+    /// `tcp:IP:PORT`.
+    pub endpoint: String,
+}
+
+impl Record for IncomingRecord {
+    const KIND: &'static str = "incoming move";
 }
 
 /// The cluster leader, under its lease.

@@ -43,6 +43,9 @@ pub enum Error {
 pub struct Policy {
     pub key: Key,
     pub cpu: CpuPolicy,
+    /// Asked when the commit does not arrive after `Ready` (see [`oracle`]):
+    /// the cluster, not this connection, knows whether the move committed.
+    pub commit_oracle: Option<std::path::PathBuf>,
 }
 
 /// Serves migrations on `listener` until one brings a VM; returns it
@@ -127,7 +130,7 @@ pub fn attempt<D: Destination>(
     // The peer names it: bounded like the source's own option (600 s).
     let asked = Duration::from_millis(hello.switchover_timeout_ms).min(MAX_SWITCHOVER_WAIT);
     let commit_wait = asked + COMMIT_MARGIN;
-    match receive_vm(stream, incoming, taken, commit_wait) {
+    match receive_vm(stream, incoming, taken, commit_wait, policy.commit_oracle.as_deref()) {
         Ok(vm) => Ok(Some(vm)),
         Err(e) => {
             let _ = wire::send(stream, Kind::Abort, &Reason { reason: e.to_string() });
@@ -168,6 +171,7 @@ fn receive_vm<I: IncomingVm>(
     incoming: I,
     taken: &AtomicBool,
     commit_wait: Duration,
+    commit_oracle: Option<&std::path::Path>,
 ) -> Result<Arc<I::Vm>, Error>
 where
     I::Vm: 'static,
@@ -202,7 +206,22 @@ where
             return Err(e.into());
         }
     };
-    let committed = wait_for_commit(stream, commit_wait);
+    let committed = match (wait_for_commit(stream, commit_wait), commit_oracle) {
+        // No verdict on the wire (a cut, a source gone after Ready): the
+        // cluster decides. An explicit Abort needs no asking.
+        (Err(e), Some(path)) if !matches!(e, Error::SourceAborted(_)) => match oracle::ask(path) {
+            Ok(true) => {
+                eprintln!("ferry: the commit did not arrive ({e}) but the cluster says the VM is this host's now");
+                Ok(())
+            }
+            Ok(false) => Err(e),
+            Err(o) => {
+                eprintln!("ferry: the commit did not arrive ({e}) and the cluster could not be asked ({o})");
+                Err(e)
+            }
+        },
+        (r, _) => r,
+    };
     if committed.is_err() {
         // Nothing ran: the receiver is free for the next attempt.
         taken.store(false, Ordering::SeqCst);
@@ -219,6 +238,60 @@ where
         announce_again(Arc::downgrade(&vm));
     }
     Ok(vm)
+}
+
+/// The commit oracle: when `Ready` got no verdict, the destination VMM
+/// asks a Unix socket (the cluster agent's) whether the move committed.
+/// One JSON line each way:
+///
+/// ```text
+/// -> {"committed?": true}
+/// <- {"committed": true} | {"committed": false, "reason": "..."}
+/// ```
+///
+/// The agent answers from etcd only after making the answer final: it
+/// aborts the move record if it is still there (so the source's gate can
+/// no longer commit it), else reads the owner key.
+pub mod oracle {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    /// The agent retries etcd within this.
+    pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub struct Ask {
+        #[serde(rename = "committed?")]
+        pub committed: bool,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Answer {
+        pub committed: bool,
+        #[serde(default)]
+        pub reason: String,
+    }
+
+    pub fn ask(path: &Path) -> std::io::Result<bool> {
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_write_timeout(Some(TIMEOUT))?;
+        let mut line = serde_json::to_string(&Ask { committed: true }).expect("serialises");
+        line.push('\n');
+        s.write_all(line.as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply)?;
+        let a: Answer = serde_json::from_str(reply.trim())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        if !a.committed {
+            eprintln!("ferry: the cluster says the move did not commit: {}", a.reason);
+        }
+        Ok(a.committed)
+    }
 }
 
 /// Sends `Ready` and waits (within `wait` in total) for the source's verdict.

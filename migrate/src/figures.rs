@@ -19,6 +19,9 @@ pub struct Figures {
     pub restore_ms: f64,
     /// Of the downtime: flushing disks and handing their leases over.
     pub handoff_ms: f64,
+    /// The commit gate's answer (the cluster's owner transaction), inside
+    /// the downtime; 0 without a gate.
+    pub commit_ms: f64,
     pub destination: String,
     /// Round-0 throughput, MiB/s.
     pub round0_mib_s: f64,

@@ -110,6 +110,8 @@ pub enum Error {
     CancelledByRequest,
     #[error("the commit gate {gate} refused the commit: {reason}")]
     GateRefused { gate: String, reason: String },
+    #[error("the commit gate {gate} cannot tell whether the cluster committed the move ({reason}); the VM is stopped here so it never runs twice")]
+    GateUncertain { gate: String, reason: String },
     #[error("the destination did not confirm it runs the VM after commit ({0}); the VM is stopped on the source so it never runs twice")]
     Uncertain(String),
 }
@@ -583,8 +585,19 @@ fn switchover(
         Failure::BeforeCommit(e)
     };
     if let Some(path) = &opts.commit_gate {
-        if let Err(e) = gate::ask(path, destination_host) {
-            return Err(undo(vm, e));
+        let t_gate = Instant::now();
+        let answer = gate::ask(path, destination_host);
+        figures.commit_ms = ms(t_gate.elapsed());
+        match answer {
+            Ok(()) => {}
+            // The cluster may yet record the destination as the owner: the
+            // VM must not run here again, and no Commit goes out (the
+            // destination asks the cluster itself).
+            Err(e @ Error::GateUncertain { .. }) => {
+                vm.retire().map_err(|r| Failure::AfterCommit(r.into()))?;
+                return Err(Failure::AfterCommit(e));
+            }
+            Err(e) => return Err(undo(vm, e)),
         }
     }
     // Send the commit, then retire. The VM is paused meanwhile, so nothing
@@ -621,12 +634,16 @@ fn switchover(
 /// ```text
 /// -> {"to_host": "b"}
 /// <- {"commit": true}  |  {"commit": false, "reason": "..."}
+///    |  {"commit": false, "uncertain": true, "reason": "..."}
 /// ```
 ///
 /// The agent answers `true` only once the cluster's own record says the
 /// VM belongs to `to_host` (an etcd transaction on its owner key). Anything
 /// else (a refusal, no answer within [`gate::TIMEOUT`], a broken reply) is a
-/// failure before the commit: the VM stays here.
+/// failure before the commit: the VM stays here. `uncertain` means the
+/// cluster could not say whether the owner changed (etcd unreachable after
+/// an attempt whose outcome is unknown): then the VM may not run here
+/// again, and it is stopped without sending Commit.
 pub mod gate {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
@@ -648,6 +665,8 @@ pub mod gate {
     pub struct Answer {
         pub commit: bool,
         #[serde(default)]
+        pub uncertain: bool,
+        #[serde(default)]
         pub reason: String,
     }
 
@@ -665,6 +684,8 @@ pub mod gate {
         let answer: Answer = serde_json::from_str(reply.trim()).map_err(|e| refused(format!("bad answer: {e}")))?;
         if answer.commit {
             Ok(())
+        } else if answer.uncertain {
+            Err(Error::GateUncertain { gate: path.display().to_string(), reason: answer.reason })
         } else {
             Err(refused(answer.reason))
         }

@@ -75,6 +75,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // A failed test's logs are worth keeping.
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -333,10 +338,13 @@ impl Lab {
     pub const SUBNET_HOST_A: &'static str = "10.200.77.1";
     pub const SUBNET_HOST_B: &'static str = "10.200.77.2";
 
-    /// The address of lab host `host` ("a" or "b").
+    pub const SUBNET_HOST_C: &'static str = "10.200.77.3";
+
+    /// The address of lab host `host` ("a", "b" or "c").
     pub fn host_ip(host: &str) -> &'static str {
         match host {
             "a" => Lab::SUBNET_HOST_A,
+            "c" => Lab::SUBNET_HOST_C,
             _ => Lab::SUBNET_HOST_B,
         }
     }
@@ -601,6 +609,8 @@ impl Vm {
 }
 
 /// Small statistics the benchmarks share.
+pub mod cluster;
+
 pub mod stats {
     /// The median (the upper middle value of an even count), if any.
     pub fn median(v: &[f64]) -> Option<f64> {

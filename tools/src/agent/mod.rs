@@ -10,10 +10,15 @@
 //! - Reports each VM's state in `vms/<name>/status`, under its node lease.
 //! - Re-adopts running VMMs from their API sockets when it restarts, so
 //!   an agent crash never stops or duplicates a VM.
+//! - Moves VMs as the cluster asks ([`moves`]): as the source it drives
+//!   the VMM's live or quick migration and commits it by the etcd
+//!   transaction that changes the owner; as the destination it starts
+//!   `ferry receive` and runs the VM once the owner key names this node.
 //! - Fences itself: if its lease cannot be renewed until shortly before
 //!   it may expire, it kills its VMMs and exits, before any other node
 //!   may take the VMs over.
 
+pub mod moves;
 pub mod offers;
 pub mod process;
 pub mod spec;
@@ -26,8 +31,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use cluster::{
-    ChangeKind, Cluster, ClusterKey, Error as ClusterError, LeaseState, NodeLease, NodeRecord, Owner, Store,
-    StoreConfig, Takeover, VmRecord, VmStatus, FORMAT_VERSION,
+    ChangeKind, Cluster, ClusterKey, Error as ClusterError, HistoryEntry, HistoryKind, IncomingRecord, LeaseState,
+    MoveRecord, NodeLease, NodeRecord, Owner, Store, StoreConfig, Takeover, VmRecord, VmStatus, FORMAT_VERSION,
 };
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
@@ -47,12 +52,17 @@ pub struct AgentConfig {
     pub disk_lease_ttl_ms: u64,
     pub address: Option<String>,
     pub kvm_device: PathBuf,
+    /// The cluster's migration key (the same file on every node).
+    pub key_file: PathBuf,
 }
 
 /// How long a VMM may take to answer its API after being started.
 const BOOT_LIMIT: Duration = Duration::from_secs(30);
 /// How long a clean stop (`vm.shutdown`) may take before SIGKILL.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
+/// How long a move's destination may take to listen, and its source to
+/// see that, before the move is withdrawn.
+const INCOMING_LIMIT: Duration = Duration::from_secs(30);
 
 /// The fencing margin: the agent kills its VMMs this long before its
 /// lease could expire in etcd. `valid_until` is measured from when the
@@ -70,6 +80,12 @@ enum Phase {
     Running,
     /// `vm.shutdown` sent.
     Stopping,
+    /// A `ferry receive` waiting for the VM of a move to this node.
+    Incoming,
+    /// Moving away; `started` once `vm.migrate` was sent.
+    MigratingOut {
+        started: bool,
+    },
 }
 
 /// A VMM this agent supervises.
@@ -80,6 +96,21 @@ struct Local {
     mem_mib: u64,
     phase: Phase,
     adopted: bool,
+    /// The move it takes part in (Incoming, MigratingOut).
+    mv: Option<MoveRecord>,
+    /// The move's gate or oracle socket server.
+    server: Option<tokio::task::JoinHandle<()>>,
+    /// Incoming and committed: waiting for the VMM's API.
+    ready_wait: bool,
+}
+
+impl Local {
+    fn end_move(&mut self) -> Option<MoveRecord> {
+        if let Some(t) = self.server.take() {
+            t.abort();
+        }
+        self.mv.take()
+    }
 }
 
 struct Agent {
@@ -91,6 +122,8 @@ struct Agent {
     /// What etcd says.
     vms: HashMap<String, VmRecord>,
     owners: HashMap<String, Owner>,
+    moves: HashMap<String, MoveRecord>,
+    incomings: HashMap<String, IncomingRecord>,
     /// What runs here.
     local: BTreeMap<String, Local>,
     /// VMs whose VMM ended by itself, by the owner epoch they ran under:
@@ -123,6 +156,9 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
 /// restarted agent adopts them) or until it must fence itself (exit 3).
 pub fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     cluster::keys::validate_name("node id", &cfg.node_id)?;
+    // Moves need it; better to say so now than at the first drain.
+    migrate::auth::Key::load(&cfg.key_file)
+        .with_context(|| format!("the cluster key {} (create it with `ferry keygen`)", cfg.key_file.display()))?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
     crate::signals::block();
     let (sig_tx, sig_rx) = mpsc::unbounded_channel();
@@ -166,6 +202,8 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
         ferry,
         vms: HashMap::new(),
         owners: HashMap::new(),
+        moves: HashMap::new(),
+        incomings: HashMap::new(),
         local: BTreeMap::new(),
         ended: HashMap::new(),
         events_tx,
@@ -285,6 +323,8 @@ impl Agent {
         let listing = self.cluster.store().list(&keys.vms_prefix()).await?;
         self.vms.clear();
         self.owners.clear();
+        self.moves.clear();
+        self.incomings.clear();
         for kv in &listing.kvs {
             match keys.parse(&kv.key) {
                 Some(ClusterKey::Vm(n)) => match cluster::records::decode::<VmRecord>(&kv.key, &kv.value) {
@@ -299,6 +339,20 @@ impl Agent {
                     }
                     Err(e) => tracing::warn!("{e}"),
                 },
+                Some(ClusterKey::VmMove(n)) => match cluster::records::decode::<MoveRecord>(&kv.key, &kv.value) {
+                    Ok(m) => {
+                        self.moves.insert(n, m);
+                    }
+                    Err(e) => tracing::warn!("{e}"),
+                },
+                Some(ClusterKey::VmIncoming(n)) => {
+                    match cluster::records::decode::<IncomingRecord>(&kv.key, &kv.value) {
+                        Ok(i) => {
+                            self.incomings.insert(n, i);
+                        }
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                }
                 _ => {}
             }
         }
@@ -335,6 +389,34 @@ impl Agent {
                 }
                 n
             }
+            Some(ClusterKey::VmMove(n)) => {
+                match ch.kind {
+                    ChangeKind::Put => match cluster::records::decode::<MoveRecord>(&ch.kv.key, &ch.kv.value) {
+                        Ok(m) => {
+                            self.moves.insert(n.clone(), m);
+                        }
+                        Err(e) => tracing::warn!("{e}"),
+                    },
+                    ChangeKind::Delete => {
+                        self.moves.remove(&n);
+                    }
+                }
+                n
+            }
+            Some(ClusterKey::VmIncoming(n)) => {
+                match ch.kind {
+                    ChangeKind::Put => match cluster::records::decode::<IncomingRecord>(&ch.kv.key, &ch.kv.value) {
+                        Ok(i) => {
+                            self.incomings.insert(n.clone(), i);
+                        }
+                        Err(e) => tracing::warn!("{e}"),
+                    },
+                    ChangeKind::Delete => {
+                        self.incomings.remove(&n);
+                    }
+                }
+                n
+            }
             _ => return,
         };
         self.reconcile(&name).await;
@@ -351,9 +433,12 @@ impl Agent {
 
     /// Makes what runs here match what etcd says for one VM.
     async fn reconcile(&mut self, name: &str) {
+        self.reconcile_move(name).await;
         let wanted = self.wanted(name);
         let phase = self.local.get(name).map(|l| l.phase);
         match (wanted, phase) {
+            // A move's own steps decide (reconcile_move).
+            (_, Some(Phase::Incoming | Phase::MigratingOut { .. })) => {}
             (Some(epoch), None) => {
                 if self.ended.get(name) == Some(&epoch) {
                     return;
@@ -417,7 +502,20 @@ impl Agent {
         };
         eprintln!("ferry node: VM {name}: started (pid {pid}, owner epoch {epoch})");
         let mem_mib = spec.machine.mem_mib;
-        self.local.insert(name.to_owned(), Local { pid, epoch, taps, mem_mib, phase: Phase::Starting, adopted: false });
+        self.local.insert(
+            name.to_owned(),
+            Local {
+                pid,
+                epoch,
+                taps,
+                mem_mib,
+                phase: Phase::Starting,
+                adopted: false,
+                mv: None,
+                server: None,
+                ready_wait: false,
+            },
+        );
         self.status(name, "Starting", "").await;
         let (n, sock, tx) = (name.to_owned(), process::api_sock(&dir), self.events_tx.clone());
         std::thread::spawn(move || process::wait_ready(n, pid, sock, BOOT_LIMIT, tx));
@@ -447,15 +545,48 @@ impl Agent {
         match ev {
             Event::Ready { name, pid, state } => {
                 let Some(l) = self.local.get_mut(&name).filter(|l| l.pid == pid) else { return };
-                if l.phase == Phase::Starting {
+                if l.phase == Phase::Incoming {
+                    l.phase = Phase::Running;
+                    let from = l.end_move().map(|m| m.from).unwrap_or_default();
+                    eprintln!("ferry node: VM {name}: moved here from {from}; {state} (pid {pid})");
+                    self.status(&name, &state, &format!("moved here from {from}")).await;
+                    self.publish().await;
+                } else if l.phase == Phase::Starting {
                     l.phase = Phase::Running;
                     eprintln!("ferry node: VM {name}: {state} (pid {pid})");
                     self.status(&name, &state, "").await;
                     self.publish().await;
                 }
             }
+            Event::Listening { name, pid, move_id, endpoint } => {
+                let Some(l) = self.local.get(&name).filter(|l| l.pid == pid && l.phase == Phase::Incoming) else {
+                    return;
+                };
+                if l.mv.as_ref().map(|m| m.id.as_str()) != Some(move_id.as_str()) {
+                    return;
+                }
+                eprintln!("ferry node: VM {name}: receiving move {move_id} on {endpoint}");
+                let r = IncomingRecord { v: FORMAT_VERSION, move_id, node: self.cfg.node_id.clone(), endpoint };
+                if let Err(e) = self.cluster.put_incoming(&name, &self.node, &r).await {
+                    tracing::warn!("VM {name}: cannot say where the move is received: {e}");
+                }
+            }
+            Event::MoveDone { name, move_id, result } => self.on_move_done(&name, &move_id, result).await,
+            Event::MoveOverdue { name, move_id } => {
+                let waiting = self.local.get(&name).is_some_and(|l| {
+                    l.phase == Phase::MigratingOut { started: false } && l.mv.as_ref().is_some_and(|m| m.id == move_id)
+                });
+                if waiting {
+                    let why = format!("its destination did not get ready within {INCOMING_LIMIT:?}");
+                    self.move_stayed(&name, &why).await;
+                }
+            }
             Event::NotReady { name, pid, why } => {
-                if self.local.get(&name).is_some_and(|l| l.pid == pid && l.phase == Phase::Starting) {
+                if self
+                    .local
+                    .get(&name)
+                    .is_some_and(|l| l.pid == pid && matches!(l.phase, Phase::Starting | Phase::Incoming))
+                {
                     tracing::warn!("VM {name}: {why}; killing it");
                     process::kill(pid);
                 }
@@ -470,10 +601,24 @@ impl Agent {
                 if self.local.get(&name).map(|l| l.pid) != Some(pid) {
                     return;
                 }
-                let l = self.local.remove(&name).expect("present");
+                let mut l = self.local.remove(&name).expect("present");
                 l.taps.iter().for_each(|t| tap::remove(t));
                 let how = code.map_or_else(|| "exited".to_owned(), |c| format!("exited with status {c}"));
-                if l.phase == Phase::Stopping {
+                if let Phase::MigratingOut { .. } = l.phase {
+                    // The migration committed (or stopped the VM so it
+                    // never runs twice); the owner key says where it is.
+                    let to = l.end_move().map(|m| m.to).unwrap_or_default();
+                    eprintln!("ferry node: VM {name}: the VMM here {how} after its move to {to}");
+                    if let Err(e) = self.cluster.delete_vm_status(&name, &self.node).await {
+                        tracing::warn!("VM {name}: cannot remove its status: {e}");
+                    }
+                } else if l.phase == Phase::Incoming {
+                    l.end_move();
+                    eprintln!("ferry node: VM {name}: the receiver {how}");
+                    if let Err(e) = self.cluster.delete_incoming(&name, &self.node).await {
+                        tracing::warn!("VM {name}: cannot remove its incoming record: {e}");
+                    }
+                } else if l.phase == Phase::Stopping {
                     eprintln!("ferry node: VM {name}: stopped (VMM {how})");
                     if let Err(e) = self.cluster.delete_vm_status(&name, &self.node).await {
                         tracing::warn!("VM {name}: cannot remove its status: {e}");
@@ -519,7 +664,20 @@ impl Agent {
             };
             let epoch = self.owners.get(&name).map_or(0, |o| o.epoch);
             eprintln!("ferry node: VM {name}: adopted the running VMM (pid {pid}, {state})");
-            self.local.insert(name.clone(), Local { pid, epoch, taps, mem_mib, phase: Phase::Running, adopted: true });
+            self.local.insert(
+                name.clone(),
+                Local {
+                    pid,
+                    epoch,
+                    taps,
+                    mem_mib,
+                    phase: Phase::Running,
+                    adopted: true,
+                    mv: None,
+                    server: None,
+                    ready_wait: false,
+                },
+            );
             if self.wanted(&name).is_some() {
                 self.status(&name, &state, "re-adopted by a restarted agent").await;
             }
@@ -570,6 +728,284 @@ impl Agent {
         self.record.offers = serde_json::to_value(&o).unwrap_or_default();
         if let Err(e) = self.cluster.update_node(&self.node, &self.record).await {
             tracing::warn!("cannot update node {}'s record: {e}", self.cfg.node_id);
+        }
+    }
+}
+
+/// Moves: this node as a move's source or destination.
+impl Agent {
+    /// Takes the next step of a move of `name` that concerns this node.
+    async fn reconcile_move(&mut self, name: &str) {
+        let me = self.cfg.node_id.clone();
+        let mv = self.moves.get(name).cloned();
+        let local = self.local.get(name).map(|l| (l.phase, l.epoch, l.mv.clone()));
+        match (local, mv) {
+            // Asked to move a VM that runs here.
+            (Some((Phase::Running, epoch, None)), Some(mv)) if mv.from == me => {
+                if mv.epoch == epoch {
+                    self.begin_move_out(name, mv).await;
+                } else {
+                    self.withdraw(name, &mv, &format!("it runs on {me} under owner epoch {epoch}, not {}", mv.epoch))
+                        .await;
+                }
+            }
+            (Some((Phase::MigratingOut { started: false }, _, Some(ours))), mv) => {
+                if mv.as_ref() != Some(&ours) {
+                    // Withdrawn before it began: the VM simply stays.
+                    tracing::debug!("VM {name}: move {} withdrawn (now asked: {mv:?})", ours.id);
+                    self.move_stayed(name, "the move was withdrawn").await;
+                } else if let Some(inc) = self.incomings.get(name).filter(|i| i.move_id == ours.id) {
+                    let endpoint = inc.endpoint.clone();
+                    self.start_migration(name, &ours, &endpoint);
+                }
+            }
+            (Some((Phase::Incoming, epoch, Some(ours))), mv) => {
+                if mv.as_ref() == Some(&ours) {
+                    return; // still under way
+                }
+                let owner = self.owners.get(name);
+                let l = self.local.get_mut(name).expect("present");
+                if owner.is_some_and(|o| o.node.as_deref() == Some(me.as_str()) && o.epoch == epoch) {
+                    // Committed: the receiver serves its API once the VM
+                    // runs; it becomes Running on Event::Ready.
+                    // The oracle stays up until then: the Commit frame may
+                    // yet be lost, and the receiver would ask it.
+                    if !l.ready_wait {
+                        l.ready_wait = true;
+                        let (n, pid, tx) = (name.to_owned(), l.pid, self.events_tx.clone());
+                        let sock = process::api_sock(&process::vm_dir(&self.cfg.state_dir, name));
+                        std::thread::spawn(move || process::wait_ready(n, pid, sock, BOOT_LIMIT, tx));
+                    }
+                } else {
+                    eprintln!("ferry node: VM {name}: move {} ended without this node; stopping the receiver", ours.id);
+                    process::kill(l.pid);
+                }
+            }
+            // Asked to take a VM that is not here yet.
+            (None, Some(mv)) if mv.to == me => {
+                let from_ok = self
+                    .owners
+                    .get(name)
+                    .is_some_and(|o| o.node.as_deref() == Some(mv.from.as_str()) && o.epoch == mv.epoch);
+                if from_ok {
+                    self.begin_move_in(name, mv).await;
+                }
+            }
+            // A move away from here of a VM that is not running here.
+            (None | Some((Phase::Starting | Phase::Stopping, _, _)), Some(mv)) if mv.from == me => {
+                self.withdraw(name, &mv, &format!("it is not running on {me}")).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn begin_move_out(&mut self, name: &str, mv: MoveRecord) {
+        let dir = process::vm_dir(&self.cfg.state_dir, name);
+        let server = match moves::serve_gate(self.cluster.clone(), name.to_owned(), mv.clone(), &dir) {
+            Ok(s) => s,
+            Err(e) => return self.withdraw(name, &mv, &format!("{e:#}")).await,
+        };
+        eprintln!("ferry node: VM {name}: {} move {} to {} asked", mv.mode, mv.id, mv.to);
+        let l = self.local.get_mut(name).expect("present");
+        l.phase = Phase::MigratingOut { started: false };
+        l.server = Some(server);
+        l.mv = Some(mv.clone());
+        self.status(name, "Migrating", &format!("{} move to {}", mv.mode, mv.to)).await;
+        let (tx, n, id) = (self.events_tx.clone(), name.to_owned(), mv.id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(INCOMING_LIMIT).await;
+            let _ = tx.send(Event::MoveOverdue { name: n, move_id: id });
+        });
+        if let Some(inc) = self.incomings.get(name).filter(|i| i.move_id == mv.id) {
+            let endpoint = inc.endpoint.clone();
+            self.start_migration(name, &mv, &endpoint);
+        }
+    }
+
+    fn start_migration(&mut self, name: &str, mv: &MoveRecord, endpoint: &str) {
+        let Some(l) = self.local.get_mut(name) else { return };
+        l.phase = Phase::MigratingOut { started: true };
+        let dir = process::vm_dir(&self.cfg.state_dir, name);
+        let call = moves::MigrateCall {
+            sock: process::api_sock(&dir),
+            endpoint: endpoint.to_owned(),
+            mode: if mv.mode == "quick" { migrate::wire::Mode::Quick } else { migrate::wire::Mode::Live },
+            key_file: self.cfg.key_file.clone(),
+            gate: moves::gate_sock(&dir),
+        };
+        eprintln!("ferry node: VM {name}: migrating to {} at {endpoint}", mv.to);
+        let (tx, n, id) = (self.events_tx.clone(), name.to_owned(), mv.id.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = moves::migrate(&call);
+            let _ = tx.send(Event::MoveDone { name: n, move_id: id, result });
+        });
+    }
+
+    async fn on_move_done(&mut self, name: &str, move_id: &str, result: Result<serde_json::Value, String>) {
+        let Some(l) = self.local.get(name) else { return };
+        let Some(mv) = l.mv.clone().filter(|m| m.id == move_id) else { return };
+        let sock = process::api_sock(&process::vm_dir(&self.cfg.state_dir, name));
+        let still_here = match &result {
+            Ok(_) => false,
+            // The source VMM decides whether the VM still runs here.
+            Err(_) => process::info(&sock, Duration::from_secs(2))
+                .is_ok_and(|v| matches!(v["state"].as_str(), Some("Running" | "Paused"))),
+        };
+        if still_here {
+            let why = result.err().unwrap_or_default();
+            return self.move_stayed(name, &why).await;
+        }
+        let mut figures = result.clone().unwrap_or_else(|e| serde_json::json!({ "error": e }));
+        if let Some(o) = figures.as_object_mut() {
+            o.insert("move_id".into(), mv.id.clone().into());
+            o.insert("reason".into(), mv.reason.clone().into());
+            o.insert("requested_unix_ms".into(), mv.requested_unix_ms.into());
+        }
+        let kind = if mv.mode == "quick" { HistoryKind::QuickMove } else { HistoryKind::LiveMove };
+        eprintln!(
+            "ferry node: VM {name}: moved to {} ({})",
+            mv.to,
+            match &result {
+                Ok(f) => format!(
+                    "downtime {:.1} ms, total {:.0} ms",
+                    f["downtime_ms"].as_f64().unwrap_or(0.0),
+                    f["total_ms"].as_f64().unwrap_or(0.0)
+                ),
+                Err(e) => format!("after its commit: {e}"),
+            }
+        );
+        self.history(name, &mv, kind, Some(mv.epoch + 1), figures).await;
+        // The VMM exits by itself (retired); Event::Exited cleans up.
+    }
+
+    /// The move did not happen and the VM runs here as before: withdraw it
+    /// and say why.
+    async fn move_stayed(&mut self, name: &str, why: &str) {
+        let Some(l) = self.local.get_mut(name) else { return };
+        let Some(mv) = l.end_move() else { return };
+        l.phase = Phase::Running;
+        eprintln!("ferry node: VM {name}: move {} to {} failed: {why}; it keeps running here", mv.id, mv.to);
+        self.withdraw(name, &mv, why).await;
+        self.status(name, "Running", &format!("move to {} failed: {why}", mv.to)).await;
+    }
+
+    /// Withdraws a move (if still asked for) and records why it failed.
+    async fn withdraw(&mut self, name: &str, mv: &MoveRecord, why: &str) {
+        eprintln!("ferry node: VM {name}: withdrawing move {} ({} -> {}): {why}", mv.id, mv.from, mv.to);
+        match self.cluster.abort_move(name, mv).await {
+            Ok(true) => {
+                let figures = serde_json::json!({ "error": why, "move_id": mv.id, "reason": mv.reason });
+                self.history(name, mv, HistoryKind::MoveFailed, None, figures).await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("VM {name}: cannot withdraw move {}: {e}", mv.id),
+        }
+        if self.moves.get(name) == Some(mv) {
+            self.moves.remove(name);
+        }
+    }
+
+    async fn begin_move_in(&mut self, name: &str, mv: MoveRecord) {
+        let me = self.cfg.node_id.clone();
+        let refusal = match self.cluster.node_admin(&me).await {
+            Ok(Some(a)) if a.paused || a.draining => Some(format!("node {me} is paused: it takes no VMs")),
+            Ok(_) => None,
+            Err(e) => Some(format!("node {me} cannot read its own settings: {e}")),
+        };
+        let refusal = refusal.or_else(|| {
+            self.cfg.address.is_none().then(|| format!("node {me} has no --address to receive migrations on"))
+        });
+        if let Some(why) = refusal {
+            return self.withdraw(name, &mv, &why).await;
+        }
+        let Some(record) = self.vms.get(name) else { return };
+        let spec = match VmSpec::from_record(record) {
+            Ok(s) => s,
+            Err(e) => return self.withdraw(name, &mv, &format!("its stored config is unreadable: {e}")).await,
+        };
+        let taps: Vec<String> = (0..spec.machine.nics.len()).map(|i| spec::tap_name(name, i)).collect();
+        let dir = process::vm_dir(&self.cfg.state_dir, name);
+        let mut result = Ok(0);
+        for (i, tap) in taps.iter().enumerate() {
+            if let Err(e) = tap::ensure(tap, spec.bridge(i, &self.cfg.vm_bridge)) {
+                result = Err(e);
+                break;
+            }
+        }
+        let result = result
+            .and_then(|_| std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display())));
+        let server = match result {
+            Ok(()) => moves::serve_oracle(self.cluster.clone(), name.to_owned(), mv.clone(), &dir),
+            Err(e) => Err(e),
+        };
+        let spawned = server.and_then(|server| {
+            let r = moves::Receiver {
+                ferry: &self.ferry,
+                dir: &dir,
+                machine: &spec.machine,
+                taps: &taps,
+                address: self.cfg.address.as_deref().unwrap_or_default(),
+                key_file: &self.cfg.key_file,
+                host_id: &me,
+                disk_lease_ttl_ms: self.cfg.disk_lease_ttl_ms,
+                kvm_device: &self.cfg.kvm_device,
+            };
+            match moves::spawn_receiver(name, &r, &self.events_tx) {
+                Ok(pid) => Ok((pid, server)),
+                Err(e) => {
+                    server.abort();
+                    Err(e)
+                }
+            }
+        });
+        let (pid, server) = match spawned {
+            Ok(x) => x,
+            Err(e) => {
+                taps.iter().for_each(|t| tap::remove(t));
+                return self.withdraw(name, &mv, &format!("node {me} cannot receive it: {e:#}")).await;
+            }
+        };
+        eprintln!("ferry node: VM {name}: receiving it from {} (move {}, pid {pid})", mv.from, mv.id);
+        let (n, tx, id) = (name.to_owned(), self.events_tx.clone(), mv.id.clone());
+        let d = dir.clone();
+        std::thread::spawn(move || moves::wait_endpoint(n, pid, d, id, INCOMING_LIMIT, tx));
+        self.local.insert(
+            name.to_owned(),
+            Local {
+                pid,
+                epoch: mv.epoch + 1,
+                taps,
+                mem_mib: spec.machine.mem_mib,
+                phase: Phase::Incoming,
+                adopted: false,
+                mv: Some(mv),
+                server: Some(server),
+                ready_wait: false,
+            },
+        );
+    }
+
+    /// Appends a move's entry to the VM's history (its id is the move's).
+    async fn history(
+        &self,
+        name: &str,
+        mv: &MoveRecord,
+        kind: HistoryKind,
+        epoch: Option<u64>,
+        figures: serde_json::Value,
+    ) {
+        let entry = HistoryEntry {
+            v: FORMAT_VERSION,
+            id: format!("move-{}", mv.id),
+            kind,
+            at_unix_ms: cluster::records::unix_ms(),
+            from: Some(mv.from.clone()),
+            to: Some(mv.to.clone()),
+            epoch,
+            figures,
+        };
+        if let Err(e) = self.cluster.append_history(name, &entry).await {
+            tracing::warn!("VM {name}: history: {e}");
         }
     }
 }

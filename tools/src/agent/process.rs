@@ -35,6 +35,12 @@ pub enum Event {
     Exited { name: String, pid: u32, code: Option<i32> },
     /// A clean stop was asked that long ago: kill it if it still runs.
     StopOverdue { name: String, pid: u32 },
+    /// A `ferry receive` for move `move_id` listens at `endpoint`.
+    Listening { name: String, pid: u32, move_id: String, endpoint: String },
+    /// The source VMM's `vm.migrate` for move `move_id` returned.
+    MoveDone { name: String, move_id: String, result: Result<serde_json::Value, String> },
+    /// The destination of move `move_id` had that long to get ready.
+    MoveOverdue { name: String, move_id: String },
 }
 
 pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {

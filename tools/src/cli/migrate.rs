@@ -200,6 +200,15 @@ pub struct ReceiveArgs {
     /// knows. Without it, a VM with disks is refused.
     #[arg(long, value_name = "DIR")]
     allow_disks: Vec<PathBuf>,
+    /// Once listening, write the endpoint (tcp:IP:PORT) to this file; with
+    /// --listen tcp:IP:0 the kernel picks the port.
+    #[arg(long, value_name = "FILE")]
+    endpoint_file: Option<PathBuf>,
+    /// When the commit does not arrive after the VM is ready here, ask
+    /// this Unix socket (the cluster agent's) whether the move committed
+    /// (see migrate::destination::oracle).
+    #[arg(long, value_name = "PATH")]
+    commit_oracle: Option<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -209,6 +218,13 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
     let key = Key::load(&args.key_file)?;
     let listener = Listener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ferry: waiting for a migration on {}", listener.local_addr());
+    if let Some(path) = &args.endpoint_file {
+        // Whole or absent: written aside, then renamed.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", listener.local_addr()))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let taps = args.net.iter().map(|n| n.tap.clone()).collect();
     let mut host = args.host.host_config(taps, false);
     host.disk_roots = args.allow_disks.clone();
@@ -219,6 +235,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
             hide_features: args.hide_cpu_features.clone(),
             profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
         },
+        commit_oracle: args.commit_oracle.clone(),
     };
     let vmm = migrate::destination::receive(&listener, dest, std::sync::Arc::new(policy));
     drop(listener);

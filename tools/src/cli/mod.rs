@@ -6,6 +6,7 @@ mod cpu;
 mod host;
 mod lab;
 mod migrate;
+mod moving;
 mod node;
 mod ping;
 mod run;

@@ -52,6 +52,46 @@ enum NodeCommand {
     /// Run this node's agent (a daemon; see --help for a systemd unit).
     #[command(long_about = RUN_HELP)]
     Run(RunArgs),
+    /// Pause a node: it takes no new VMs. With --drain, every VM leaves it
+    /// by live migration first (at most --parallel at a time); returns when
+    /// the node is empty, or names the VMs that could not leave and why.
+    Pause {
+        node: String,
+        #[arg(long)]
+        drain: bool,
+        /// Moves out of the node at once (Hyper-V's default: 2).
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        parallel: usize,
+        /// Moves into one destination at once.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        per_destination: usize,
+        /// A VM whose live move the destination refuses (CPU, devices):
+        /// move it by quick migration, or leave it and fail.
+        #[arg(long, value_enum, default_value = "quick")]
+        on_incompatible: super::moving::OnIncompatible,
+        #[arg(long, value_name = "SECS", default_value_t = 1800)]
+        timeout_secs: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        etcd: super::vm::EtcdArgs,
+    },
+    /// Resume a paused node; --failback brings back the VMs its last drain
+    /// moved away: all of them (immediate), those whose first preferred
+    /// owner it is (policy), or none.
+    Resume {
+        node: String,
+        #[arg(long, value_enum, default_value = "none")]
+        failback: super::moving::Failback,
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        parallel: usize,
+        #[arg(long, value_name = "SECS", default_value_t = 1800)]
+        timeout_secs: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        etcd: super::vm::EtcdArgs,
+    },
 }
 
 #[derive(Args)]
@@ -81,10 +121,28 @@ pub struct RunArgs {
     /// The KVM device its VMMs use.
     #[arg(long, value_name = "PATH", default_value = vmm::vstate::vm::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
+    /// The cluster's migration key (`ferry keygen`; the same file on every
+    /// node): moves between nodes are encrypted and authenticated with it.
+    #[arg(long, value_name = "PATH", default_value = migrate::auth::DEFAULT_KEY_FILE)]
+    key_file: PathBuf,
 }
 
 pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
+    use super::moving::{self, Parallel};
+    use super::vm::{block_on, connect};
     match args.command {
+        NodeCommand::Pause { node, drain, parallel, per_destination, on_incompatible, timeout_secs, json, etcd } => {
+            block_on(async {
+                let c = connect(&etcd).await?;
+                let p = Parallel { per_source: parallel, per_destination };
+                moving::pause(&c, &node, drain, p, on_incompatible, Duration::from_secs(timeout_secs), json).await
+            })
+        }
+        NodeCommand::Resume { node, failback, parallel, timeout_secs, json, etcd } => block_on(async {
+            let c = connect(&etcd).await?;
+            let p = Parallel { per_source: parallel, per_destination: parallel };
+            moving::resume(&c, &node, failback, p, Duration::from_secs(timeout_secs), json).await
+        }),
         NodeCommand::Run(a) => {
             if a.lease_ttl_ms < 1000 {
                 anyhow::bail!("--lease-ttl-ms {}: etcd leases last at least 1000 ms", a.lease_ttl_ms);
@@ -101,6 +159,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 disk_lease_ttl_ms: a.disk_lease_ttl_ms,
                 address: a.address,
                 kvm_device: a.kvm_device,
+                key_file: std::path::absolute(&a.key_file)?,
             })
         }
     }

@@ -72,6 +72,26 @@ enum VmCommand {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// Move a running VM to another node (live by default), committed by
+    /// the cluster: --to NODE, else its preferred owners, else the node
+    /// with the most free memory. Waits for the end and prints the figures.
+    Move {
+        name: String,
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value = "live")]
+        mode: super::moving::MoveMode,
+        /// Return once the move is asked for.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout_secs: u64,
+        /// Print the result (with the migration's figures) as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// List the cluster's VMs with their owner and state.
     List {
         #[arg(long)]
@@ -163,6 +183,11 @@ pub fn vm(args: VmArgs) -> anyhow::Result<i32> {
         VmCommand::Stop { name, wait, timeout_secs, etcd } => {
             block_on(async { stop(&connect(&etcd).await?, &name, wait.then(|| secs(timeout_secs))).await })
         }
+        VmCommand::Move { name, to, mode, no_wait, timeout_secs, json, etcd } => block_on(async {
+            let c = connect(&etcd).await?;
+            let wait = (!no_wait).then(|| secs(timeout_secs));
+            super::moving::move_one(&c, &name, to.as_deref(), mode, wait, json).await
+        }),
         VmCommand::List { json, etcd } => block_on(async { list(&connect(&etcd).await?, json).await }),
         VmCommand::Show { name, json, etcd } => block_on(async { show(&connect(&etcd).await?, &name, json).await }),
         VmCommand::History { name, json, etcd } => {
