@@ -56,6 +56,8 @@ pub enum Error {
     Compacted { prefix: String, compacted: i64 },
     #[error("VM {vm:?}: could not find a free history sequence number after {tries} tries")]
     HistoryContended { vm: String, tries: u32 },
+    #[error("no cluster named {name:?} (form it with `ferry cluster create`)")]
+    NoSuchCluster { name: String },
 }
 
 impl Error {
