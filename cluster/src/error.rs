@@ -60,6 +60,8 @@ pub enum Error {
     MoveGone { vm: String, id: String },
     #[error("VM {vm:?}: could not find a free history sequence number after {tries} tries")]
     HistoryContended { vm: String, tries: u32 },
+    #[error("no cluster named {name:?} (form it with `ferry cluster create`)")]
+    NoSuchCluster { name: String },
 }
 
 impl Error {

@@ -11,6 +11,8 @@
 //! /ferry/<cluster>/vms/<name>/move            MoveRecord: a move asked for, until it commits or fails
 //! /ferry/<cluster>/vms/<name>/incoming        IncomingRecord, under the destination node's lease
 //! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
+//! /ferry/<cluster>/cluster                    ClusterRecord (nodes, volume, settings), created once
+//! /ferry/<cluster>/validation                 ValidationRecord, the last `ferry validate` report
 //! ```
 //!
 //! Names (cluster, node, VM) never contain '/', so every key parses back
@@ -57,6 +59,10 @@ pub enum ClusterKey {
     VmMove(String),
     VmIncoming(String),
     Leader,
+    /// The cluster's own record (`ferry cluster create`).
+    ClusterRecord,
+    /// The last validation report.
+    Validation,
 }
 
 /// The keys of one cluster.
@@ -152,8 +158,29 @@ impl Keys {
             ["vms", name, "history", seq] if name_ok(name) && seq.len() == 20 => {
                 Some(ClusterKey::VmHistory((*name).to_owned(), seq.parse().ok()?))
             }
+            ["cluster"] => Some(ClusterKey::ClusterRecord),
+            ["validation"] => Some(ClusterKey::Validation),
             _ => None,
         }
+    }
+}
+
+// ---- the cluster's own record and its validation (`ferry cluster create`) ----
+
+impl Keys {
+    /// The cluster's name, as given to [`Keys::new`].
+    pub fn cluster_name(&self) -> &str {
+        &self.prefix[ROOT.len()..self.prefix.len() - 1]
+    }
+
+    /// `/ferry/<cluster>/cluster`: what `ferry cluster create` stored.
+    pub fn cluster(&self) -> String {
+        format!("{}cluster", self.prefix)
+    }
+
+    /// `/ferry/<cluster>/validation`: the last validation report.
+    pub fn validation(&self) -> String {
+        format!("{}validation", self.prefix)
     }
 }
 
@@ -222,5 +249,17 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, [1, 9, 10, 100]);
+    }
+
+    #[test]
+    fn cluster_and_validation_keys_round_trip() {
+        let k = Keys::new("c1").unwrap();
+        assert_eq!(k.cluster(), "/ferry/c1/cluster");
+        assert_eq!(k.validation(), "/ferry/c1/validation");
+        assert_eq!(k.cluster_name(), "c1");
+        assert_eq!(k.parse(&k.cluster()), Some(ClusterKey::ClusterRecord));
+        assert_eq!(k.parse(&k.validation()), Some(ClusterKey::Validation));
+        assert_eq!(k.parse("/ferry/c1/cluster/x"), None);
+        assert_eq!(Keys::new("c11").unwrap().parse(&k.cluster()), None);
     }
 }

@@ -35,3 +35,5 @@ pub use records::{
 };
 pub use store::{Effect, Kv, Listing, MemberStatus, Store, StoreConfig};
 pub use watch::{Change, ChangeKind, Watch};
+
+pub use records::{ClusterRecord, ClusterSettings, FailbackWindow, ValidationRecord};

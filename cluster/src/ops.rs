@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::keys::{validate_name, Keys};
 use crate::lease::Lease;
 use crate::records::{self, HistoryEntry, NodeAdmin, NodeRecord, Owner, Record, VmRecord, VmStatus, FORMAT_VERSION};
+use crate::records::{ClusterRecord, ClusterSettings, ValidationRecord};
 use crate::store::{Kv, Store};
 use crate::watch::Watch;
 
@@ -372,5 +373,74 @@ impl Cluster {
     /// Nodes coming and going (their leases), and admin changes.
     pub async fn watch_nodes(&self, from: i64) -> Result<Watch> {
         self.store.watch_prefix(&self.keys.nodes_prefix(), from).await
+    }
+
+    // ---- the cluster's own record and its validation ---------------------
+
+    /// The record `ferry cluster create` stored; None for a cluster never
+    /// formed that way (its keys may still be in use).
+    pub async fn cluster_record(&self) -> Result<Option<Versioned<ClusterRecord>>> {
+        self.get_record(&self.keys.cluster()).await
+    }
+
+    /// The cluster's settings: the record's, or the defaults when there is
+    /// no record.
+    pub async fn settings(&self) -> Result<ClusterSettings> {
+        Ok(self.cluster_record().await?.map(|r| r.value.settings).unwrap_or_default())
+    }
+
+    /// Forms the cluster: stores its record and the validation that
+    /// preceded it in one transaction, only if the cluster has no record
+    /// yet ([`Error::AlreadyExists`] otherwise). An unknown outcome is
+    /// resolved by reading the record back. Returns the revision it made
+    /// (0 when the read-back found it).
+    pub async fn create_cluster(&self, record: &ClusterRecord, validation: &ValidationRecord) -> Result<i64> {
+        if record.name != self.keys.cluster_name() {
+            return Err(Error::BadName {
+                what: "cluster name",
+                name: record.name.clone(),
+                why: "it is not the name of the cluster it is stored in",
+            });
+        }
+        for n in &record.nodes {
+            validate_name("node id", n)?;
+        }
+        let key = self.keys.cluster();
+        let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([
+            TxnOp::put(key.as_str(), records::encode(record), None),
+            TxnOp::put(self.keys.validation().as_str(), records::encode(validation), None),
+        ]);
+        match self.store.txn("create cluster", txn).await {
+            Ok(r) if r.succeeded() => {
+                tracing::info!("cluster {} created with nodes {:?}", record.name, record.nodes);
+                Ok(r.header().map_or(0, |h| h.revision()))
+            }
+            Ok(_) => Err(Error::AlreadyExists { key }),
+            Err(e) if e.outcome_unknown() => match self.cluster_record().await? {
+                Some(v) if v.value == *record => Ok(0),
+                Some(_) => Err(Error::AlreadyExists { key }),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the last validation report, only while the cluster has a
+    /// record ([`Error::NoSuchCluster`] otherwise). Idempotent.
+    pub async fn put_validation(&self, validation: &ValidationRecord) -> Result<i64> {
+        let cluster = self.keys.cluster();
+        let txn = Txn::new()
+            .when([Compare::create_revision(cluster.as_str(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(self.keys.validation().as_str(), records::encode(validation), None)]);
+        let r = self.store.txn("put validation", txn).await?;
+        if !r.succeeded() {
+            return Err(Error::NoSuchCluster { name: self.keys.cluster_name().to_owned() });
+        }
+        Ok(r.header().map_or(0, |h| h.revision()))
+    }
+
+    /// The last validation report stored, if any.
+    pub async fn validation(&self) -> Result<Option<Versioned<ValidationRecord>>> {
+        self.get_record(&self.keys.validation()).await
     }
 }

@@ -246,6 +246,118 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+// ---- the cluster's own record and its validation (`ferry cluster create`) ----
+
+/// The defaults Hyper-V ships: two live migrations at a time.
+pub const DEFAULT_LIVE_MIGRATIONS_PER_NODE: u32 = 2;
+pub const DEFAULT_INCOMING_PER_NODE: u32 = 2;
+
+/// When VMs may fail back to their preferred owner: hours of the day (UTC,
+/// 0-23), from `start_hour` up to, not including, `end_hour`; a start after
+/// the end wraps past midnight (Hyper-V's FailbackWindowStart/End).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackWindow {
+    pub start_hour: u8,
+    pub end_hour: u8,
+}
+
+impl FailbackWindow {
+    /// Checks the hours (0-23, start != end).
+    pub fn new(start_hour: u8, end_hour: u8) -> Option<FailbackWindow> {
+        (start_hour < 24 && end_hour < 24 && start_hour != end_hour).then_some(FailbackWindow { start_hour, end_hour })
+    }
+
+    /// True if `hour` (0-23, UTC) is inside the window.
+    pub fn contains(&self, hour: u8) -> bool {
+        if self.start_hour < self.end_hour {
+            (self.start_hour..self.end_hour).contains(&hour)
+        } else {
+            hour >= self.start_hour || hour < self.end_hour
+        }
+    }
+}
+
+impl fmt::Display for FailbackWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02}:00-{:02}:00 UTC", self.start_hour, self.end_hour)
+    }
+}
+
+fn default_live_migrations() -> u32 {
+    DEFAULT_LIVE_MIGRATIONS_PER_NODE
+}
+
+fn default_incoming() -> u32 {
+    DEFAULT_INCOMING_PER_NODE
+}
+
+/// The cluster-wide settings drains and failbacks follow. A field missing
+/// from a stored record reads as its default, so settings can be added
+/// without a new format version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Live migrations out of one node at a time (a drain's parallelism).
+    #[serde(default = "default_live_migrations")]
+    pub live_migrations_per_node: u32,
+    /// Migrations into one node at a time.
+    #[serde(default = "default_incoming")]
+    pub incoming_per_node: u32,
+    /// When failback may happen; None: at any time.
+    #[serde(default)]
+    pub failback_window: Option<FailbackWindow>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> ClusterSettings {
+        ClusterSettings {
+            live_migrations_per_node: DEFAULT_LIVE_MIGRATIONS_PER_NODE,
+            incoming_per_node: DEFAULT_INCOMING_PER_NODE,
+            failback_window: None,
+        }
+    }
+}
+
+/// What `ferry cluster create` formed: stored once, never overwritten by a
+/// second create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub v: u32,
+    pub name: String,
+    /// The nodes it was formed with (node ids; in a lab, the host names).
+    pub nodes: Vec<String>,
+    /// The shared volume's path, the same on every node (VM disks are
+    /// stored by path).
+    pub volume: String,
+    /// The lab whose hosts the nodes are, if it was formed in one (where
+    /// `ferry cluster validate` finds them again).
+    pub lab: Option<String>,
+    pub created_unix_ms: u64,
+    /// Formed with `--force` although its validation failed.
+    pub forced: bool,
+    pub settings: ClusterSettings,
+}
+
+impl Record for ClusterRecord {
+    const KIND: &'static str = "cluster";
+}
+
+/// The last validation of the cluster's nodes (`ferry validate`'s report).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValidationRecord {
+    pub v: u32,
+    pub at_unix_ms: u64,
+    /// Every check passed.
+    pub ok: bool,
+    /// The checks that failed, one line each ("volume a: ... -> fix").
+    pub failed: Vec<String>,
+    /// The full report, as `ferry validate` writes it.
+    pub report: serde_json::Value,
+}
+
+impl Record for ValidationRecord {
+    const KIND: &'static str = "validation";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +416,48 @@ mod tests {
         assert_eq!(Owner::new(Some("b"), 7).to_string(), "b@7");
         assert_eq!(Owner::new(None, 0).to_string(), "(none)@0");
         assert!(Owner::new(Some("b"), 7).same(&Owner { v: 9, node: Some("b".into()), epoch: 7 }));
+    }
+
+    #[test]
+    fn cluster_records_round_trip_and_settings_default() {
+        let c = ClusterRecord {
+            v: FORMAT_VERSION,
+            name: "c1".into(),
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+            volume: "/srv/vol".into(),
+            lab: Some("cc1".into()),
+            created_unix_ms: 5,
+            forced: false,
+            settings: ClusterSettings { failback_window: FailbackWindow::new(22, 6), ..Default::default() },
+        };
+        assert_eq!(decode::<ClusterRecord>("k", &encode(&c)).unwrap(), c);
+        assert_eq!(c.settings.live_migrations_per_node, 2, "Hyper-V's default");
+        // Settings a writer left out read as their defaults.
+        let bare: ClusterRecord = decode(
+            "k",
+            br#"{"v":1,"name":"c","nodes":["a"],"volume":"/v","lab":null,"created_unix_ms":1,"forced":false,"settings":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(bare.settings, ClusterSettings::default());
+        let r = ValidationRecord {
+            v: FORMAT_VERSION,
+            at_unix_ms: 9,
+            ok: false,
+            failed: vec!["volume a: /nope: not writable -> mount it".into()],
+            report: serde_json::json!({"ok": false, "checks": []}),
+        };
+        assert_eq!(decode::<ValidationRecord>("k", &encode(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn failback_windows() {
+        let day = FailbackWindow::new(9, 17).unwrap();
+        assert!(day.contains(9) && day.contains(16) && !day.contains(17) && !day.contains(3));
+        let night = FailbackWindow::new(22, 6).unwrap();
+        assert!(
+            night.contains(23) && night.contains(0) && night.contains(5) && !night.contains(6) && !night.contains(12)
+        );
+        assert_eq!(night.to_string(), "22:00-06:00 UTC");
+        assert!(FailbackWindow::new(3, 3).is_none() && FailbackWindow::new(0, 24).is_none());
     }
 }

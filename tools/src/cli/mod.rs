@@ -88,7 +88,8 @@ enum Command {
     /// Highly available VMs, kept in the cluster's etcd: create, start,
     /// stop, list, show, history.
     Vm(vm::VmArgs),
-    /// The cluster as a whole: status.
+    /// The cluster as a whole: create (after validating its nodes),
+    /// validate, status.
     Cluster(cluster_cmd::ClusterArgs),
     /// Measure loss, reply gaps and RTTs to an address, from inside a
     /// network namespace (ICMP echo or UDP probes; root). Prints JSON.

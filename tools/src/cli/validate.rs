@@ -6,6 +6,9 @@
 //! Hosts are lab hosts (network namespaces); every probe runs inside its
 //! host through `ip netns exec` as `ferry validate-probe`, with a timeout,
 //! so an unreachable host is a failed check, never a hang.
+//!
+//! [`run_checks`] is the check itself, printing nothing: `ferry cluster
+//! create` and `ferry cluster validate` run it too.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -47,14 +50,58 @@ pub struct ValidateArgs {
     html: Option<PathBuf>,
 }
 
-#[derive(Serialize, Clone)]
-struct Check {
-    check: String,
-    subject: String,
-    ok: bool,
-    detail: String,
+impl ValidateArgs {
+    fn target(&self) -> Target {
+        Target { lab: self.lab.clone(), hosts: self.hosts.clone(), volume: self.volume.clone() }
+    }
+}
+
+/// What to validate: hosts of a lab and the shared volume (one PATH, or
+/// HOST=PATH pairs).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub lab: String,
+    pub hosts: Vec<String>,
+    pub volume: Vec<String>,
+}
+
+/// One check's result.
+#[derive(Serialize, Clone, Debug)]
+pub struct Check {
+    pub check: String,
+    pub subject: String,
+    pub ok: bool,
+    pub detail: String,
+    /// What to do about a failure (empty when it passed).
     #[serde(skip_serializing_if = "String::is_empty")]
-    fix: String,
+    pub fix: String,
+}
+
+impl Check {
+    /// `CHECK SUBJECT: DETAIL -> FIX`, one line.
+    pub fn line(&self) -> String {
+        if self.fix.is_empty() {
+            format!("{} {}: {}", self.check, self.subject, self.detail)
+        } else {
+            format!("{} {}: {} -> {}", self.check, self.subject, self.detail, self.fix)
+        }
+    }
+}
+
+/// A finished validation.
+pub struct Validation {
+    /// Every check passed.
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    /// The whole report (checks, host facts, CPU matrix and baseline), as
+    /// the JSON file holds it.
+    pub report: Value,
+}
+
+impl Validation {
+    pub fn failed(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| !c.ok)
+    }
 }
 
 struct Report {
@@ -126,7 +173,7 @@ fn lab_addresses(lab: &str) -> BTreeMap<String, String> {
     map
 }
 
-fn volume_for(args: &ValidateArgs, host: &str) -> Option<String> {
+fn volume_for(args: &Target, host: &str) -> Option<String> {
     let mut default = None;
     for v in &args.volume {
         match v.split_once('=') {
@@ -139,6 +186,25 @@ fn volume_for(args: &ValidateArgs, host: &str) -> Option<String> {
 }
 
 pub fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
+    let target = args.target();
+    let v = run_checks(&target);
+    let text = serde_json::to_string_pretty(&v.report)?;
+    if let Some(p) = &args.json {
+        std::fs::write(p, &text).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if let Some(p) = &args.html {
+        std::fs::write(p, html(&v.checks, v.ok, &target)).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    println!("{text}");
+    for c in v.failed() {
+        eprintln!("FAILED {}", c.line());
+    }
+    Ok(if v.ok { 0 } else { 1 })
+}
+
+/// Runs every check on `args`' hosts (bounded in time: each probe has a
+/// timeout) and returns the report; prints nothing.
+pub fn run_checks(args: &Target) -> Validation {
     let mut r = Report { checks: Vec::new() };
     let addresses = lab_addresses(&args.lab);
     let mut facts: BTreeMap<String, Value> = BTreeMap::new();
@@ -291,7 +357,7 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
         let token = format!("ferry-validate-{}-{}", std::process::id(), now_ms() as u64);
         let first = reachable.first().map(|h| h.to_string());
         for h in &reachable {
-            let Some(path) = volume_for(&args, h) else {
+            let Some(path) = volume_for(args, h) else {
                 r.add("volume", h, false, "no volume path for this host", "give --volume PATH or HOST=PATH");
                 continue;
             };
@@ -316,14 +382,14 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
         }
         // The lock: host 1 holds it; every other host must be refused.
         if let Some(first) = &first {
-            if let Some(path) = volume_for(&args, first) {
+            if let Some(path) = volume_for(args, first) {
                 let holder = std::thread::spawn({
                     let ns = format!("{}-{first}", args.lab);
                     move || probe(&ns, &["--lock-hold", &path])
                 });
                 std::thread::sleep(Duration::from_millis(400));
                 for h in reachable.iter().filter(|h| h.as_str() != first) {
-                    let Some(p) = volume_for(&args, h) else { continue };
+                    let Some(p) = volume_for(args, h) else { continue };
                     let ns = format!("{}-{h}", args.lab);
                     match probe(&ns, &["--lock-try", &p]) {
                         Ok(v) => {
@@ -358,25 +424,14 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
         "cpu_matrix": matrix,
         "cluster_baseline": baseline,
     });
-    let text = serde_json::to_string_pretty(&report)?;
-    if let Some(p) = &args.json {
-        std::fs::write(p, &text).with_context(|| format!("cannot write {}", p.display()))?;
-    }
-    if let Some(p) = &args.html {
-        std::fs::write(p, html(&r.checks, ok, &args)).with_context(|| format!("cannot write {}", p.display()))?;
-    }
-    println!("{text}");
-    for c in r.checks.iter().filter(|c| !c.ok) {
-        eprintln!("FAILED {} {}: {} -> {}", c.check, c.subject, c.detail, c.fix);
-    }
-    Ok(if ok { 0 } else { 1 })
+    Validation { ok, checks: r.checks, report }
 }
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-fn html(checks: &[Check], ok: bool, args: &ValidateArgs) -> String {
+fn html(checks: &[Check], ok: bool, args: &Target) -> String {
     let mut rows = String::new();
     for c in checks {
         rows.push_str(&format!(
@@ -438,6 +493,17 @@ fn lock_path(volume: &Path) -> PathBuf {
     volume.join(".ferry-validate.lock")
 }
 
+fn open_lock(volume: &Path) -> anyhow::Result<std::fs::File> {
+    let path = lock_path(volume);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
 /// `ferry validate-probe`: facts about the host it runs in, as JSON.
 pub fn probe_main(args: ProbeArgs) -> anyhow::Result<i32> {
     let out = if let Some(addr) = args.sink {
@@ -477,19 +543,35 @@ pub fn probe_main(args: ProbeArgs) -> anyhow::Result<i32> {
         s.read_exact(&mut one)?;
         json!({ "rtt_ms": rtt_ms, "mb_s": sent as f64 / t.elapsed().as_secs_f64() / 1e6 })
     } else if let Some(v) = args.volume_write {
-        let ok = std::fs::write(v.join(".ferry-validate-token"), &args.token).is_ok();
-        json!({ "ok": ok, "detail": if ok { "writable" } else { "not writable" } })
+        let ok = v.is_dir() && std::fs::write(v.join(".ferry-validate-token"), &args.token).is_ok();
+        let detail = if ok {
+            "writable"
+        } else if !v.exists() {
+            "does not exist (is the volume mounted?)"
+        } else if !v.is_dir() {
+            "is not a directory"
+        } else {
+            "not writable"
+        };
+        json!({ "ok": ok, "detail": detail })
     } else if let Some(v) = args.volume_read {
         let seen = std::fs::read_to_string(v.join(".ferry-validate-token")).unwrap_or_default();
         let ok = seen == args.token;
-        json!({ "ok": ok, "detail": if ok { "sees the first host's writes" } else { "does not see what the first host wrote: not the same volume" } })
+        let detail = if ok {
+            "sees the first host's writes"
+        } else if !v.is_dir() {
+            "does not exist (is the volume mounted?)"
+        } else {
+            "does not see what the first host wrote: not the same volume"
+        };
+        json!({ "ok": ok, "detail": detail })
     } else if let Some(v) = args.lock_hold {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path(&v))?;
+        let f = open_lock(&v)?;
         let held = ofd_lock(&f);
         std::thread::sleep(Duration::from_millis(1500));
         json!({ "held": held })
     } else if let Some(v) = args.lock_try {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path(&v))?;
+        let f = open_lock(&v)?;
         json!({ "held_elsewhere": !ofd_lock(&f) })
     } else {
         host_facts()
