@@ -532,11 +532,23 @@ pub async fn resume(
     node: &str,
     failback: Failback,
     parallel: Parallel,
+    window: Option<cluster::records::FailbackWindow>,
     limit: Duration,
     json: bool,
 ) -> anyhow::Result<i32> {
     let nodes = node_views(c).await?;
     known_node(&nodes, node)?;
+    // The cluster's failback window holds back `policy` failback (as
+    // Hyper-V's does); `immediate` is the operator's explicit choice.
+    let hour = ((cluster::records::unix_ms() / 3_600_000) % 24) as u8;
+    if let Some(w) = window.filter(|w| failback == Failback::Policy && !w.contains(hour)) {
+        bail!(
+            "node {node}: {hour:02}:00 UTC is outside the cluster's failback window ({:02}-{:02} UTC): nothing \
+             resumed; run it again inside the window or use --failback immediate",
+            w.start_hour,
+            w.end_hour
+        );
+    }
     let mut admin = admin_of(c, node).await?;
     let drained = std::mem::take(&mut admin.drained);
     admin.v = FORMAT_VERSION;

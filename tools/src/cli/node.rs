@@ -59,12 +59,14 @@ enum NodeCommand {
         node: String,
         #[arg(long)]
         drain: bool,
-        /// Moves out of the node at once (Hyper-V's default: 2).
-        #[arg(long, value_name = "N", default_value_t = 2)]
-        parallel: usize,
-        /// Moves into one destination at once.
-        #[arg(long, value_name = "N", default_value_t = 2)]
-        per_destination: usize,
+        /// Moves out of the node at once [default: the cluster's setting,
+        /// live_migrations_per_node: 2, as Hyper-V].
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Moves into one destination at once [default: the cluster's
+        /// incoming_per_node: 2].
+        #[arg(long, value_name = "N")]
+        per_destination: Option<usize>,
         /// A VM whose live move the destination refuses (CPU, devices):
         /// move it by quick migration, or leave it and fail.
         #[arg(long, value_enum, default_value = "quick")]
@@ -83,8 +85,9 @@ enum NodeCommand {
         node: String,
         #[arg(long, value_enum, default_value = "none")]
         failback: super::moving::Failback,
-        #[arg(long, value_name = "N", default_value_t = 2)]
-        parallel: usize,
+        /// Moves at once [default: the cluster's live_migrations_per_node].
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
         #[arg(long, value_name = "SECS", default_value_t = 1800)]
         timeout_secs: u64,
         #[arg(long)]
@@ -134,14 +137,22 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
         NodeCommand::Pause { node, drain, parallel, per_destination, on_incompatible, timeout_secs, json, etcd } => {
             block_on(async {
                 let c = connect(&etcd).await?;
-                let p = Parallel { per_source: parallel, per_destination };
+                let set = c.settings().await?;
+                let p = Parallel {
+                    per_source: parallel.unwrap_or(set.live_migrations_per_node as usize),
+                    per_destination: per_destination.unwrap_or(set.incoming_per_node as usize),
+                };
                 moving::pause(&c, &node, drain, p, on_incompatible, Duration::from_secs(timeout_secs), json).await
             })
         }
         NodeCommand::Resume { node, failback, parallel, timeout_secs, json, etcd } => block_on(async {
             let c = connect(&etcd).await?;
-            let p = Parallel { per_source: parallel, per_destination: parallel };
-            moving::resume(&c, &node, failback, p, Duration::from_secs(timeout_secs), json).await
+            let set = c.settings().await?;
+            let p = Parallel {
+                per_source: parallel.unwrap_or(set.live_migrations_per_node as usize),
+                per_destination: set.incoming_per_node as usize,
+            };
+            moving::resume(&c, &node, failback, p, set.failback_window, Duration::from_secs(timeout_secs), json).await
         }),
         NodeCommand::Run(a) => {
             if a.lease_ttl_ms < 1000 {
