@@ -13,6 +13,7 @@
 //! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
 //! /ferry/<cluster>/cluster                    ClusterRecord (nodes, volume, settings), created once
 //! /ferry/<cluster>/validation                 ValidationRecord, the last `ferry validate` report
+//! /ferry/<cluster>/events/<seq>               EventRecord (detections, fences, restarts, quarantines)
 //! ```
 //!
 //! Names (cluster, node, VM) never contain '/', so every key parses back
@@ -63,6 +64,7 @@ pub enum ClusterKey {
     ClusterRecord,
     /// The last validation report.
     Validation,
+    Event(u64),
 }
 
 /// The keys of one cluster.
@@ -136,6 +138,15 @@ impl Keys {
         format!("{}vms/{name}/incoming", self.prefix)
     }
 
+    pub fn events_prefix(&self) -> String {
+        format!("{}events/", self.prefix)
+    }
+
+    /// Zero-padded, so keys sort in sequence order.
+    pub fn event(&self, seq: u64) -> String {
+        format!("{}events/{seq:020}", self.prefix)
+    }
+
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }
@@ -160,6 +171,7 @@ impl Keys {
             }
             ["cluster"] => Some(ClusterKey::ClusterRecord),
             ["validation"] => Some(ClusterKey::Validation),
+            ["events", seq] if seq.len() == 20 => Some(ClusterKey::Event(seq.parse().ok()?)),
             _ => None,
         }
     }
@@ -259,6 +271,7 @@ mod tests {
         assert_eq!(k.cluster_name(), "c1");
         assert_eq!(k.parse(&k.cluster()), Some(ClusterKey::ClusterRecord));
         assert_eq!(k.parse(&k.validation()), Some(ClusterKey::Validation));
+        assert_eq!(k.parse(&k.event(42)), Some(ClusterKey::Event(42)));
         assert_eq!(k.parse("/ferry/c1/cluster/x"), None);
         assert_eq!(Keys::new("c11").unwrap().parse(&k.cluster()), None);
     }

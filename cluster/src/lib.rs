@@ -30,8 +30,8 @@ pub use lease::{Lease, LeaseState, LostReason};
 pub use moves::MoveOutcome;
 pub use ops::{Cluster, NodeLease, Takeover, Versioned};
 pub use records::{
-    HistoryEntry, HistoryKind, IncomingRecord, LeaderRecord, MoveRecord, NodeAdmin, NodeRecord, Owner, VmRecord,
-    VmStatus, FORMAT_VERSION,
+    EventRecord, HistoryEntry, HistoryKind, IncomingRecord, LeaderRecord, MoveRecord, NodeAdmin, NodeRecord, Owner,
+    VmRecord, VmStatus, FORMAT_VERSION,
 };
 pub use store::{Effect, Kv, Listing, MemberStatus, Store, StoreConfig};
 pub use watch::{Change, ChangeKind, Watch};

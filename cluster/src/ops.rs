@@ -273,9 +273,40 @@ impl Cluster {
     /// After [`Error::OutcomeUnknown`], look for the entry's `id` in
     /// [`Cluster::history`] before appending again.
     pub async fn append_history(&self, name: &str, entry: &HistoryEntry) -> Result<u64> {
-        const TRIES: u32 = 8;
         let prefix = self.keys.vm_history_prefix(name);
-        let value = records::encode(entry);
+        let keys = self.keys.clone();
+        let n = name.to_owned();
+        self.append_numbered(&prefix, move |seq| keys.vm_history(&n, seq), records::encode(entry)).await.map_err(|e| {
+            match e {
+                Error::HistoryContended { tries, .. } => Error::HistoryContended { vm: name.to_owned(), tries },
+                e => e,
+            }
+        })
+    }
+
+    /// Records a cluster event under the next sequence number.
+    pub async fn append_event(&self, event: &crate::records::EventRecord) -> Result<u64> {
+        let keys = self.keys.clone();
+        self.append_numbered(&self.keys.events_prefix(), move |seq| keys.event(seq), records::encode(event)).await
+    }
+
+    /// Every cluster event, oldest first, with sequence numbers.
+    pub async fn events(&self) -> Result<Vec<(u64, crate::records::EventRecord)>> {
+        let listing = self.store.list(&self.keys.events_prefix()).await?;
+        let mut out = vec![];
+        for kv in &listing.kvs {
+            if let Some(crate::keys::ClusterKey::Event(seq)) = self.keys.parse(&kv.key) {
+                out.push((seq, records::decode(&kv.key, &kv.value)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts `value` at `key_of(last sequence under prefix + 1)`, created
+    /// only if absent, so two writers never share a number.
+    async fn append_numbered(&self, prefix: &str, key_of: impl Fn(u64) -> String, value: Vec<u8>) -> Result<u64> {
+        const TRIES: u32 = 8;
+        let prefix = prefix.to_owned();
         for _ in 0..TRIES {
             let last = self
                 .store
@@ -292,11 +323,11 @@ impl Cluster {
                     }
                 })
                 .await?;
-            let seq = match last.as_ref().and_then(|kv| self.keys.parse(&kv.key)) {
-                Some(crate::keys::ClusterKey::VmHistory(_, s)) => s + 1,
-                _ => 1,
-            };
-            let key = self.keys.vm_history(name, seq);
+            let seq = last
+                .as_ref()
+                .and_then(|kv| kv.key.rsplit('/').next().and_then(|s| s.parse::<u64>().ok()))
+                .map_or(1, |s| s + 1);
+            let key = key_of(seq);
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.as_str(), value.clone(), None)]);
@@ -304,7 +335,7 @@ impl Cluster {
                 return Ok(seq);
             }
         }
-        Err(Error::HistoryContended { vm: name.to_owned(), tries: TRIES })
+        Err(Error::HistoryContended { vm: prefix, tries: TRIES })
     }
 
     /// The VM's history, oldest first, with sequence numbers.

@@ -229,6 +229,27 @@ impl Record for IncomingRecord {
     const KIND: &'static str = "incoming move";
 }
 
+/// Something the cluster leader saw or did (`ferry cluster events`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub v: u32,
+    pub at_unix_ms: u64,
+    /// node-down, vm-restart-wait, vm-restarted, vm-restart-failed,
+    /// node-quarantined, node-up.
+    pub kind: String,
+    pub node: String,
+    #[serde(default)]
+    pub vm: Option<String>,
+    pub detail: String,
+    /// Times and figures (detection, fence wait, restart).
+    #[serde(default)]
+    pub figures: serde_json::Value,
+}
+
+impl Record for EventRecord {
+    const KIND: &'static str = "event";
+}
+
 /// The cluster leader, under its lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderRecord {

@@ -611,6 +611,11 @@ impl Vm {
 /// Small statistics the benchmarks share.
 pub mod cluster;
 
+/// Milliseconds since the Unix epoch (as records and leases count them).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 pub mod stats {
     /// The median (the upper middle value of an even count), if any.
     pub fn median(v: &[f64]) -> Option<f64> {

@@ -18,15 +18,19 @@
 //!   it may expire, it kills its VMMs and exits, before any other node
 //!   may take the VMs over.
 
+pub mod leader;
 pub mod moves;
 pub mod offers;
 pub mod process;
 pub mod spec;
 pub mod tap;
+pub mod witness;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -54,6 +58,13 @@ pub struct AgentConfig {
     pub kvm_device: PathBuf,
     /// The cluster's migration key (the same file on every node).
     pub key_file: PathBuf,
+    /// A directory on the shared volume for the witness heartbeats (None:
+    /// the cluster record's volume, if there is one).
+    pub witness: Option<PathBuf>,
+    /// Quarantine a node seen down this many times within an hour...
+    pub quarantine_after: usize,
+    /// ...for this long.
+    pub quarantine_for: Duration,
 }
 
 /// How long a VMM may take to answer its API after being started.
@@ -116,7 +127,11 @@ impl Local {
 struct Agent {
     cfg: AgentConfig,
     cluster: Cluster,
-    node: NodeLease,
+    node: Arc<NodeLease>,
+    /// Campaigning for, or holding, the leadership.
+    leader: Option<tokio::task::JoinHandle<()>>,
+    witness: Option<Arc<witness::Witness>>,
+    _witness_stop: Option<Arc<AtomicBool>>,
     record: NodeRecord,
     ferry: PathBuf,
     /// What etcd says.
@@ -192,12 +207,29 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
         vms: 0,
     };
     record.offers = serde_json::to_value(&offers)?;
-    let node = register(&cluster, &cfg, &record).await?;
+    let node = Arc::new(register(&cluster, &cfg, &record).await?);
+    let witness_root = match &cfg.witness {
+        Some(w) => Some(w.clone()),
+        None => cluster.cluster_record().await.ok().flatten().map(|r| PathBuf::from(r.value.volume)),
+    };
+    let witness = match witness_root {
+        Some(root) => {
+            let w = witness::Witness::new(&root, &cfg.cluster, &cfg.node_id)
+                .with_context(|| format!("the witness directory under {}", root.display()))?;
+            eprintln!("ferry node: witness heartbeats in {}", w.dir().display());
+            Some(Arc::new(w))
+        }
+        None => None,
+    };
+    let witness_stop = witness.as_ref().map(|w| w.start(node.lease.ttl() / 3));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         cfg,
         cluster,
         node,
+        leader: None,
+        witness,
+        _witness_stop: witness_stop,
         record,
         ferry,
         vms: HashMap::new(),
@@ -260,6 +292,7 @@ impl Agent {
             self.reconcile(&name).await;
         }
         self.publish().await;
+        self.campaign();
         let mut lease = self.node.lease.subscribe();
         let margin = fence_margin(self.node.lease.ttl());
         eprintln!("ferry node: {} watching for its VMs ({} running here)", self.me(), self.local.len());
@@ -285,7 +318,11 @@ impl Agent {
                 r = lease.changed() => {
                     if r.is_err() {
                         // The keepalive task is gone: treat as lost.
-                        return Ok(self.fence("the keepalive task ended"));
+                        if let Some(code) = self.lease_lost("the keepalive task ended").await {
+                            return Ok(code);
+                        }
+                        lease = self.node.lease.subscribe();
+                        watch = self.rejoin().await?;
                     }
                 }
                 _ = tokio::time::sleep_until(fence_at) => {
@@ -293,7 +330,11 @@ impl Agent {
                         LeaseState::Lost(r) => format!("the node lease is lost: {r}"),
                         LeaseState::Held { .. } => format!("the node lease was not renewed; it may expire within {margin:?}"),
                     };
-                    return Ok(self.fence(&why));
+                    if let Some(code) = self.lease_lost(&why).await {
+                        return Ok(code);
+                    }
+                    lease = self.node.lease.subscribe();
+                    watch = self.rejoin().await?;
                 }
                 Some(sig) = signals.recv() => {
                     eprintln!(
@@ -304,6 +345,117 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Starts campaigning for the leadership under the current node lease.
+    fn campaign(&mut self) {
+        if let Some(t) = self.leader.take() {
+            t.abort();
+        }
+        let cfg = leader::LeaderConfig {
+            me: self.cfg.node_id.clone(),
+            quarantine_after: self.cfg.quarantine_after,
+            quarantine_for: self.cfg.quarantine_for,
+        };
+        self.leader = Some(tokio::spawn(leader::run(self.cluster.clone(), self.node.clone(), cfg)));
+    }
+
+    /// The node lease is (about to be) lost: fences (Some(exit code)), or
+    /// returns None once the lease is renewed after all or the node is
+    /// registered again under a new one.
+    ///
+    /// Without a witness it fences at once. With one (see [`witness`]):
+    /// - another node alive: the lease gets one more TTL to come back (an
+    ///   etcd leader election stalls renewals for a second or two), then
+    ///   the node fences. Waiting is safe for VMs with shared disks: a
+    ///   leader restarts them only after their disk leases expire, and
+    ///   the VMMs renew those until they are killed. (VMs without disks
+    ///   restart only [`leader::DISKLESS_WAIT`] after the node is seen
+    ///   down, longer than this takes.)
+    /// - nobody else alive: no quorum exists anywhere and nobody can
+    ///   restart anything, so the VMs keep running until etcd is back.
+    async fn lease_lost(&mut self, why: &str) -> Option<i32> {
+        let Some(w) = self.witness.clone() else { return Some(self.fence(why)) };
+        if let Some(t) = self.leader.take() {
+            t.abort();
+        }
+        let ttl = self.node.lease.ttl();
+        let margin = fence_margin(ttl);
+        let lost_at = cluster::records::unix_ms();
+        let started = Instant::now();
+        // A live node beats within two heartbeat periods.
+        let window = (ttl / 3) * 2 + Duration::from_millis(300);
+        let mut others_since: Option<Instant> = None;
+        let mut said_alone = false;
+        loop {
+            if let LeaseState::Held { valid_until } = self.node.lease.state() {
+                if valid_until > Instant::now() + margin {
+                    eprintln!("ferry node: the node lease was renewed after all ({why})");
+                    return None;
+                }
+            } else {
+                // Bounded, so the witness is looked at every second or so (a
+                // lease granted by an attempt given up on expires by itself).
+                let attempt = self.cluster.register_node(&self.record, self.cfg.lease_ttl, Takeover::Replace);
+                let result = tokio::time::timeout(Duration::from_secs(1), attempt)
+                    .await
+                    .unwrap_or(Err(ClusterError::Protocol { op: "register node", what: "no answer within 1 s" }));
+                match result {
+                    Ok(node) => {
+                        let _ =
+                            std::fs::write(self.cfg.state_dir.join("node-lease"), format!("{:x}\n", node.lease.id()));
+                        eprintln!(
+                            "ferry node: etcd is back after {:.1} s: {} registered again (lease {:x})",
+                            started.elapsed().as_secs_f64(),
+                            self.cfg.node_id,
+                            node.lease.id()
+                        );
+                        self.node = Arc::new(node);
+                        return None;
+                    }
+                    Err(e) => tracing::debug!("still no etcd: {e}"),
+                }
+            }
+            match w.alive_since(lost_at) {
+                Ok(o) if o.is_empty() => {
+                    if !said_alone && started.elapsed() > window {
+                        said_alone = true;
+                        eprintln!(
+                            "ferry node: {why}; but no other node is alive (witness): etcd has no quorum anywhere \
+                             and nobody can restart anything, so the {} VM(s) keep running; waiting for etcd",
+                            self.local.len()
+                        );
+                    }
+                }
+                Ok(o) => {
+                    let t = *others_since.get_or_insert_with(Instant::now);
+                    if t.elapsed() > ttl {
+                        return Some(self.fence(&format!(
+                            "{why}; etcd stayed out of reach and nodes {} are alive and may act on this node's VMs",
+                            o.join(", ")
+                        )));
+                    }
+                }
+                Err(e) => return Some(self.fence(&format!("{why}; the witness cannot be read ({e})"))),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// After a new registration: everything read again, statuses and the
+    /// node record published under the new lease, campaigning again.
+    async fn rejoin(&mut self) -> anyhow::Result<cluster::Watch> {
+        let watch = self.relist().await?;
+        let names: Vec<String> = self.owners.keys().chain(self.local.keys()).cloned().collect();
+        for name in names {
+            self.reconcile(&name).await;
+            if self.local.get(&name).is_some_and(|l| l.phase == Phase::Running) {
+                self.status(&name, "Running", "").await;
+            }
+        }
+        self.publish().await;
+        self.campaign();
+        Ok(watch)
     }
 
     /// Kills every VMM (they must stop before anyone may take their VMs

@@ -84,6 +84,9 @@ pub fn spawn(name: &str, l: &Launch<'_>, events: &UnboundedSender<Event>) -> any
     cmd.arg("--api-sock").arg(&sock);
     cmd.arg("--serial").arg(format!("file:{}", l.dir.join("serial.log").display()));
     cmd.args(["--host-id", l.host_id, "--lease-ttl-ms", &l.disk_lease_ttl_ms.to_string()]);
+    // The owner key is the authority: a disk lease left by a node that
+    // went down is taken once it has expired (never while renewed).
+    cmd.arg("--takeover");
     cmd.arg("--kvm-device").arg(l.kvm_device);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     // SAFETY: setsid is async-signal-safe and touches only the child: it

@@ -37,7 +37,15 @@ enum ClusterCommand {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
-    /// Nodes (Up, Paused, Draining, Down) with what they offer, and VMs
+    /// What the cluster leader saw and did: nodes down and back, VM
+    /// restarts with their times, quarantines.
+    Events {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Nodes (Up, Paused, Draining, Quarantined, Down) with what they offer, and VMs
     /// with their owner and the state their owner's agent reports.
     Status {
         #[arg(long)]
@@ -53,6 +61,30 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
         ClusterCommand::Validate { lab, json, etcd } => {
             block_on(async { revalidate(&connect(&etcd).await?, lab, json).await })
         }
+        ClusterCommand::Events { json, etcd } => block_on(async {
+            let c = connect(&etcd).await?;
+            let ev = c.events().await?;
+            if json {
+                let v: Vec<_> = ev.iter().map(|(seq, e)| serde_json::json!({"seq": seq, "event": e})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = ev
+                .iter()
+                .map(|(seq, e)| {
+                    vec![
+                        seq.to_string(),
+                        e.at_unix_ms.to_string(),
+                        e.kind.clone(),
+                        e.node.clone(),
+                        e.vm.clone().unwrap_or_else(|| "-".into()),
+                        e.detail.clone(),
+                    ]
+                })
+                .collect();
+            table(&["SEQ", "AT_UNIX_MS", "KIND", "NODE", "VM", "DETAIL"], &rows);
+            Ok(0)
+        }),
         ClusterCommand::Status { json, etcd } => block_on(async {
             let c = connect(&etcd).await?;
             let nodes = node_views(&c).await?;

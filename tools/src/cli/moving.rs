@@ -227,6 +227,13 @@ async fn ended(c: &Cluster, name: &str, mv: &MoveRecord, grace_over: bool) -> an
     if entry.is_none() && !grace_over {
         return Ok(Ended::Gone);
     }
+    // A committed move is over once the destination runs the VM.
+    if committed && !grace_over {
+        let status = c.vm_status(name).await?.map(|s| s.value);
+        if !status.is_some_and(|s| s.node == mv.to && s.epoch == mv.epoch + 1 && s.state == "Running") {
+            return Ok(Ended::Gone);
+        }
+    }
     let figures = entry.as_ref().map_or(serde_json::Value::Null, |e| e.figures.clone());
     let error = if committed {
         figures["error"].as_str().map(str::to_owned)

@@ -88,6 +88,10 @@ enum NodeCommand {
         /// Moves at once [default: the cluster's live_migrations_per_node].
         #[arg(long, value_name = "N")]
         parallel: Option<usize>,
+        /// Lift the node's quarantine (set after it failed 3 times within
+        /// an hour) so VMs are placed on it again.
+        #[arg(long)]
+        clear_quarantine: bool,
         #[arg(long, value_name = "SECS", default_value_t = 1800)]
         timeout_secs: u64,
         #[arg(long)]
@@ -113,10 +117,11 @@ pub struct RunArgs {
     state_dir: PathBuf,
     /// TTL of the node's etcd lease (whole seconds, at least 1), renewed
     /// every third of it.
-    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    #[arg(long, value_name = "MS", default_value_t = 3_000)]
     lease_ttl_ms: u64,
-    /// TTL of the shared-volume disk leases its VMMs hold.
-    #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms())]
+    /// TTL of the shared-volume disk leases its VMMs hold (a failed node's
+    /// VMs restart elsewhere once these have expired).
+    #[arg(long, value_name = "MS", default_value_t = 3_000)]
     disk_lease_ttl_ms: u64,
     /// The node's address for migrations, published in its record.
     #[arg(long, value_name = "IP")]
@@ -128,6 +133,17 @@ pub struct RunArgs {
     /// node): moves between nodes are encrypted and authenticated with it.
     #[arg(long, value_name = "PATH", default_value = migrate::auth::DEFAULT_KEY_FILE)]
     key_file: PathBuf,
+    /// A directory on the shared volume every node mounts, for the
+    /// witness heartbeats that tell a node cut off from etcd whether
+    /// anyone else is alive [default: the cluster record's volume].
+    #[arg(long, value_name = "DIR")]
+    witness: Option<PathBuf>,
+    /// Quarantine a node seen down this many times within an hour.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    quarantine_after: usize,
+    /// How long a quarantine lasts.
+    #[arg(long, value_name = "SECS", default_value_t = 7200)]
+    quarantine_secs: u64,
 }
 
 pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
@@ -145,15 +161,26 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 moving::pause(&c, &node, drain, p, on_incompatible, Duration::from_secs(timeout_secs), json).await
             })
         }
-        NodeCommand::Resume { node, failback, parallel, timeout_secs, json, etcd } => block_on(async {
-            let c = connect(&etcd).await?;
-            let set = c.settings().await?;
-            let p = Parallel {
-                per_source: parallel.unwrap_or(set.live_migrations_per_node as usize),
-                per_destination: set.incoming_per_node as usize,
-            };
-            moving::resume(&c, &node, failback, p, set.failback_window, Duration::from_secs(timeout_secs), json).await
-        }),
+        NodeCommand::Resume { node, failback, parallel, clear_quarantine, timeout_secs, json, etcd } => {
+            block_on(async {
+                let c = connect(&etcd).await?;
+                if clear_quarantine {
+                    if let Some(mut a) = c.node_admin(&node).await? {
+                        if a.quarantined_until_unix_ms.take().is_some() {
+                            c.set_node_admin(&node, &a).await?;
+                            println!("node {node}: quarantine lifted");
+                        }
+                    }
+                }
+                let set = c.settings().await?;
+                let p = Parallel {
+                    per_source: parallel.unwrap_or(set.live_migrations_per_node as usize),
+                    per_destination: set.incoming_per_node as usize,
+                };
+                moving::resume(&c, &node, failback, p, set.failback_window, Duration::from_secs(timeout_secs), json)
+                    .await
+            })
+        }
         NodeCommand::Run(a) => {
             if a.lease_ttl_ms < 1000 {
                 anyhow::bail!("--lease-ttl-ms {}: etcd leases last at least 1000 ms", a.lease_ttl_ms);
@@ -171,6 +198,9 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 address: a.address,
                 kvm_device: a.kvm_device,
                 key_file: std::path::absolute(&a.key_file)?,
+                witness: a.witness.as_deref().map(std::path::absolute).transpose()?,
+                quarantine_after: a.quarantine_after,
+                quarantine_for: Duration::from_secs(a.quarantine_secs),
             })
         }
     }

@@ -308,7 +308,7 @@ fn history_entry(
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NodeView {
     pub id: String,
-    /// Up, Paused, Draining or Down.
+    /// Up, Paused, Draining, Quarantined or Down.
     pub state: String,
     pub offers: Option<Offers>,
     pub ferry_version: Option<String>,
@@ -343,7 +343,10 @@ pub async fn node_views(c: &Cluster) -> anyhow::Result<Vec<NodeView>> {
     }
     for (id, admin) in c.node_admins().await? {
         let v = out.entry(id.clone()).or_insert_with(|| down(&id));
-        if v.state == "Up" && admin.draining {
+        let quarantined = admin.quarantined_until_unix_ms.is_some_and(|q| q > cluster::records::unix_ms());
+        if quarantined {
+            v.state = if v.state == "Down" { "Down,Quarantined".into() } else { "Quarantined".into() };
+        } else if v.state == "Up" && admin.draining {
             v.state = "Draining".into();
         } else if v.state == "Up" && admin.paused {
             v.state = "Paused".into();
