@@ -4,6 +4,9 @@
 //! ```text
 //! /ferry/<cluster>/nodes/<id>                 NodeRecord, under the node's lease
 //! /ferry/<cluster>/nodes/<id>/admin           NodeAdmin (paused, quarantined), no lease
+//! /ferry/<cluster>/nodes/<id>/restart         a request that the node's agent restart itself
+//! /ferry/<cluster>/update/lock                the running `cluster update`, under its lease
+//! /ferry/<cluster>/update/progress            UpdateProgress: the last update's plan and progress
 //! /ferry/<cluster>/vms/<name>                 VmRecord (machine config, preferred owners)
 //! /ferry/<cluster>/vms/<name>/owner           Owner {node, epoch}
 //! /ferry/<cluster>/vms/<name>/history/<seq>   HistoryEntry, seq zero-padded to 20 digits
@@ -65,6 +68,9 @@ pub enum ClusterKey {
     /// The last validation report.
     Validation,
     Event(u64),
+    NodeRestart(String),
+    UpdateLock,
+    UpdateProgress,
 }
 
 /// The keys of one cluster.
@@ -138,6 +144,18 @@ impl Keys {
         format!("{}vms/{name}/incoming", self.prefix)
     }
 
+    pub fn node_restart(&self, id: &str) -> String {
+        format!("{}nodes/{id}/restart", self.prefix)
+    }
+
+    pub fn update_lock(&self) -> String {
+        format!("{}update/lock", self.prefix)
+    }
+
+    pub fn update_progress(&self) -> String {
+        format!("{}update/progress", self.prefix)
+    }
+
     pub fn events_prefix(&self) -> String {
         format!("{}events/", self.prefix)
     }
@@ -172,6 +190,9 @@ impl Keys {
             ["cluster"] => Some(ClusterKey::ClusterRecord),
             ["validation"] => Some(ClusterKey::Validation),
             ["events", seq] if seq.len() == 20 => Some(ClusterKey::Event(seq.parse().ok()?)),
+            ["nodes", id, "restart"] if name_ok(id) => Some(ClusterKey::NodeRestart((*id).to_owned())),
+            ["update", "lock"] => Some(ClusterKey::UpdateLock),
+            ["update", "progress"] => Some(ClusterKey::UpdateProgress),
             _ => None,
         }
     }
@@ -272,6 +293,8 @@ mod tests {
         assert_eq!(k.parse(&k.cluster()), Some(ClusterKey::ClusterRecord));
         assert_eq!(k.parse(&k.validation()), Some(ClusterKey::Validation));
         assert_eq!(k.parse(&k.event(42)), Some(ClusterKey::Event(42)));
+        assert_eq!(k.parse(&k.node_restart("a")), Some(ClusterKey::NodeRestart("a".into())));
+        assert_eq!(k.parse(&k.update_lock()), Some(ClusterKey::UpdateLock));
         assert_eq!(k.parse("/ferry/c1/cluster/x"), None);
         assert_eq!(Keys::new("c11").unwrap().parse(&k.cluster()), None);
     }

@@ -474,4 +474,27 @@ impl Cluster {
     pub async fn validation(&self) -> Result<Option<Versioned<ValidationRecord>>> {
         self.get_record(&self.keys.validation()).await
     }
+
+    /// Takes the `cluster update` lock under `lease` if nobody holds it.
+    /// Ok(None) once ours; Ok(Some(holder)) if another run holds it.
+    pub async fn take_update_lock(&self, lease: &Lease, holder: &str) -> Result<Option<String>> {
+        let key = self.keys.update_lock();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                holder.as_bytes().to_vec(),
+                Some(PutOptions::new().with_lease(lease.id())),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let r = self.store.txn("take update lock", txn).await?;
+        if r.succeeded() {
+            return Ok(None);
+        }
+        Ok(Some(
+            first_kv(r.op_responses().first())
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+                .unwrap_or_default(),
+        ))
+    }
 }

@@ -39,6 +39,20 @@ impl ClusterLab {
         run_bounded(&mut cmd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// As [`ClusterLab::cli`], in the background.
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.lab.netns("client")])
+            .arg(ferry_bin())
+            .args(args)
+            .args(["--etcd", &self.eps, "--cluster", &self.cluster])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferry")
+    }
+
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
@@ -161,11 +175,16 @@ impl Agent {
     /// Starts node `node`'s agent with `extra` flags (lease TTLs and the
     /// like), its address, the test's cluster key and br0 as VM bridge.
     pub fn start(cl: &ClusterLab, node: &str, extra: &[&str]) -> Agent {
+        Agent::start_with(cl, node, &ferry_bin(), extra)
+    }
+
+    /// As [`Agent::start`], from the `ferry` binary at `bin`.
+    pub fn start_with(cl: &ClusterLab, node: &str, bin: &Path, extra: &[&str]) -> Agent {
         let log = cl.states.join(format!("agent-{node}.log"));
         let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &cl.lab.netns(node)])
-            .arg(ferry_bin())
+            .arg(bin)
             .args(["node", "run", "--etcd", &cl.eps, "--cluster", &cl.cluster, "--node-id", node])
             .args(["--vm-bridge", "br0", "--address", Lab::host_ip(node)])
             .arg("--key-file")

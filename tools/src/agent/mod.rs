@@ -65,6 +65,10 @@ pub struct AgentConfig {
     pub quarantine_after: usize,
     /// ...for this long.
     pub quarantine_for: Duration,
+    /// The binary and arguments the agent was started with (a restart
+    /// runs them again).
+    pub exe: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// How long a VMM may take to answer its API after being started.
@@ -293,6 +297,10 @@ impl Agent {
         }
         self.publish().await;
         self.campaign();
+        // A restart asked before this agent started is done by starting.
+        let restart_key = self.cluster.keys().node_restart(self.me());
+        let _ = self.cluster.store().delete(&restart_key).await;
+        let mut restarts = self.cluster.store().watch_prefix(&restart_key, 0).await?;
         let mut lease = self.node.lease.subscribe();
         let margin = fence_margin(self.node.lease.ttl());
         eprintln!("ferry node: {} watching for its VMs ({} running here)", self.me(), self.local.len());
@@ -315,6 +323,11 @@ impl Agent {
                     Some(Err(e)) => tracing::warn!("VM watch: {e} (it keeps trying)"),
                 },
                 Some(ev) = events.recv() => self.on_event(ev).await,
+                Some(Ok(ch)) = restarts.next() => {
+                    if ch.kind == ChangeKind::Put {
+                        self.restart_self(&ch.kv.key).await;
+                    }
+                }
                 r = lease.changed() => {
                     if r.is_err() {
                         // The keepalive task is gone: treat as lost.
@@ -345,6 +358,22 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// `ferry cluster update` asked this agent to restart (the update may
+    /// have replaced the binary): it runs the same path and arguments it
+    /// was started with, in place of this process. Its VMs keep running
+    /// (their own sessions) and the new agent adopts them.
+    async fn restart_self(&mut self, key: &str) {
+        if let Err(e) = self.cluster.store().delete(key).await {
+            tracing::warn!("restart asked, but its request cannot be cleared ({e}); not restarting");
+            return;
+        }
+        let (exe, args) = (&self.cfg.exe, &self.cfg.args);
+        eprintln!("ferry node: restarting as asked: {} (its {} VM(s) keep running)", exe.display(), self.local.len());
+        use std::os::unix::process::CommandExt;
+        let e = std::process::Command::new(exe).args(args).exec();
+        eprintln!("ferry node: cannot restart {}: {e}; this agent goes on", exe.display());
     }
 
     /// Starts campaigning for the leadership under the current node lease.

@@ -37,6 +37,9 @@ enum ClusterCommand {
         #[command(flatten)]
         etcd: EtcdArgs,
     },
+    /// Cluster-aware updating: node after node, drain it, run --run CMD
+    /// on it, restart its agent, wait until healthy, resume with failback.
+    Update(super::update::UpdateArgs),
     /// What the cluster leader saw and did: nodes down and back, VM
     /// restarts with their times, quarantines.
     Events {
@@ -61,6 +64,7 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
         ClusterCommand::Validate { lab, json, etcd } => {
             block_on(async { revalidate(&connect(&etcd).await?, lab, json).await })
         }
+        ClusterCommand::Update(a) => super::update::update(a),
         ClusterCommand::Events { json, etcd } => block_on(async {
             let c = connect(&etcd).await?;
             let ev = c.events().await?;

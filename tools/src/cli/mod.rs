@@ -11,6 +11,7 @@ mod node;
 mod ping;
 mod run;
 mod snapshot;
+mod update;
 mod validate;
 mod vm;
 mod volume;

@@ -119,6 +119,18 @@ fn choose_destination(
     Err(format!("no node that takes VMs has {mem_mib} MiB free for VM {name} ({})", describe(&others)))
 }
 
+/// Where VM `name` on `from` would go now (for plans).
+pub fn destination_for(
+    name: &str,
+    from: &str,
+    place: &Placement,
+    preferred: &[String],
+    mem_mib: u64,
+) -> Result<String, String> {
+    let others: Vec<NodeView> = place.nodes.iter().filter(|n| n.id != from).cloned().collect();
+    choose_destination(name, from, &others, preferred, mem_mib, &place.reserved, place.max_incoming)
+}
+
 fn describe(nodes: &[&NodeView]) -> String {
     nodes
         .iter()
@@ -498,6 +510,25 @@ pub async fn pause(
     limit: Duration,
     json: bool,
 ) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let results = pause_node(c, node, drain, &parallel, on_incompatible, limit).await?;
+    if !drain {
+        println!("node {node} paused: it takes no new VMs (its VMs keep running)");
+        return Ok(0);
+    }
+    report(node, "drain", started, &results, json)
+}
+
+/// Pauses `node` and, with `drain`, moves every VM away; the node stays
+/// paused whatever happens. Returns every move's result.
+pub async fn pause_node(
+    c: &Cluster,
+    node: &str,
+    drain: bool,
+    parallel: &Parallel,
+    on_incompatible: OnIncompatible,
+    limit: Duration,
+) -> anyhow::Result<Vec<MoveResult>> {
     let nodes = node_views(c).await?;
     known_node(&nodes, node)?;
     let mut admin = admin_of(c, node).await?;
@@ -509,10 +540,8 @@ pub async fn pause(
     }
     c.set_node_admin(node, &admin).await?;
     if !drain {
-        println!("node {node} paused: it takes no new VMs (its VMs keep running)");
-        return Ok(0);
+        return Ok(vec![]);
     }
-    let started = Instant::now();
     let mut vms: Vec<String> = vec![];
     for (name, (owner, _)) in c.vm_owners_and_statuses().await? {
         if owner.and_then(|o| o.node).as_deref() == Some(node) {
@@ -521,7 +550,7 @@ pub async fn pause(
     }
     eprintln!("node {node}: draining {} VM(s), {} at a time", vms.len(), parallel.per_source);
     let results =
-        move_many(c, vms.into_iter().map(|n| (n, None)).collect(), "drain", &parallel, on_incompatible, limit).await;
+        move_many(c, vms.into_iter().map(|n| (n, None)).collect(), "drain", parallel, on_incompatible, limit).await;
     // Whatever happened, the node is no longer draining; it stays paused.
     let mut admin = admin_of(c, node).await?;
     admin.draining = false;
@@ -530,7 +559,7 @@ pub async fn pause(
         admin.drained.dedup();
     }
     c.set_node_admin(node, &admin).await?;
-    report(node, "drain", started, &results?, json)
+    results
 }
 
 /// `ferry node resume NODE --failback ...`.
@@ -543,6 +572,24 @@ pub async fn resume(
     limit: Duration,
     json: bool,
 ) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let results = resume_node(c, node, failback, &parallel, window, limit).await?;
+    if results.is_empty() {
+        println!("node {node} resumed (failback {}: nothing to bring back)", format!("{failback:?}").to_lowercase());
+        return Ok(0);
+    }
+    report(node, "failback", started, &results, json)
+}
+
+/// Resumes `node` and brings back what `failback` says; returns the moves.
+pub async fn resume_node(
+    c: &Cluster,
+    node: &str,
+    failback: Failback,
+    parallel: &Parallel,
+    window: Option<cluster::records::FailbackWindow>,
+    limit: Duration,
+) -> anyhow::Result<Vec<MoveResult>> {
     let nodes = node_views(c).await?;
     known_node(&nodes, node)?;
     // The cluster's failback window holds back `policy` failback (as
@@ -562,7 +609,6 @@ pub async fn resume(
     admin.paused = false;
     admin.draining = false;
     c.set_node_admin(node, &admin).await?;
-    let started = Instant::now();
     let mut back = vec![];
     if failback != Failback::None {
         for name in &drained {
@@ -577,10 +623,8 @@ pub async fn resume(
         }
     }
     if back.is_empty() {
-        println!("node {node} resumed (failback {}: nothing to bring back)", format!("{failback:?}").to_lowercase());
-        return Ok(0);
+        return Ok(vec![]);
     }
     eprintln!("node {node}: resumed; failing back {} VM(s)", back.len());
-    let results = move_many(c, back, "failback", &parallel, OnIncompatible::Fail, limit).await?;
-    report(node, "failback", started, &results, json)
+    move_many(c, back, "failback", parallel, OnIncompatible::Fail, limit).await
 }

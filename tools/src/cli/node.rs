@@ -201,7 +201,20 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 witness: a.witness.as_deref().map(std::path::absolute).transpose()?,
                 quarantine_after: a.quarantine_after,
                 quarantine_for: Duration::from_secs(a.quarantine_secs),
+                exe: started_from()?,
+                args: std::env::args_os().skip(1).collect(),
             })
         }
     }
+}
+
+/// The path this process was started from, as given (not /proc/self/exe,
+/// which names the old file once an update has replaced it).
+fn started_from() -> anyhow::Result<PathBuf> {
+    let argv0 = std::env::args_os().next().map(PathBuf::from).unwrap_or_default();
+    if argv0.components().count() > 1 {
+        return Ok(std::path::absolute(&argv0)?);
+    }
+    // A bare name: found on PATH; the resolved path is what to run again.
+    Ok(std::env::current_exe()?)
 }
