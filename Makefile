@@ -52,6 +52,7 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-storage -- target/bench/storage.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-cluster -- target/bench/cluster.json
 
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, on fuzz/corpus/ (needs nightly)
 fuzz:
