@@ -13,11 +13,11 @@ export FERRY_BIN       := $(CURDIR)/$(FERRY)
 export FERRY_GUEST     := $(CURDIR)/$(GUEST)
 export FERRY_LINUX_DIR := $(CURDIR)/$(LINUX_DIR)
 
-.PHONY: all deps build guest linux test demo bench fuzz lint fmt clean
+.PHONY: all deps build guest linux test demo demo-migrate bench fuzz lint fmt clean
 
 all: build guest
 
-## deps: Debian packages the tests and the demo use (lz4, iproute2, util-linux, qemu-utils, acpica-tools, etcd-server, protobuf-compiler, nftables)
+## deps: Debian packages the tests and the demo use (lz4, iproute2, util-linux, qemu-utils, acpica-tools, etcd-server, protobuf-compiler, nftables, python3)
 deps:
 	@scripts/install-deps.sh
 
@@ -41,8 +41,12 @@ test: deps build guest linux
 	$(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log
 	@scripts/test-summary.sh target/test.log
 
-## demo: boot the test guest and show it running, paused and resumed
+## demo: a 3-node lab cluster on etcd: VMs pinged from the client, node a drained and resumed with failback, figures printed
 demo: deps build guest
+	scripts/demo-cluster.sh
+
+## demo-migrate: two lab hosts, one guest live-migrated a -> b -> a while pinged, figures printed
+demo-migrate: deps build guest
 	scripts/demo.sh
 
 ## bench: figures as JSON under target/bench/
@@ -52,6 +56,7 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-storage -- target/bench/storage.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-cluster -- target/bench/cluster.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-failover -- target/bench/failover.json
 
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, on fuzz/corpus/ (needs nightly)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `make demo`: the main job. Builds a lab (network namespaces: a fabric
-# bridge, hosts a and b, a client), boots the test guest on host a with a
-# working set being dirtied, pings it from the client every 10 ms, and
-# live-migrates it a -> b, then b -> a, printing each move's figures with
-# the pings lost and the largest reply gap. Everything is torn down after.
+# `make demo-migrate` (`make demo` is the cluster: scripts/demo-cluster.sh).
+# Builds a lab (network namespaces: a fabric bridge, hosts a and b, a
+# client), boots the test guest on host a with a working set being
+# dirtied, pings it from the client every 10 ms, and live-migrates it
+# a -> b, then b -> a, printing each move's figures with the pings lost
+# and the largest reply gap. Everything is torn down after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ferry=$PWD/target/release/ferry

@@ -13,6 +13,8 @@ command -v iasl >/dev/null || pkgs+=(acpica-tools)
 command -v protoc >/dev/null || pkgs+=(protobuf-compiler)
 # nftables: the fault tests drop packets inside the lab namespaces.
 command -v nft >/dev/null || pkgs+=(nftables)
+# python3: the demos print their figures with it.
+command -v python3 >/dev/null || pkgs+=(python3)
 [ ${#pkgs[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: missing ${pkgs[*]}; run as root or: sudo apt-get install ${pkgs[*]}" >&2

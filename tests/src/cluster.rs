@@ -266,3 +266,59 @@ pub fn disk_lease(vol: &str, disk: &str) -> Value {
     let out = run_ferry(&["disk", "lease", "show", "--volume", vol, disk]);
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
+
+impl ClusterLab {
+    /// [`ClusterLab::console_command`] for callers that must not panic (the
+    /// benchmarks record a failure and go on): sends `cmd` to VM `vm` on
+    /// node `node` and waits at most `timeout` for the first new console
+    /// line starting with `prefix`.
+    pub fn try_console_command(
+        &self,
+        node: &str,
+        vm: &str,
+        cmd: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let log = self.console(node, vm);
+        let before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+        let sock = self.states.join(node).join("vms").join(vm).join("api.sock");
+        let out = run_ferry(&["console", "--api-sock", sock.to_str().unwrap_or_default(), cmd]);
+        if !out.status.success() {
+            return Err(format!("console {cmd} on {vm}@{node}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // Complete lines only: the last may still be being written.
+            let text = &text[..text.rfind('\n').map_or(0, |n| n + 1)];
+            if let Some(l) = text.lines().skip(before).find(|l| l.starts_with(prefix)) {
+                return Ok(l.trim_end_matches('\r').to_owned());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no '{prefix}' line on {} within {timeout:?} after {cmd}", log.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The most moves under way at one instant, from the `requested_unix_ms`
+/// and `ended_unix_ms` of a drain's or failback's `--json` moves (an end
+/// and a start in the same millisecond do not overlap).
+pub fn max_in_flight(moves: &[Value]) -> usize {
+    let mut edges: Vec<(u64, i32)> = vec![];
+    for m in moves {
+        if let (Some(a), Some(b)) = (m["requested_unix_ms"].as_u64(), m["ended_unix_ms"].as_u64()) {
+            edges.push((a, 1));
+            edges.push((b, -1));
+        }
+    }
+    edges.sort();
+    let (mut now, mut max) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        max = max.max(now);
+    }
+    max as usize
+}
