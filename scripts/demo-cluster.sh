@@ -174,15 +174,26 @@ wait_pings
 echo
 figures failback "failback to node a" "$window"
 
-# FAILOVER (to be added): kill -9 a node's agent and VMMs (or cut its link
-# with `ferry lab cut`), wait for its lease to expire, and show its VMs
-# restarted on the other nodes with the time they were down.
-
-say "every guest checks its memory and its disk after two moves"
+say "failover: every process of node a (its agent, its VMMs, its etcd member) is killed -9"
+owner_of() { fc vm show "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["owner"]["node"])'; }
+crash_ms=$(date +%s%3N)
+kill -9 "${agent_pids[0]}" 2>/dev/null || true
+for f in "$dir"/nodes/a/vms/*/vmm.pid; do kill -9 "$(cat "$f")" 2>/dev/null || true; done
+"$ferry" lab etcd kill a --name "$lab" >/dev/null
 for i in "${!vms[@]}"; do
-  d=$(guest_cmd a "${vms[$i]}" "disk-verify 0 64 $((i + 1))" disk-verify)
-  m=$(guest_cmd a "${vms[$i]}" verify verify)
-  echo "${vms[$i]}: ${d%% start=*}; memory: ${m%% generation=*}"
+  ip netns exec "$lab-client" true
+  "$ferry" ping --netns "$lab-client" --target "$(vm_ip "$i")" --count 1 --wait-reply-ms 60000 >/dev/null
+  back_ms=$(( $(date +%s%3N) - crash_ms ))
+  echo "${vms[$i]}: answers again from node $(owner_of "${vms[$i]}") ${back_ms} ms after the crash"
+done
+echo "(ferry cluster events: the leader's detection, fence wait and restart)"
+fc cluster events | tail -8
+
+say "every guest checks its disk after two moves and a cold restart"
+for i in "${!vms[@]}"; do
+  n=$(owner_of "${vms[$i]}")
+  d=$(guest_cmd "$n" "${vms[$i]}" "disk-verify 0 64 $((i + 1))" disk-verify)
+  echo "${vms[$i]} on $n: ${d%% start=*} (written before two moves and a crash)"
 done
 echo "(every move is also in the VM's history in etcd: ferry vm history NAME)"
 
