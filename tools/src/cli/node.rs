@@ -21,9 +21,14 @@ and logs under --state-dir/vms/NAME/), with its taps on --vm-bridge.
 
 Stopping or killing the agent leaves its VMs running; the next agent started
 with the same --state-dir adopts them from their API sockets. If the agent
-cannot renew its node lease until shortly before it could expire, it kills
-its VMMs and exits with status 3 (fencing), so that no other node can start
-a VM while it still runs here.
+cannot renew its node lease, it kills its VMMs and exits with status 3
+(fencing), so that no other node can start a VM while it still runs here;
+with a witness (--witness, or the cluster's volume) it first checks whether
+any other node is alive: if none is, no quorum exists anywhere, nobody can
+restart its VMs, and they keep running until etcd is back. One agent leads
+the cluster and restarts a down node's VMs elsewhere once their disk leases
+have expired (plus 500 ms). The cluster update (`ferry cluster update`) can
+ask the agent to restart itself: it runs the same path and arguments again.
 
 Under systemd (KillMode=process: stopping or restarting the unit must not
 take the VMs with it):
