@@ -111,10 +111,11 @@ fn main() {
                     let _ = agents[i].child.wait();
                 }
                 agents[i] = Agent::start(&cl, &owner, &flags);
-                cl.wait_nodes_up(3);
                 // Quarantine would keep a node that failed 3 times in an
                 // hour out of placement: lift it between runs.
+                std::thread::sleep(std::time::Duration::from_millis(500));
                 cl.cli_ok(&["node", "resume", &owner, "--clear-quarantine"]);
+                cl.wait_nodes_up(3);
             }
             results.push(json!({
                 "lease_ttl_ms": ttl,

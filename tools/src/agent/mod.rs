@@ -252,6 +252,34 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
 /// says it is gone) is taken over at once; any other live holder is
 /// refused.
 async fn register(cluster: &Cluster, cfg: &AgentConfig, record: &NodeRecord) -> anyhow::Result<NodeLease> {
+    // etcd may still be coming back (a healed partition, a member
+    // restarting): keep trying for a while. After an unknown outcome, a
+    // registration half made under a lease this call dropped is gone once
+    // that lease's TTL has passed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match register_once(cluster, cfg, record).await {
+            Err(e) if Instant::now() < deadline => {
+                let unknown = e.downcast_ref::<ClusterError>().is_some_and(|c| c.outcome_unknown());
+                let transient = unknown
+                    || e.downcast_ref::<ClusterError>().is_some_and(|c| matches!(c, ClusterError::Unavailable { .. }));
+                if !transient {
+                    return Err(e);
+                }
+                eprintln!("ferry node: cannot register yet ({e}); trying again");
+                tokio::time::sleep(if unknown {
+                    cfg.lease_ttl + Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(1)
+                })
+                .await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn register_once(cluster: &Cluster, cfg: &AgentConfig, record: &NodeRecord) -> anyhow::Result<NodeLease> {
     let lease_file = cfg.state_dir.join("node-lease");
     let node = match cluster.register_node(record, cfg.lease_ttl, Takeover::Refuse).await {
         Ok(n) => n,
