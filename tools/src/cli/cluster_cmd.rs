@@ -97,6 +97,12 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
             let record = c.cluster_record().await?.map(|r| r.value);
             let settings = record.as_ref().map_or_else(ClusterSettings::default, |r| r.settings.clone());
             let validation = c.validation().await?.map(|v| validation_summary(&v.value));
+            let update: Option<super::update::UpdateProgress> = c
+                .store()
+                .get(&c.keys().update_progress())
+                .await?
+                .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+            let update_running = c.store().get(&c.keys().update_lock()).await?.is_some();
             if json {
                 let v = serde_json::json!({
                     "cluster": etcd.cluster,
@@ -104,6 +110,7 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
                     "settings": settings,
                     "validation": validation,
                     "leader": leader,
+                    "update": update.as_ref().map(|u| serde_json::json!({"progress": u, "running": update_running})),
                     "nodes": nodes,
                     "vms": vms,
                 });
@@ -111,6 +118,16 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             println!("cluster {} (leader: {})", etcd.cluster, leader.as_deref().unwrap_or("none"));
+            if let Some(u) = &update {
+                println!(
+                    "update {}: {}{}; done: {}{}",
+                    u.id,
+                    if update_running { "running" } else { u.state.as_str() },
+                    u.current.as_ref().map(|n| format!(", now on node {n}")).unwrap_or_default(),
+                    if u.done.is_empty() { "-".to_owned() } else { u.done.join(", ") },
+                    if u.failed.is_empty() { String::new() } else { format!("; failed: {}", u.failed.join(", ")) }
+                );
+            }
             match &record {
                 Some(r) => println!(
                     "formed {} with nodes {}; volume {}{}",
