@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use vmm::api::server::{ApiServer, Migrator};
 use vmm::config::{HostConfig, NetConfig};
@@ -74,12 +73,8 @@ pub fn taps_for(net: &[NetConfig], macs: &[vmm::mac::MacAddr]) -> anyhow::Result
 pub fn serve(vmm: Arc<Vmm>, api_sock: Option<&Path>, migrator: Option<Arc<dyn Migrator>>) -> anyhow::Result<i32> {
     crate::signals::forward_to(vmm.events());
     let api = match api_sock {
-        Some(path) => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            Some(ApiServer::start(path, vmm.clone(), migrator)?)
-        }
+        // Creates a missing directory 0700 itself (not create_dir_all's umask).
+        Some(path) => Some(ApiServer::start(path, vmm.clone(), migrator)?),
         None => None,
     };
     let reason = vmm.wait_for_exit();
