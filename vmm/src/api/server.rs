@@ -95,8 +95,12 @@ impl ApiServer {
     pub fn start(path: &Path, vmm: Arc<Vmm>, migrator: Option<Arc<dyn Migrator>>) -> Result<ApiServer, Error> {
         let listener = http::bind(path)?;
         let ctx = Ctx { vmm, migrator };
-        let handler: Arc<http::Handler> = Arc::new(move |request| dispatch(request, &ctx));
-        let confine = || Ok(());
+        let handler: Arc<http::Handler> = Arc::new(move |request| {
+            // A connection thread: started by the API thread, under its filter.
+            crate::seccomp::inherited(crate::seccomp::ThreadKind::Api);
+            dispatch(request, &ctx)
+        });
+        let confine = || crate::seccomp::apply(crate::seccomp::ThreadKind::Api).map_err(|e| e.to_string());
         let server =
             http::Server::start(path, listener, Limits::default(), PeerPolicy::root_and_self(), handler, confine)?;
         Ok(ApiServer { _server: server })
