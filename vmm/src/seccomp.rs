@@ -143,7 +143,8 @@ const DEVICES: &[&str] = &["epoll_wait", "read"];
 const LEASE_KEEPER: &[&str] = &["fcntl", "fsync", "lseek", "openat", "read", "rename", "statx", "unlink"];
 
 /// The socket and its connection threads (started here: clone3, rseq,
-/// set_robust_list and the naming prctl run under this filter), vm.pause
+/// set_robust_list and the naming prctl run under this filter, and so
+/// does the seccomp call of a lease keeper restarted from here), vm.pause
 /// (tgkill kicks the vCPUs), vm.snapshot (files, KVM state ioctls) and
 /// the source side of vm.migrate (TCP, getrandom for the handshake, the
 /// throttle thread).
@@ -170,6 +171,7 @@ const API: &[&str] = &[
     "recvfrom",
     "rename",
     "rseq",
+    "seccomp",
     "sendto",
     "set_robust_list",
     "setsockopt",
@@ -182,7 +184,8 @@ const API: &[&str] = &[
 /// An incoming migration: the encrypted stream, then building the VM
 /// (guest memory in a memfd, zero ranges punched with fallocate, the KVM
 /// VM, taps and disks, the device loop's epoll and eventfds, the vCPU
-/// kick handler) and starting its threads.
+/// kick handler) and starting its threads, which install their own
+/// filters (prctl, seccomp) under this one.
 const MIGRATION: &[&str] = &[
     "clone3",
     "epoll_create1",
@@ -208,6 +211,7 @@ const MIGRATION: &[&str] = &[
     "recvfrom",
     "rseq",
     "rt_sigaction",
+    "seccomp",
     "sendto",
     "set_robust_list",
     "setsockopt",
@@ -225,6 +229,9 @@ static FILTERS: OnceLock<Compiled> = OnceLock::new();
 thread_local! {
     /// This thread's kind, once confined: what the SIGSYS report names.
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+    /// The kind a thread from [`spawn`] is about to become: until then it
+    /// runs under the filter of the thread that started it.
+    static STARTING: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
 fn number(kind: ThreadKind, name: &'static str) -> Result<i64, Error> {
@@ -297,13 +304,19 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // for SIGSYS its _sigsys member holds the syscall number at this offset.
     let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET) as *const i32) };
     let name = syscalls::Sysno::new(nr as usize).map(|s| s.name()).unwrap_or("unknown");
-    let kind = KIND.with(|k| k.get()).map(ThreadKind::name).unwrap_or("unconfined");
+    let (kind, inherited) = match (KIND.with(|k| k.get()), STARTING.with(|k| k.get())) {
+        (Some(k), _) => (k.name(), false),
+        (None, Some(k)) => (k.name(), true),
+        (None, None) => ("unnamed", true),
+    };
     // Formatted into a stack buffer: no allocation in a signal handler.
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; 320];
     let mut w = Cursor { buf: &mut buf, len: 0 };
     w.put(b"ferry: seccomp: the ");
     w.put(kind.as_bytes());
-    w.put(b" thread made syscall ");
+    let whose: &[u8] = if inherited { b" thread, under the filter of the thread that started it," } else { b" thread" };
+    w.put(whose);
+    w.put(b" made syscall ");
     w.put(name.as_bytes());
     w.put(b" (");
     w.num(nr);
@@ -372,6 +385,7 @@ where
 {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name(name).spawn(move || {
+        STARTING.with(|k| k.set(Some(kind)));
         let confined = apply(kind);
         let ok = confined.is_ok();
         let _ = tx.send(confined);

@@ -31,6 +31,13 @@ fn a_thread_list_contains_what_the_threads_it_starts_use() {
     for s in ThreadKind::LeaseKeeper.syscalls() {
         assert!(api.contains(&s), "the API thread may restart a lease keeper but lacks {s}");
     }
+    // A thread that starts confined threads runs their naming and their
+    // filter's installation under its own filter.
+    for parent in [ThreadKind::Migration, ThreadKind::Api] {
+        for s in ["clone3", "prctl", "seccomp"] {
+            assert!(parent.syscalls().contains(&s), "{parent} starts confined threads but lacks {s}");
+        }
+    }
 }
 
 const PROBE: &str = "FERRY_SECCOMP_PROBE";
@@ -50,19 +57,31 @@ fn probe_child() {
     let Ok(spec) = std::env::var(PROBE) else {
         return; // Only meaningful as the child of the tests below.
     };
-    let (kind, name) = spec.split_once(':').unwrap();
+    // KIND:SYSCALL, or PARENT>KIND:SYSCALL for a KIND thread started by
+    // a thread already confined as PARENT.
+    let (kinds, name) = spec.split_once(':').unwrap();
     let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
-    let kind = ThreadKind::ALL.into_iter().find(|k| k.name() == kind).unwrap();
+    let by_name = |n: &str| ThreadKind::ALL.into_iter().find(|k| k.name() == n).unwrap();
+    let (parent, kind) = match kinds.split_once('>') {
+        Some((p, k)) => (Some(by_name(p)), by_name(k)),
+        None => (None, by_name(kinds)),
+    };
     let nr = name.parse::<syscalls::Sysno>().unwrap().id() as libc::c_long;
     enable().unwrap();
-    let t = spawn("probe".into(), kind, move || {
-        // SAFETY: the probed syscalls take no pointers that zero could
-        // make unsound (getppid, socket(0, 0, 0), getpid).
-        let rc = unsafe { libc::syscall(nr, 0, 0, 0) };
-        println!("probe: {name} returned {rc}");
-    })
-    .unwrap();
-    t.join().unwrap();
+    let probe = move || {
+        let t = spawn("probe".into(), kind, move || {
+            // SAFETY: the probed syscalls take no pointers that zero could
+            // make unsound (getppid, socket(0, 0, 0), getpid).
+            let rc = unsafe { libc::syscall(nr, 0, 0, 0) };
+            println!("probe: {name} returned {rc}");
+        })
+        .unwrap();
+        t.join().unwrap();
+    };
+    match parent {
+        Some(p) => spawn("parent".into(), p, probe).unwrap().join().unwrap(),
+        None => probe(),
+    }
 }
 
 #[test]
@@ -85,6 +104,21 @@ fn an_allowed_syscall_passes_the_filter() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("probe: getpid returned"), "{stdout}");
+}
+
+#[test]
+fn confined_threads_start_confined_threads() {
+    for parent in ["migration", "api"] {
+        let kind = ThreadKind::ALL.into_iter().find(|k| k.name() == parent).unwrap();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["seccomp::tests::probe_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(PROBE, format!("{kind}>vcpu:getpid"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{parent}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("probe: getpid returned"), "{stdout}");
+    }
 }
 
 #[test]
