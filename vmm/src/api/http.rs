@@ -189,6 +189,8 @@ fn make_private_dir(dir: &Path) -> Result<(), Error> {
 pub struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Connections being served.
+    open: Arc<AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -205,7 +207,8 @@ impl Server {
         init: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> Result<Server, Error> {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let (s, o) = (stop.clone(), open.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("api".into())
@@ -214,12 +217,12 @@ impl Server {
                 let go = ok.is_ok();
                 let _ = ready_tx.send(ok);
                 if go {
-                    accept_loop(listener, limits, policy, handler, s);
+                    accept_loop(listener, limits, policy, handler, s, o);
                 }
             })
             .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
         match ready_rx.recv().unwrap_or_else(|_| Err("the API thread died".into())) {
-            Ok(()) => Ok(Server { path: path.to_owned(), stop, thread: Some(thread) }),
+            Ok(()) => Ok(Server { path: path.to_owned(), stop, open, thread: Some(thread) }),
             Err(reason) => {
                 let _ = thread.join();
                 let _ = std::fs::remove_file(path);
@@ -238,8 +241,18 @@ impl Drop for Server {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+        // Lets answers in flight reach their clients (a vm.migrate whose
+        // outcome ends this VMM answers just as the process stops), within
+        // a bound: a stalled client does not hold up the exit.
+        let until = Instant::now() + LINGER;
+        while self.open.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
+
+/// How long stopping the server waits for connections still being served.
+const LINGER: Duration = Duration::from_secs(1);
 
 fn accept_loop(
     listener: UnixListener,
@@ -247,8 +260,8 @@ fn accept_loop(
     policy: PeerPolicy,
     handler: Arc<Handler>,
     stop: Arc<AtomicBool>,
+    open: Arc<AtomicUsize>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -400,13 +413,16 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn write_response(stream: &mut UnixStream, mut response: Response) {
-    let mut head = format!("HTTP/1.1 {} {}\r\nConnection: close\r\n", response.status, reason(response.status));
+    let mut out = format!("HTTP/1.1 {} {}\r\nConnection: close\r\n", response.status, reason(response.status));
     for (name, value) in &response.headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        out.push_str(&format!("{name}: {value}\r\n"));
     }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", response.body.len()));
-    let _ =
-        stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&response.body)).and_then(|()| stream.flush());
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", response.body.len()));
+    // One write: an answer cut between its head and its body would read
+    // as an empty error.
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&response.body);
+    let _ = stream.write_all(&out).and_then(|()| stream.flush());
     let _ = stream.shutdown(std::net::Shutdown::Write);
     drain(stream);
     if let Some(after) = response.after.take() {

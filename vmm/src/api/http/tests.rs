@@ -241,3 +241,22 @@ fn a_failed_thread_init_serves_nothing() {
     assert!(e.to_string().contains("no filter"), "{e}");
     assert!(!path.exists());
 }
+
+#[test]
+fn stopping_the_server_lets_an_answer_in_flight_reach_its_client() {
+    let d = Dir::new("linger");
+    let path = d.0.join("api.sock");
+    let listener = bind(&path).unwrap();
+    let slow: Arc<Handler> = Arc::new(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        Response::json(200, &serde_json::json!({ "late": true }))
+    });
+    let server = Server::start(&path, listener, quick(), PeerPolicy::root_and_self(), slow, || Ok(())).unwrap();
+    let p = path.clone();
+    let client = std::thread::spawn(move || send(&p, b"GET /slow HTTP/1.1\r\n\r\n"));
+    std::thread::sleep(Duration::from_millis(50));
+    drop(server);
+    let (status, body) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("late"), "{body}");
+}
