@@ -75,6 +75,9 @@ pub fn receive<D: Destination + 'static>(listener: &Listener, dest: Arc<D>, poli
         };
         let (dest, policy, taken, tx) = (dest.clone(), policy.clone(), taken.clone(), tx.clone());
         let spawned = std::thread::Builder::new().name("migration-in".into()).spawn(move || {
+            if let Err(e) = vmm::seccomp::apply(vmm::seccomp::ThreadKind::Migration) {
+                return eprintln!("ferry: migration connection not served: {e}; still waiting");
+            }
             match attempt(stream, dest.as_ref(), &policy, &taken) {
                 Ok(Some(vm)) => {
                     let _ = tx.send(vm);

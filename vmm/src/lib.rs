@@ -26,6 +26,7 @@ pub mod lifecycle;
 pub mod mac;
 pub mod memory;
 pub mod migration;
+pub mod seccomp;
 pub mod snapshot;
 pub mod state;
 pub mod vmm;

@@ -22,11 +22,29 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     pub fn start(store: Arc<dyn LeaseStore>, lease: Lease) -> LeaseKeeper {
+        LeaseKeeper::start_with(store, lease, || Ok(()))
+    }
+
+    /// As `start`, with `init` run first on the keeper's thread (the VMM
+    /// installs its seccomp filter there). If `init` fails the lease
+    /// counts as lost at once: the disk stops writing rather than run
+    /// without its keeper.
+    pub fn start_with(
+        store: Arc<dyn LeaseStore>,
+        lease: Lease,
+        init: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> LeaseKeeper {
         let shared = Arc::new((Mutex::new(State { lease, lost: None, stop: false }), Condvar::new()));
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("lease-keeper".into())
-            .spawn(move || renew_loop(store, s))
+            .spawn(move || match init() {
+                Ok(()) => renew_loop(store, s),
+                Err(e) => {
+                    tracing::error!("lease keeper not started: {e}");
+                    s.0.lock().unwrap().lost = Some(format!("lease keeper not started: {e}"));
+                }
+            })
             .expect("spawn the lease keeper thread");
         LeaseKeeper { shared, thread: Some(thread) }
     }

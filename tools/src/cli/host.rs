@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use vmm::api::server::{ApiServer, Migrator};
 use vmm::config::{HostConfig, NetConfig};
@@ -32,9 +31,33 @@ pub struct HostArgs {
     /// third of it and stops writing if it cannot.
     #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms())]
     pub lease_ttl_ms: u64,
+    /// Confine each VMM thread to the syscalls its kind uses (seccomp; a
+    /// forbidden syscall stops the VMM and names it). `off` is for
+    /// debugging only (and for tracing what the threads do: see README).
+    #[arg(long, value_name = "on|off", default_value = "on", env = "FERRY_SECCOMP")]
+    pub seccomp: Switch,
+}
+
+/// `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 impl HostArgs {
+    /// Turns seccomp on for the threads this process starts from now on,
+    /// unless `--seccomp off`. Call before the VM's (or the migration
+    /// listener's) threads start.
+    pub fn confine(&self) -> anyhow::Result<()> {
+        if self.seccomp == Switch::On {
+            vmm::seccomp::enable()?;
+        } else {
+            eprintln!("ferry: seccomp is off (--seccomp off): the VMM's threads are not confined");
+        }
+        Ok(())
+    }
+
     /// This host's config for a VM whose NICs are backed by `taps`.
     pub fn host_config(&self, taps: Vec<String>, takeover: bool) -> HostConfig {
         HostConfig {
@@ -74,12 +97,8 @@ pub fn taps_for(net: &[NetConfig], macs: &[vmm::mac::MacAddr]) -> anyhow::Result
 pub fn serve(vmm: Arc<Vmm>, api_sock: Option<&Path>, migrator: Option<Arc<dyn Migrator>>) -> anyhow::Result<i32> {
     crate::signals::forward_to(vmm.events());
     let api = match api_sock {
-        Some(path) => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            Some(ApiServer::start(path, vmm.clone(), migrator)?)
-        }
+        // Creates a missing directory 0700 itself (not create_dir_all's umask).
+        Some(path) => Some(ApiServer::start(path, vmm.clone(), migrator)?),
         None => None,
     };
     let reason = vmm.wait_for_exit();

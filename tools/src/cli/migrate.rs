@@ -215,6 +215,7 @@ pub struct ReceiveArgs {
 
 pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
     crate::signals::block();
+    args.host.confine()?;
     let key = Key::load(&args.key_file)?;
     let listener = Listener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     eprintln!("ferry: waiting for a migration on {}", listener.local_addr());

@@ -66,6 +66,7 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     crate::signals::block();
+    args.host.confine()?;
     if let Some(path) = &args.machine {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let machine: MachineConfig =

@@ -52,6 +52,7 @@ pub struct RestoreArgs {
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     crate::signals::block();
+    args.host.confine()?;
     let (state, ram) = vmm::snapshot::load(&args.from)?;
     let macs: Vec<_> = state.machine.nics.iter().map(|n| n.mac).collect();
     let host = args.host.host_config(taps_for(&args.net, &macs)?, false);

@@ -46,11 +46,16 @@ pub fn request(socket: &Path, method: &str, endpoint: &str, body: &[u8], timeout
         super::API_PREFIX,
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
+    // A server may answer (413) and close before taking the whole body:
+    // then its answer is still there to read.
+    let sent = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse(&raw)
+    let read = stream.read_to_end(&mut raw);
+    match (parse(&raw), sent, read) {
+        (Ok(r), _, _) => Ok(r),
+        (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(Error::Io(e)),
+        (Err(e), Ok(()), Ok(_)) => Err(e),
+    }
 }
 
 fn parse(raw: &[u8]) -> Result<Response, Error> {

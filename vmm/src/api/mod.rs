@@ -14,12 +14,15 @@
 //! | GET    | /api/v1/vm.migration | progress of the running migration      |
 //! | PUT    | /api/v1/vm.migration-cancel | stop the running migration before its commit |
 //!
-//! Errors are `{"error": "..."}`: 400 for a bad request body, 404 for an
-//! unknown endpoint, 405 for a known one with the wrong method, 409 for an
+//! Errors are `{"error": "..."}`: 400 for a bad request body (malformed
+//! JSON included), 403 for a peer that is neither root nor the VMM's uid,
+//! 404 for an unknown endpoint, 405 for a known one with the wrong method,
+//! 408 for a request that did not arrive within its deadline, 409 for an
 //! action the VM's lifecycle refuses now (e.g. `vm.pause` during a
-//! migration), 500 for a failure.
+//! migration), 413 for a body over 1 MiB, 500 for a failure.
 
 pub mod client;
+pub mod http;
 pub mod server;
 
 use std::path::PathBuf;

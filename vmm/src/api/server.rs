@@ -1,28 +1,18 @@
-//! Serves the API on a Unix socket (tiny_http). Requests are answered from
-//! a route table; each request gets its own thread, so one slow client (or
-//! a migration, which answers only when it ends) never holds up another.
-//! The lifecycle lock orders whatever they ask of the VM.
+//! Serves the API on a Unix socket ([`super::http`]: one thread per
+//! connection, peer credentials checked, bounded requests). Requests are
+//! answered from a route table, so one slow client (or a migration, which
+//! answers only when it ends) never holds up another. The lifecycle lock
+//! orders whatever they ask of the VM.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tiny_http::{Header, Method, Request, Response, Server};
-
+use super::http::{self, Limits, PeerPolicy, Request, Response};
 use super::API_PREFIX;
 use crate::vmm::{self, Vmm};
 use crate::vstate::{ExitReason, VmEvent};
 
-/// Largest request body accepted (console input is small).
-const MAX_BODY: u64 = 64 * 1024;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("API socket {0} is in use by a running VMM")]
-    InUse(PathBuf),
-    #[error("cannot listen on API socket {path}: {reason}")]
-    Listen { path: PathBuf, reason: String },
-}
+pub use super::http::Error;
 
 /// An API failure with its HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +58,11 @@ struct Ctx {
     migrator: Option<Arc<dyn Migrator>>,
 }
 
-type Handler = fn(Request, &Ctx);
+type Handler = fn(Request, &Ctx) -> Response;
 
 struct Route {
     endpoint: &'static str,
-    method: Method,
+    method: &'static str,
     handler: Handler,
 }
 
@@ -80,215 +70,159 @@ struct Route {
 /// method 405.
 fn routes() -> [Route; 11] {
     [
-        Route { endpoint: "vmm.ping", method: Method::Get, handler: ping },
-        Route { endpoint: "vm.info", method: Method::Get, handler: info },
-        Route { endpoint: "vm.pause", method: Method::Put, handler: pause },
-        Route { endpoint: "vm.resume", method: Method::Put, handler: resume },
-        Route { endpoint: "vm.shutdown", method: Method::Put, handler: shutdown },
-        Route { endpoint: "vm.console", method: Method::Put, handler: console },
-        Route { endpoint: "vm.announce", method: Method::Put, handler: announce },
-        Route { endpoint: "vm.snapshot", method: Method::Put, handler: snapshot },
-        Route { endpoint: "vm.migrate", method: Method::Put, handler: migrate },
-        Route { endpoint: "vm.migration", method: Method::Get, handler: migration },
-        Route { endpoint: "vm.migration-cancel", method: Method::Put, handler: migration_cancel },
+        Route { endpoint: "vmm.ping", method: "GET", handler: ping },
+        Route { endpoint: "vm.info", method: "GET", handler: info },
+        Route { endpoint: "vm.pause", method: "PUT", handler: pause },
+        Route { endpoint: "vm.resume", method: "PUT", handler: resume },
+        Route { endpoint: "vm.shutdown", method: "PUT", handler: shutdown },
+        Route { endpoint: "vm.console", method: "PUT", handler: console },
+        Route { endpoint: "vm.announce", method: "PUT", handler: announce },
+        Route { endpoint: "vm.snapshot", method: "PUT", handler: snapshot },
+        Route { endpoint: "vm.migrate", method: "PUT", handler: migrate },
+        Route { endpoint: "vm.migration", method: "GET", handler: migration },
+        Route { endpoint: "vm.migration-cancel", method: "PUT", handler: migration_cancel },
     ]
 }
 
 pub struct ApiServer {
-    server: Arc<Server>,
-    path: PathBuf,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: http::Server,
 }
 
 impl ApiServer {
-    /// Binds `path` (replacing a stale socket file) and serves `vmm`.
+    /// Binds `path` (see [`http::bind`]: a stale socket is replaced,
+    /// anything else at the path refused) and serves `vmm` to root and
+    /// this process's uid.
     pub fn start(path: &Path, vmm: Arc<Vmm>, migrator: Option<Arc<dyn Migrator>>) -> Result<ApiServer, Error> {
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::InUse(path.to_owned()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        let listener = http::bind(path)?;
+        let ctx = Ctx { vmm, migrator };
+        let handler: Arc<http::Handler> = Arc::new(move |request| {
+            // A connection thread: started by the API thread, under its filter.
+            crate::seccomp::inherited(crate::seccomp::ThreadKind::Api);
+            dispatch(request, &ctx)
+        });
+        let confine = || crate::seccomp::apply(crate::seccomp::ThreadKind::Api).map_err(|e| e.to_string());
         let server =
-            Server::http_unix(path).map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
-        let server = Arc::new(server);
-        let s = server.clone();
-        let ctx = Arc::new(Ctx { vmm, migrator });
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                for request in s.incoming_requests() {
-                    let ctx = ctx.clone();
-                    let spawned = std::thread::Builder::new().name("api-request".into()).spawn(move || {
-                        dispatch(request, &ctx);
-                    });
-                    if let Err(e) = spawned {
-                        tracing::error!("API: cannot start a request thread: {e}");
-                    }
-                }
-            })
-            .map_err(|e| Error::Listen { path: path.to_owned(), reason: e.to_string() })?;
-        Ok(ApiServer { server, path: path.to_owned(), thread: Some(thread) })
+            http::Server::start(path, listener, Limits::default(), PeerPolicy::root_and_self(), handler, confine)?;
+        Ok(ApiServer { _server: server })
     }
 }
 
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn dispatch(request: Request, ctx: &Ctx) {
-    let url = request.url().to_owned();
+fn dispatch(request: Request, ctx: &Ctx) -> Response {
+    let url = request.url.clone();
     let endpoint = url.strip_prefix(API_PREFIX).and_then(|p| p.strip_prefix('/')).unwrap_or("");
     let routes = routes();
-    let method = request.method().clone();
-    if let Some(route) = routes.iter().find(|r| r.endpoint == endpoint && r.method == method) {
+    if let Some(route) = routes.iter().find(|r| r.endpoint == endpoint && r.method == request.method) {
         return (route.handler)(request, ctx);
     }
-    let allowed: Vec<String> = routes.iter().filter(|r| r.endpoint == endpoint).map(|r| r.method.to_string()).collect();
+    let allowed: Vec<&str> = routes.iter().filter(|r| r.endpoint == endpoint).map(|r| r.method).collect();
     if allowed.is_empty() {
-        error(request, ApiError { status: 404, message: format!("no such endpoint {url}") });
+        Response::error(404, format!("no such endpoint {url}"))
     } else {
-        let message = format!("{method} not allowed on {url} (use {})", allowed.join(", "));
-        let body = serde_json::json!({ "error": message }).to_string();
-        let allow = Header::from_bytes("Allow", allowed.join(", ")).expect("method names are header-safe");
-        let _ = request
-            .respond(Response::from_string(body).with_status_code(405).with_header(json_header()).with_header(allow));
+        let message = format!("{} not allowed on {url} (use {})", request.method, allowed.join(", "));
+        Response::error(405, message).with_header("Allow", allowed.join(", "))
     }
 }
 
-fn json_header() -> Header {
-    Header::from_bytes("Content-Type", "application/json").expect("static header")
+fn error(e: ApiError) -> Response {
+    Response::error(e.status, e.message)
 }
 
-fn reply(request: Request, status: u16, body: serde_json::Value) {
-    let response = Response::from_string(body.to_string()).with_status_code(status).with_header(json_header());
-    let _ = request.respond(response);
-}
-
-fn no_content(request: Request) {
-    let _ = request.respond(Response::empty(204));
-}
-
-fn error(request: Request, e: ApiError) {
-    reply(request, e.status, serde_json::json!({ "error": e.message }));
-}
-
-fn respond(request: Request, result: Result<serde_json::Value, ApiError>) {
+fn respond(result: Result<serde_json::Value, ApiError>) -> Response {
     match result {
-        Ok(v) => reply(request, 200, v),
-        Err(e) => error(request, e),
+        Ok(v) => Response::json(200, &v),
+        Err(e) => error(e),
     }
 }
 
-fn read_body(request: &mut Request) -> Result<Vec<u8>, ApiError> {
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-    Ok(body)
+fn ping(_: Request, _: &Ctx) -> Response {
+    Response::json(200, &serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() }))
 }
 
-fn ping(request: Request, _: &Ctx) {
-    reply(request, 200, serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() }))
+fn info(_: Request, ctx: &Ctx) -> Response {
+    respond(serde_json::to_value(ctx.vmm.info()).map_err(ApiError::failed))
 }
 
-fn info(request: Request, ctx: &Ctx) {
-    respond(request, serde_json::to_value(ctx.vmm.info()).map_err(ApiError::failed))
-}
-
-fn pause(request: Request, ctx: &Ctx) {
+fn pause(_: Request, ctx: &Ctx) -> Response {
     match ctx.vmm.pause() {
-        Ok(()) => no_content(request),
-        Err(e) => error(request, e.into()),
+        Ok(()) => Response::empty(204),
+        Err(e) => error(e.into()),
     }
 }
 
-fn resume(request: Request, ctx: &Ctx) {
+fn resume(_: Request, ctx: &Ctx) -> Response {
     match ctx.vmm.resume() {
-        Ok(()) => no_content(request),
-        Err(e) => error(request, e.into()),
+        Ok(()) => Response::empty(204),
+        Err(e) => error(e.into()),
     }
 }
 
-fn shutdown(request: Request, ctx: &Ctx) {
+fn shutdown(_: Request, ctx: &Ctx) -> Response {
     match ctx.vmm.request_shutdown() {
         Ok(()) => {
             // Answer first: the main loop's stop ends the process.
-            no_content(request);
-            let _ = ctx.vmm.events().send(VmEvent::Exit(ExitReason::Api));
+            let events = ctx.vmm.events();
+            Response::empty(204).then(move || {
+                let _ = events.send(VmEvent::Exit(ExitReason::Api));
+            })
         }
-        Err(e) => error(request, e.into()),
+        Err(e) => error(e.into()),
     }
 }
 
-fn console(mut request: Request, ctx: &Ctx) {
-    let body = match read_body(&mut request) {
-        Ok(b) => b,
-        Err(e) => return error(request, e),
-    };
-    let queued = ctx.vmm.console_input(&body);
-    reply(request, 200, serde_json::json!({ "queued": queued, "dropped": body.len() - queued }))
+fn console(request: Request, ctx: &Ctx) -> Response {
+    let queued = ctx.vmm.console_input(&request.body);
+    Response::json(200, &serde_json::json!({ "queued": queued, "dropped": request.body.len() - queued }))
 }
 
-fn announce(request: Request, ctx: &Ctx) {
-    respond(request, ctx.vmm.announce().map(|n| serde_json::json!({ "announced_on": n })).map_err(ApiError::from))
+fn announce(_: Request, ctx: &Ctx) -> Response {
+    respond(ctx.vmm.announce().map(|n| serde_json::json!({ "announced_on": n })).map_err(ApiError::from))
 }
 
-fn snapshot(mut request: Request, ctx: &Ctx) {
+fn snapshot(request: Request, ctx: &Ctx) -> Response {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
         dir: PathBuf,
     }
-    let body = read_body(&mut request).and_then(|b| {
-        serde_json::from_slice::<Body>(&b)
-            .map_err(|e| ApiError::bad_request(format!("vm.snapshot needs a JSON body {{\"dir\": \"/path\"}}: {e}")))
-    });
-    let result = body.and_then(|b| {
+    let body = serde_json::from_slice::<Body>(&request.body)
+        .map_err(|e| ApiError::bad_request(format!("vm.snapshot needs a JSON body {{\"dir\": \"/path\"}}: {e}")));
+    respond(body.and_then(|b| {
         let report = ctx.vmm.snapshot(&b.dir)?;
         serde_json::to_value(report).map_err(ApiError::failed)
-    });
-    respond(request, result)
+    }))
 }
 
-fn migrate(mut request: Request, ctx: &Ctx) {
+fn migrate(request: Request, ctx: &Ctx) -> Response {
     let Some(migrator) = ctx.migrator.clone() else {
-        return error(request, ApiError { status: 501, message: "this VMM cannot migrate".into() });
-    };
-    let body = match read_body(&mut request) {
-        Ok(b) => b,
-        Err(e) => return error(request, e),
+        return error(ApiError { status: 501, message: "this VMM cannot migrate".into() });
     };
     // This request's thread waits for the whole migration; progress and
     // other requests are served meanwhile on theirs.
-    let result = migrator.migrate(ctx.vmm.clone(), &body);
+    let result = migrator.migrate(ctx.vmm.clone(), &request.body);
     let moved = result.as_ref().is_ok_and(|f| f.get("mode").and_then(|m| m.as_str()) != Some("check-only"));
     let to = result.as_ref().ok().and_then(|f| f.get("destination")?.as_str().map(str::to_owned));
-    respond(request, result);
+    let response = respond(result);
     if moved {
-        let _ = ctx.vmm.events().send(VmEvent::Exit(ExitReason::Migrated(to.unwrap_or_else(|| "?".into()))));
+        let events = ctx.vmm.events();
+        response.then(move || {
+            let _ = events.send(VmEvent::Exit(ExitReason::Migrated(to.unwrap_or_else(|| "?".into()))));
+        })
+    } else {
+        response
     }
 }
 
-fn migration(request: Request, ctx: &Ctx) {
+fn migration(_: Request, ctx: &Ctx) -> Response {
     match &ctx.migrator {
-        Some(m) => reply(request, 200, m.progress()),
-        None => error(request, ApiError { status: 501, message: "this VMM cannot migrate".into() }),
+        Some(m) => Response::json(200, &m.progress()),
+        None => error(ApiError { status: 501, message: "this VMM cannot migrate".into() }),
     }
 }
 
-fn migration_cancel(request: Request, ctx: &Ctx) {
+fn migration_cancel(_: Request, ctx: &Ctx) -> Response {
     match ctx.migrator.as_ref().map(|m| m.cancel()) {
-        Some(Ok(())) => no_content(request),
-        Some(Err(e)) => error(request, e),
-        None => error(request, ApiError { status: 501, message: "this VMM cannot migrate".into() }),
+        Some(Ok(())) => Response::empty(204),
+        Some(Err(e)) => error(e),
+        None => error(ApiError { status: 501, message: "this VMM cannot migrate".into() }),
     }
 }

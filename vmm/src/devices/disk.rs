@@ -62,7 +62,8 @@ struct Fence {
 
 impl Fence {
     fn start(&mut self, lease: Lease) {
-        self.keeper = Some(LeaseKeeper::start(self.store.clone(), lease));
+        let confine = || crate::seccomp::apply(crate::seccomp::ThreadKind::LeaseKeeper).map_err(|e| e.to_string());
+        self.keeper = Some(LeaseKeeper::start_with(self.store.clone(), lease, confine));
     }
 
     /// Why this host may not write now, if it may not.

@@ -59,7 +59,9 @@ impl EventLoop {
             }
         }
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name("devices".into()).spawn(move || run(s, epoll, sources))?;
+        let thread = crate::seccomp::spawn("devices".into(), crate::seccomp::ThreadKind::Devices, move || {
+            run(s, epoll, sources)
+        })?;
         Ok(EventLoop { shared, thread: Some(thread) })
     }
 

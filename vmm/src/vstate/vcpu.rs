@@ -337,10 +337,11 @@ impl Vcpus {
         }
         let mut threads = Vec::new();
         for vcpu in vcpus {
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run_loop())
-                .map_err(Error::Spawn)?;
+            // Confined before its first KVM_RUN.
+            let t = crate::seccomp::spawn(format!("vcpu{}", vcpu.id), crate::seccomp::ThreadKind::Vcpu, move || {
+                vcpu.run_loop()
+            })
+            .map_err(Error::Spawn)?;
             threads.push(t);
         }
         Ok(Vcpus { control, threads })
