@@ -97,11 +97,8 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
             let record = c.cluster_record().await?.map(|r| r.value);
             let settings = record.as_ref().map_or_else(ClusterSettings::default, |r| r.settings.clone());
             let validation = c.validation().await?.map(|v| validation_summary(&v.value));
-            let update: Option<super::update::UpdateProgress> = c
-                .store()
-                .get(&c.keys().update_progress())
-                .await?
-                .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+            let update: Option<super::update::UpdateProgress> =
+                c.store().get(&c.keys().update_progress()).await?.and_then(|kv| serde_json::from_slice(&kv.value).ok());
             let update_running = c.store().get(&c.keys().update_lock()).await?.is_some();
             if json {
                 let v = serde_json::json!({
