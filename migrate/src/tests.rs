@@ -447,7 +447,9 @@ fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
     let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
     let mut opts = options(Mode::Live);
     opts.downtime_ms = 0.001;
-    opts.max_rounds = 6;
+    // Enough rounds that the throttle thread (20 ms slices) runs while the
+    // throttle is up, however fast the fake rounds are.
+    opts.max_rounds = 30;
     opts.policy = Policy::Force;
     let f = run(&vm, &sock, &opts).expect("forced switchover");
     let _ = dest.join();
