@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_e2e::cluster::{disk_lease, wait_guest, Agent, ClusterLab, VmmReaper};
+use ferry_e2e::cluster::{disk_lease, max_in_flight, wait_guest, Agent, ClusterLab, VmmReaper};
 use ferry_e2e::{kvm_available, run_ferry, TempDir};
 use serde_json::Value;
 
@@ -25,24 +25,6 @@ fn vm_name(i: usize) -> String {
 
 fn vm_ip(i: usize) -> String {
     format!("10.200.77.{}", 20 + i)
-}
-
-/// The most moves under way at one instant, from their recorded
-/// [asked, ended] intervals.
-fn max_overlap(moves: &[Value]) -> usize {
-    let mut edges: Vec<(u64, i32)> = vec![];
-    for m in moves {
-        edges.push((m["requested_unix_ms"].as_u64().unwrap(), 1));
-        edges.push((m["ended_unix_ms"].as_u64().unwrap(), -1));
-    }
-    // Ends before starts at the same millisecond.
-    edges.sort();
-    let (mut now, mut max) = (0i32, 0i32);
-    for (_, d) in edges {
-        now += d;
-        max = max.max(now);
-    }
-    max as usize
 }
 
 /// Pings every VM from the client for `ms`, each on its own thread.
@@ -162,8 +144,8 @@ fn drain_moves_every_vm_two_at_a_time_and_failback_brings_them_home() {
             m["vm"], m["to"], f["downtime_ms"], f["restore_ms"], f["handoff_ms"], f["commit_ms"], f["total_ms"]
         );
     }
-    assert!(max_overlap(moves) <= 2, "at most 2 moves at a time: {d:#}");
-    assert_eq!(max_overlap(moves), 2, "the drain runs 2 at a time: {d:#}");
+    assert!(max_in_flight(moves) <= 2, "at most 2 moves at a time: {d:#}");
+    assert_eq!(max_in_flight(moves), 2, "the drain runs 2 at a time: {d:#}");
     for i in 0..VMS {
         let owner = cl.owner(&vm_name(i));
         assert!(owner.as_deref().is_some_and(|o| o != "a"), "{} left a: {owner:?}", vm_name(i));

@@ -151,6 +151,29 @@ struct Agent {
     events_tx: UnboundedSender<Event>,
 }
 
+/// Applies one key of a VM to what the agent knows: a put decoded into
+/// `map` (a record that does not decode is logged and skipped), a delete
+/// removed. Returns the VM's name.
+fn apply<T: cluster::records::Record>(
+    map: &mut HashMap<String, T>,
+    name: String,
+    key: &str,
+    value: &[u8],
+    put: bool,
+) -> String {
+    if !put {
+        map.remove(&name);
+        return name;
+    }
+    match cluster::records::decode::<T>(key, value) {
+        Ok(r) => {
+            map.insert(name.clone(), r);
+        }
+        Err(e) => tracing::warn!("{e}"),
+    }
+    name
+}
+
 /// Holds an exclusive lock on the state directory for the agent's life:
 /// one agent per state dir.
 struct StateLock(#[allow(dead_code)] std::fs::File);
@@ -535,97 +558,25 @@ impl Agent {
         self.moves.clear();
         self.incomings.clear();
         for kv in &listing.kvs {
-            match keys.parse(&kv.key) {
-                Some(ClusterKey::Vm(n)) => match cluster::records::decode::<VmRecord>(&kv.key, &kv.value) {
-                    Ok(r) => {
-                        self.vms.insert(n, r);
-                    }
-                    Err(e) => tracing::warn!("{e}"),
-                },
-                Some(ClusterKey::VmOwner(n)) => match cluster::records::decode::<Owner>(&kv.key, &kv.value) {
-                    Ok(o) => {
-                        self.owners.insert(n, o);
-                    }
-                    Err(e) => tracing::warn!("{e}"),
-                },
-                Some(ClusterKey::VmMove(n)) => match cluster::records::decode::<MoveRecord>(&kv.key, &kv.value) {
-                    Ok(m) => {
-                        self.moves.insert(n, m);
-                    }
-                    Err(e) => tracing::warn!("{e}"),
-                },
-                Some(ClusterKey::VmIncoming(n)) => {
-                    match cluster::records::decode::<IncomingRecord>(&kv.key, &kv.value) {
-                        Ok(i) => {
-                            self.incomings.insert(n, i);
-                        }
-                        Err(e) => tracing::warn!("{e}"),
-                    }
-                }
-                _ => {}
-            }
+            let (key, value) = (&kv.key, &kv.value);
+            match keys.parse(key) {
+                Some(ClusterKey::Vm(n)) => apply(&mut self.vms, n, key, value, true),
+                Some(ClusterKey::VmOwner(n)) => apply(&mut self.owners, n, key, value, true),
+                Some(ClusterKey::VmMove(n)) => apply(&mut self.moves, n, key, value, true),
+                Some(ClusterKey::VmIncoming(n)) => apply(&mut self.incomings, n, key, value, true),
+                _ => continue,
+            };
         }
         Ok(self.cluster.watch_vms(listing.revision + 1).await?)
     }
 
     async fn on_change(&mut self, ch: cluster::Change) {
-        let name = match self.cluster.keys().parse(&ch.kv.key) {
-            Some(ClusterKey::Vm(n)) => {
-                match ch.kind {
-                    ChangeKind::Put => match cluster::records::decode::<VmRecord>(&ch.kv.key, &ch.kv.value) {
-                        Ok(r) => {
-                            self.vms.insert(n.clone(), r);
-                        }
-                        Err(e) => tracing::warn!("{e}"),
-                    },
-                    ChangeKind::Delete => {
-                        self.vms.remove(&n);
-                    }
-                }
-                n
-            }
-            Some(ClusterKey::VmOwner(n)) => {
-                match ch.kind {
-                    ChangeKind::Put => match cluster::records::decode::<Owner>(&ch.kv.key, &ch.kv.value) {
-                        Ok(o) => {
-                            self.owners.insert(n.clone(), o);
-                        }
-                        Err(e) => tracing::warn!("{e}"),
-                    },
-                    ChangeKind::Delete => {
-                        self.owners.remove(&n);
-                    }
-                }
-                n
-            }
-            Some(ClusterKey::VmMove(n)) => {
-                match ch.kind {
-                    ChangeKind::Put => match cluster::records::decode::<MoveRecord>(&ch.kv.key, &ch.kv.value) {
-                        Ok(m) => {
-                            self.moves.insert(n.clone(), m);
-                        }
-                        Err(e) => tracing::warn!("{e}"),
-                    },
-                    ChangeKind::Delete => {
-                        self.moves.remove(&n);
-                    }
-                }
-                n
-            }
-            Some(ClusterKey::VmIncoming(n)) => {
-                match ch.kind {
-                    ChangeKind::Put => match cluster::records::decode::<IncomingRecord>(&ch.kv.key, &ch.kv.value) {
-                        Ok(i) => {
-                            self.incomings.insert(n.clone(), i);
-                        }
-                        Err(e) => tracing::warn!("{e}"),
-                    },
-                    ChangeKind::Delete => {
-                        self.incomings.remove(&n);
-                    }
-                }
-                n
-            }
+        let (key, value, put) = (&ch.kv.key, &ch.kv.value, ch.kind == ChangeKind::Put);
+        let name = match self.cluster.keys().parse(key) {
+            Some(ClusterKey::Vm(n)) => apply(&mut self.vms, n, key, value, put),
+            Some(ClusterKey::VmOwner(n)) => apply(&mut self.owners, n, key, value, put),
+            Some(ClusterKey::VmMove(n)) => apply(&mut self.moves, n, key, value, put),
+            Some(ClusterKey::VmIncoming(n)) => apply(&mut self.incomings, n, key, value, put),
             _ => return,
         };
         self.reconcile(&name).await;

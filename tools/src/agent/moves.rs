@@ -13,9 +13,8 @@
 //! way (`migrate::source::gate`, `migrate::destination::oracle`).
 
 use std::fs::OpenOptions;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -190,26 +189,7 @@ pub fn spawn_receiver(name: &str, r: &Receiver<'_>, events: &UnboundedSender<Eve
     cmd.arg("--serial").arg(format!("file:{}", r.dir.join("serial.log").display()));
     cmd.args(["--host-id", r.host_id, "--lease-ttl-ms", &r.disk_lease_ttl_ms.to_string()]);
     cmd.arg("--kvm-device").arg(r.kvm_device);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches only the child (its
-    // own session, as for `ferry run`).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", r.ferry.display()))?;
-    let pid = child.id();
-    std::fs::write(r.dir.join("vmm.pid"), format!("{pid}\n"))?;
-    let (tx, name) = (events.clone(), name.to_owned());
-    std::thread::Builder::new().name(format!("wait-{pid}")).spawn(move || {
-        let code = child.wait().ok().and_then(|s| s.code());
-        let _ = tx.send(Event::Exited { name, pid, code });
-    })?;
-    Ok(pid)
+    process::start(name, cmd, r.dir, log, events)
 }
 
 /// Waits (at most `limit`) for the receiver's endpoint file; reports

@@ -88,6 +88,19 @@ pub fn spawn(name: &str, l: &Launch<'_>, events: &UnboundedSender<Event>) -> any
     // went down is taken once it has expired (never while renewed).
     cmd.arg("--takeover");
     cmd.arg("--kvm-device").arg(l.kvm_device);
+    start(name, cmd, l.dir, log, events)
+}
+
+/// Starts a VMM command (`ferry run` or `ferry receive`) in its own
+/// session with its stderr in `log`, records its PID in `dir`, and has a
+/// thread report [`Event::Exited`].
+pub fn start(
+    name: &str,
+    mut cmd: Command,
+    dir: &Path,
+    log: std::fs::File,
+    events: &UnboundedSender<Event>,
+) -> anyhow::Result<u32> {
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     // SAFETY: setsid is async-signal-safe and touches only the child: it
     // gets its own session and process group, so signals sent to the
@@ -101,9 +114,10 @@ pub fn spawn(name: &str, l: &Launch<'_>, events: &UnboundedSender<Event>) -> any
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", l.ferry.display()))?;
+    let program = cmd.get_program().to_owned();
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", Path::new(&program).display()))?;
     let pid = child.id();
-    std::fs::write(l.dir.join("vmm.pid"), format!("{pid}\n"))?;
+    std::fs::write(dir.join("vmm.pid"), format!("{pid}\n"))?;
     let (tx, name) = (events.clone(), name.to_owned());
     std::thread::Builder::new().name(format!("wait-{pid}")).spawn(move || {
         let code = child.wait().ok().and_then(|s| s.code());
