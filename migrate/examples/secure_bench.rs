@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use migrate::auth::{self, Key};
-use migrate::secure::{self, Backend, Cipher, Suite};
+use migrate::secure::{self, Backend, Cipher, Records, Suite};
 use migrate::transport::{connect, Endpoint, Listener, Stream};
 
 const CHUNK: usize = 1 << 20;
@@ -121,10 +121,13 @@ fn main() {
     let _ = std::fs::remove_file(&key_path);
 
     let suites = [
-        ("AESGCM ring", Suite { cipher: Cipher::AesGcm, backend: Backend::Ring }),
-        ("ChaChaPoly ring", Suite { cipher: Cipher::ChaChaPoly, backend: Backend::Ring }),
-        ("AESGCM RustCrypto", Suite { cipher: Cipher::AesGcm, backend: Backend::RustCrypto }),
-        ("ChaChaPoly RustCrypto", Suite { cipher: Cipher::ChaChaPoly, backend: Backend::RustCrypto }),
+        ("AESGCM ring", Suite { cipher: Cipher::AesGcm, backend: Backend::Ring, records: Records::Sealed }),
+        ("ChaChaPoly ring", Suite { cipher: Cipher::ChaChaPoly, backend: Backend::Ring, records: Records::Sealed }),
+        ("AESGCM RustCrypto", Suite { cipher: Cipher::AesGcm, backend: Backend::RustCrypto, records: Records::Sealed }),
+        (
+            "ChaChaPoly RustCrypto",
+            Suite { cipher: Cipher::ChaChaPoly, backend: Backend::RustCrypto, records: Records::Sealed },
+        ),
     ];
     for (sname, suite) in suites {
         let d = (0..repeats).map(|_| seal_only(total, suite)).min().unwrap_or_default();

@@ -52,6 +52,11 @@ pub struct MigrateRequest {
     /// Ask this Unix socket before committing (see `source::gate`).
     #[serde(default)]
     pub commit_gate: Option<PathBuf>,
+    /// Encrypt the stream (the default). `false` sends memory and state in
+    /// the clear after an authenticated handshake; the destination must be
+    /// started with `--no-encryption` too.
+    #[serde(default = "default_true")]
+    pub encryption: bool,
 }
 
 fn default_mode() -> Mode {
@@ -116,6 +121,7 @@ impl MigrateRequest {
             io_timeout_s: default_io_timeout_s(),
             switchover_timeout_s: default_switchover_s(),
             commit_gate: None,
+            encryption: true,
         }
     }
 
@@ -152,6 +158,7 @@ impl MigrateRequest {
         o.check_only = self.check_only;
         o.max_bandwidth_mib_s = self.max_bandwidth_mib_s;
         o.commit_gate = self.commit_gate.clone();
+        o.records = if self.encryption { crate::secure::Records::Sealed } else { crate::secure::Records::Plain };
         o.switchover_timeout = Duration::from_secs_f64(sw);
         o.io_timeout = Duration::from_secs_f64(io);
         Ok((to, o))

@@ -46,6 +46,9 @@ pub struct Policy {
     /// Asked when the commit does not arrive after `Ready` (see [`oracle`]):
     /// the cluster, not this connection, knows whether the move committed.
     pub commit_oracle: Option<std::path::PathBuf>,
+    /// Encrypted records (the default), or plain ones if this host was told
+    /// to accept only those (see `secure::Records`).
+    pub records: secure::Records,
 }
 
 /// Serves migrations on `listener` until one brings a VM; returns it
@@ -104,7 +107,8 @@ pub fn attempt<D: Destination>(
 ) -> Result<Option<Arc<D::Vm>>, Error> {
     // The encrypted handshake and the hello, within one total deadline.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let mut io = Duplex::new(secure::accept(stream, &policy.key, deadline)?);
+    let suite = secure::Suite { records: policy.records, ..secure::Suite::default() };
+    let mut io = Duplex::new(secure::accept_with(stream, &policy.key, deadline, suite)?);
     let stream = &mut io;
     stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
     stream.set_deadline(Some(deadline));

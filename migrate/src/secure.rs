@@ -41,6 +41,9 @@ use crate::transport::Stream;
 
 /// Mixed into the handshake hash: both ends must speak exactly this.
 pub const PROLOGUE: &[u8] = b"ferry-migrate/2 secure/1";
+/// The prologue of a session whose records are not encrypted (both ends
+/// asked for it): a mismatch with [`PROLOGUE`] fails the handshake.
+pub const PROLOGUE_PLAIN: &[u8] = b"ferry-migrate/2 plain/1";
 /// Largest ciphertext in one record (the Noise message limit).
 pub const MAX_RECORD: usize = 65535;
 const TAG: usize = 16;
@@ -59,7 +62,10 @@ const PSK_INFO: &[u8] = b"noise NNpsk0 psk";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("authentication failed: the peer does not hold this cluster's key")]
+    #[error(
+        "authentication failed: the peer does not hold this cluster's key \
+         (or only one side runs with --no-encryption)"
+    )]
     Auth,
     #[error("secure handshake did not finish by its deadline")]
     Deadline,
@@ -90,17 +96,29 @@ pub enum Backend {
     RustCrypto,
 }
 
+/// What protects the records after the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Records {
+    /// Encrypted and authenticated (the default).
+    Sealed,
+    /// Sent as they are, framed the same way: only the handshake proves the
+    /// cluster key. For a link the operator trusts, and to measure what
+    /// encryption costs. Both ends must ask for it.
+    Plain,
+}
+
 /// The cipher suite. `Suite::default()` is what migrations use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Suite {
     pub cipher: Cipher,
     pub backend: Backend,
+    pub records: Records,
 }
 
 impl Default for Suite {
     /// AES-256-GCM from ring: the fastest here (AES-NI, VAES, PCLMULQDQ).
     fn default() -> Self {
-        Suite { cipher: Cipher::AesGcm, backend: Backend::Ring }
+        Suite { cipher: Cipher::AesGcm, backend: Backend::Ring, records: Records::Sealed }
     }
 }
 
@@ -119,7 +137,11 @@ impl Suite {
             Backend::RustCrypto => Box::new(DefaultResolver),
         };
         let params = self.pattern().parse()?;
-        Ok(snow::Builder::with_resolver(params, resolver).prologue(PROLOGUE)?.psk(0, psk)?)
+        let prologue = match self.records {
+            Records::Sealed => PROLOGUE,
+            Records::Plain => PROLOGUE_PLAIN,
+        };
+        Ok(snow::Builder::with_resolver(params, resolver).prologue(prologue)?.psk(0, psk)?)
     }
 }
 
@@ -165,7 +187,7 @@ pub fn connect_with(
     }
     let mut payload = [0u8; MAX_HANDSHAKE_MSG];
     hs.read_message(reply, &mut payload).map_err(|_| Error::Auth)?;
-    split(stream, hs)
+    split(stream, hs, suite.records)
 }
 
 /// `accept` with a chosen cipher suite (benchmarks, tests).
@@ -189,14 +211,14 @@ pub fn accept_with(
     let n = hs.write_message(&[], &mut msg[HEADER..])?;
     msg[..HEADER].copy_from_slice(&(n as u16).to_be_bytes());
     hs_write(&mut stream, deadline, &msg[..HEADER + n])?;
-    split(stream, hs)
+    split(stream, hs, suite.records)
 }
 
-fn split(mut stream: Stream, hs: HandshakeState) -> Result<(SecureReader, SecureWriter), Error> {
+fn split(mut stream: Stream, hs: HandshakeState, records: Records) -> Result<(SecureReader, SecureWriter), Error> {
     stream.set_timeout(None)?;
     let keys = Arc::new(hs.into_stateless_transport_mode()?);
-    let reader = SecureReader::new(stream.try_clone()?, keys.clone());
-    Ok((reader, SecureWriter::new(stream, keys)))
+    let reader = SecureReader::new(stream.try_clone()?, keys.clone(), records);
+    Ok((reader, SecureWriter::new(stream, keys, records)))
 }
 
 /// Time left before `deadline`, or `Error::Deadline`.
@@ -259,6 +281,14 @@ fn hs_recv<'a>(stream: &mut Stream, deadline: Instant, buf: &'a mut [u8]) -> Res
     Ok(&buf[..len])
 }
 
+/// The AEAD tag each record carries (none when records are plain).
+fn tag_len(records: Records) -> usize {
+    match records {
+        Records::Sealed => TAG,
+        Records::Plain => 0,
+    }
+}
+
 fn broken(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, format!("secure stream: {what}"))
 }
@@ -271,6 +301,7 @@ fn broken(what: &str) -> io::Error {
 pub struct SecureWriter {
     stream: Stream,
     keys: Arc<StatelessTransportState>,
+    records: Records,
     nonce: u64,
     /// Plaintext waiting for a full record (or a flush).
     plain: Box<[u8]>,
@@ -289,10 +320,11 @@ enum WriterState {
 }
 
 impl SecureWriter {
-    fn new(stream: Stream, keys: Arc<StatelessTransportState>) -> SecureWriter {
+    fn new(stream: Stream, keys: Arc<StatelessTransportState>, records: Records) -> SecureWriter {
         SecureWriter {
             stream,
             keys,
+            records,
             nonce: 0,
             plain: vec![0u8; MAX_PLAIN].into_boxed_slice(),
             plain_len: 0,
@@ -348,8 +380,15 @@ impl SecureWriter {
             Some(u) => u,
             None => &self.plain[..self.plain_len],
         };
-        let end = self.out_len + HEADER + plaintext.len() + TAG;
-        let sealed = self.keys.write_message(self.nonce, plaintext, &mut self.out[self.out_len + HEADER..end]);
+        let tag = tag_len(self.records);
+        let body = &mut self.out[self.out_len + HEADER..self.out_len + HEADER + plaintext.len() + tag];
+        let sealed = match self.records {
+            Records::Sealed => self.keys.write_message(self.nonce, plaintext, body),
+            Records::Plain => {
+                body.copy_from_slice(plaintext);
+                Ok(plaintext.len())
+            }
+        };
         let n = match sealed {
             Ok(n) => n,
             Err(e) => {
@@ -417,6 +456,7 @@ impl Write for SecureWriter {
 pub struct SecureReader {
     stream: Stream,
     keys: Arc<StatelessTransportState>,
+    records: Records,
     nonce: u64,
     /// Bytes from the socket: `input[in_start..in_end]` not yet opened.
     input: Box<[u8]>,
@@ -439,10 +479,11 @@ enum ReaderState {
 }
 
 impl SecureReader {
-    fn new(stream: Stream, keys: Arc<StatelessTransportState>) -> SecureReader {
+    fn new(stream: Stream, keys: Arc<StatelessTransportState>, records: Records) -> SecureReader {
         SecureReader {
             stream,
             keys,
+            records,
             nonce: 0,
             input: vec![0u8; IN_BUF].into_boxed_slice(),
             in_start: 0,
@@ -494,7 +535,7 @@ impl SecureReader {
             let avail = self.in_end - self.in_start;
             if avail >= HEADER {
                 let len = u16::from_be_bytes([self.input[self.in_start], self.input[self.in_start + 1]]) as usize;
-                if len < TAG {
+                if len < tag_len(self.records) {
                     self.state = ReaderState::Tampered;
                     return Err(self.failure());
                 }
@@ -546,7 +587,13 @@ impl Read for SecureReader {
             // (with its tag: ring opens in place) fits there.
             let direct = buf.len() >= len;
             let out: &mut [u8] = if direct { &mut buf[..len] } else { &mut self.plain[..len] };
-            let opened = self.keys.read_message(self.nonce, record, out);
+            let opened = match self.records {
+                Records::Sealed => self.keys.read_message(self.nonce, record, out),
+                Records::Plain => {
+                    out.copy_from_slice(record);
+                    Ok(len)
+                }
+            };
             self.in_start += HEADER + len;
             let n = match opened {
                 Ok(n) => n,
@@ -706,6 +753,44 @@ mod tests {
         dest.join().expect("destination thread");
     }
 
+    /// Both ends with these record settings, over a socketpair.
+    fn handshake_records(src: Records, dst: Records) -> (End, End) {
+        let (a, b) = pair();
+        let key = Key::from_bytes(KEY);
+        let k = key.clone();
+        let suite = |records| Suite { records, ..Suite::default() };
+        let t = thread::spawn(move || accept_with(b, &k, soon(), suite(dst)));
+        let src = connect_with(a, &key, soon(), suite(src));
+        (src, t.join().expect("responder thread"))
+    }
+
+    #[test]
+    fn plain_records_round_trip_and_end_with_a_close() {
+        let (src, dst) = handshake_records(Records::Plain, Records::Plain);
+        let ((_sr, mut sw), (mut dr, _dw)) = (src.expect("connect"), dst.expect("accept"));
+        let data = pattern(2 << 20, 3);
+        let t = data.clone();
+        let dest = thread::spawn(move || {
+            let got = read_odd(&mut dr).expect("destination reads");
+            assert!(got == t, "destination got {} bytes, not the {} sent", got.len(), t.len());
+            assert!(dr.is_closed());
+        });
+        write_odd(&mut sw, &data);
+        sw.finish().expect("finish");
+        dest.join().expect("destination thread");
+    }
+
+    #[test]
+    fn plain_on_one_side_only_fails_the_handshake_on_both() {
+        for (s, d) in [(Records::Plain, Records::Sealed), (Records::Sealed, Records::Plain)] {
+            let (src, dst) = handshake_records(s, d);
+            let err = src.err().expect("source refused");
+            assert!(matches!(err, Error::Auth), "source {s:?}/{d:?}: {err:?}");
+            assert!(err.to_string().contains("--no-encryption"), "{err}");
+            assert!(matches!(dst, Err(Error::Auth)), "destination {s:?}/{d:?}");
+        }
+    }
+
     #[test]
     fn a_wrong_key_fails_on_both_sides() {
         let (src, dst) = handshake(KEY, b"another cluster's key, 32 bytes!");
@@ -719,7 +804,7 @@ mod tests {
     fn a_cipher_mismatch_fails_the_handshake() {
         let (a, b) = pair();
         let t = thread::spawn(move || {
-            let chacha = Suite { cipher: Cipher::ChaChaPoly, backend: Backend::Ring };
+            let chacha = Suite { cipher: Cipher::ChaChaPoly, backend: Backend::Ring, records: Records::Sealed };
             accept_with(b, &Key::from_bytes(KEY), soon(), chacha).map(|_| ())
         });
         assert!(matches!(connect(a, &Key::from_bytes(KEY), soon()), Err(Error::Auth)));
@@ -731,12 +816,12 @@ mod tests {
         for cipher in [Cipher::AesGcm, Cipher::ChaChaPoly] {
             let (a, b) = pair();
             let t = thread::spawn(move || {
-                let s = Suite { cipher, backend: Backend::RustCrypto };
+                let s = Suite { cipher, backend: Backend::RustCrypto, records: Records::Sealed };
                 let (mut r, _w) = accept_with(b, &Key::from_bytes(KEY), soon(), s).expect("accept");
                 let mut got = Vec::new();
                 r.read_to_end(&mut got).map(|_| got)
             });
-            let s = Suite { cipher, backend: Backend::Ring };
+            let s = Suite { cipher, backend: Backend::Ring, records: Records::Sealed };
             let (_r, mut w) = connect_with(a, &Key::from_bytes(KEY), soon(), s).expect("connect");
             let data = pattern(300_000, 3);
             w.write_all(&data).expect("write");

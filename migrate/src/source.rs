@@ -68,6 +68,9 @@ pub struct Options {
     /// Who decides the commit, if not this VMM alone: a Unix socket (the
     /// cluster agent's) asked right before `Commit` is sent. See [`gate`].
     pub commit_gate: Option<std::path::PathBuf>,
+    /// Encrypted records (the default) or plain ones after an authenticated
+    /// handshake; the destination must say the same (see `secure::Records`).
+    pub records: secure::Records,
 }
 
 impl Options {
@@ -86,6 +89,7 @@ impl Options {
             io_timeout: IO_TIMEOUT,
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
             commit_gate: None,
+            records: secure::Records::Sealed,
         }
     }
 }
@@ -313,8 +317,9 @@ fn migrate_claimed(
     progress::update(progress, |p| p.phase = "connecting".into());
     let stream = connect(to, CONNECT_TIMEOUT).map_err(|source| Error::Connect { endpoint: to.clone(), source })?;
     // Every byte from here on is encrypted and authenticated, bound to this
-    // session (see `secure`).
-    let (mut reader, mut writer) = secure::connect(stream, &opts.key, Instant::now() + HANDSHAKE_TIMEOUT)?;
+    // session (see `secure`), unless both ends asked for plain records.
+    let suite = secure::Suite { records: opts.records, ..secure::Suite::default() };
+    let (mut reader, mut writer) = secure::connect_with(stream, &opts.key, Instant::now() + HANDSHAKE_TIMEOUT, suite)?;
     // Both halves keep it: clearing a deadline on either puts it back.
     writer.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;
     reader.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;

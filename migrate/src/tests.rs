@@ -357,7 +357,12 @@ fn destination(
     let listener = Listener::bind(&sock.endpoint()).unwrap();
     std::thread::spawn(move || {
         let stream = listener.accept().map_err(|e| e.to_string())?;
-        let policy = DestPolicy { key: key(), cpu: CpuPolicy::default(), commit_oracle: None };
+        let policy = DestPolicy {
+            key: key(),
+            cpu: CpuPolicy::default(),
+            commit_oracle: None,
+            records: crate::secure::Records::Sealed,
+        };
         destination::attempt(stream, &dest, &policy, &AtomicBool::new(false)).map_err(|e| e.to_string())
     })
 }

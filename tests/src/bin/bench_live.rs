@@ -74,6 +74,10 @@ const MIGRATE_T: Duration = Duration::from_secs(180);
 /// and reported as medians per cell.
 const MIGRATE_FIGURES: [&str; 6] = ["total_ms", "downtime_ms", "rounds", "bytes_sent", "round0_mib_s", "throttle_pct"];
 const PING_FIGURES: [&str; 3] = ["pings_sent", "pings_lost", "max_gap_ms"];
+/// The guest moved plain and encrypted in turn, this many times each, to
+/// price encryption.
+const ENCRYPTION_PAIRS: usize = 3;
+const ENCRYPTION_MEM_MIB: u64 = 1024;
 
 /// True while `pid` exists and is not a zombie.
 fn process_running(pid: u32) -> bool {
@@ -180,9 +184,9 @@ fn boot(lab: &Lab, dir: &Path, mem_mib: u64, dirty_mib_s: u64) -> Result<(Guest,
 }
 
 /// Starts `ferry receive` on `host`, listening on `port`; returns once it listens.
-fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize) -> Result<Guest, String> {
+fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize, plain: bool) -> Result<Guest, String> {
     let serial = dir.join(format!("receive-{seq}.log"));
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--listen".into(),
         format!("tcp:{}:{port}", Lab::host_ip(host)),
         "--key-file".into(),
@@ -192,6 +196,9 @@ fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize) ->
         "--serial".into(),
         format!("file:{}", serial.display()),
     ];
+    if plain {
+        args.push("--no-encryption".into());
+    }
     let g = Guest { vm: Vm::launch(Some(&lab.netns(host)), "receive", &args), serial, host };
     let deadline = Instant::now() + T;
     while !g.vm.stderr().contains("waiting for a migration") {
@@ -242,12 +249,13 @@ struct Moved {
     guest: Option<Guest>,
 }
 
-/// Moves the VM in `src` to the other host, measuring it from the client.
-fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64) -> Moved {
+/// Moves the VM in `src` to the other host, measuring it from the client
+/// (`plain`: with `--no-encryption` on both ends).
+fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, plain: bool) -> Moved {
     let (from, to) = (src.host, Lab::other_host(src.host));
     let port = PORT_BASE + seq as u16;
-    let mut record = json!({ "seq": seq, "from": from, "to": to });
-    let dst = match receiver(lab, dir, to, port, seq) {
+    let mut record = json!({ "seq": seq, "from": from, "to": to, "encrypted": !plain });
+    let dst = match receiver(lab, dir, to, port, seq, plain) {
         Ok(g) => g,
         Err(e) => {
             record["ok"] = json!(false);
@@ -264,12 +272,13 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64) -
     let t_start = t_ping.elapsed();
     let key = cluster_key().display().to_string();
     let endpoint = format!("tcp:{}:{port}", Lab::host_ip(to));
-    let out = run_bounded(
-        Command::new(ferry_bin())
-            .args(["migrate", "--mode", "live", "--json", "--key-file", &key, "--to", &endpoint, "--api-sock"])
-            .arg(&src.vm.api_sock),
-        MIGRATE_T,
-    );
+    let mut migrate = Command::new(ferry_bin());
+    migrate.args(["migrate", "--mode", "live", "--json", "--key-file", &key, "--to", &endpoint, "--api-sock"]);
+    migrate.arg(&src.vm.api_sock);
+    if plain {
+        migrate.arg("--no-encryption");
+    }
+    let out = run_bounded(&mut migrate, MIGRATE_T);
     let t_end = t_ping.elapsed();
     let ping = ping.join().unwrap_or_else(|_| Err("the ping thread panicked".into()));
     // The guest's own stalls while it still ran on the source (pre-copy).
@@ -342,6 +351,72 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64) -
             Moved { record, total_ms: None, guest }
         }
     }
+}
+
+/// Moves the guest `ENCRYPTION_PAIRS` times plain and as often encrypted,
+/// in turn; returns where it runs and every run's record.
+fn encryption_pairs(
+    lab: &Lab,
+    dir: &Path,
+    mut current: Option<Guest>,
+    seq: &mut usize,
+    history: &[(u64, u64, f64)],
+) -> (Option<Guest>, Vec<Value>) {
+    let mut runs = Vec::new();
+    for i in 0..2 * ENCRYPTION_PAIRS {
+        let Some(g) = current.take() else { break };
+        let plain = i % 2 == 0;
+        let expect = expected_ms(history, ENCRYPTION_MEM_MIB, 0);
+        let moved = migrate_once(lab, dir, g, *seq, expect, plain);
+        *seq += 1;
+        let r = &moved.record;
+        eprintln!(
+            "{ENCRYPTION_MEM_MIB} MiB idle, {} ({}->{}): ok={} total={} downtime={} round0={}{}",
+            if plain { "plain" } else { "encrypted" },
+            r["from"].as_str().unwrap_or("?"),
+            r["to"].as_str().unwrap_or("?"),
+            r["ok"],
+            r["total_ms"],
+            r["downtime_ms"],
+            r["round0_mib_s"],
+            r.get("error").map(|e| format!(" error: {e}")).unwrap_or_default(),
+        );
+        runs.push(moved.record);
+        current = moved.guest;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    (current, runs)
+}
+
+/// Medians of round 0 throughput and total time, plain against encrypted.
+fn encryption_report(runs: Vec<Value>) -> Value {
+    let med = |encrypted: bool, k: &str| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["ok"] == true && r["encrypted"] == encrypted)
+            .filter_map(|r| r[k].as_f64())
+            .collect();
+        median(&v)
+    };
+    let ratio = match (med(true, "round0_mib_s"), med(false, "round0_mib_s")) {
+        (Some(e), Some(p)) if p > 0.0 => Some(round3(e / p)),
+        _ => None,
+    };
+    json!({
+        "mem_mib": ENCRYPTION_MEM_MIB,
+        "dirty_mib_s": 0,
+        "pairs": ENCRYPTION_PAIRS,
+        "round0_mib_s_plain": med(false, "round0_mib_s"),
+        "round0_mib_s_encrypted": med(true, "round0_mib_s"),
+        "round0_encrypted_vs_plain": ratio,
+        "total_ms_plain": med(false, "total_ms"),
+        "total_ms_encrypted": med(true, "total_ms"),
+        "downtime_ms_plain": med(false, "downtime_ms"),
+        "downtime_ms_encrypted": med(true, "downtime_ms"),
+        "runs": runs,
+        "notes": "plain = `ferry migrate --no-encryption` to `ferry receive --no-encryption` (the same framing and \
+                  authenticated handshake, records not sealed); alternated with encrypted moves of the same guest.",
+    })
 }
 
 /// Enters network namespace `name` (this thread only).
@@ -526,6 +601,7 @@ fn main() {
     let mut verifies = Vec::new();
     let mut history: Vec<(u64, u64, f64)> = Vec::new();
     let mut seq = 0;
+    let mut encryption = Vec::new();
     for mem_mib in MEM_MIB {
         let (mut guest, boot_figures) = match boot(&lab, dir.path(), mem_mib, DIRTY_MIB_S[0]) {
             Ok((g, b)) => (Some(g), b),
@@ -566,7 +642,7 @@ fn main() {
                 }
                 let Some(g) = current.take() else { break };
                 let expect = expected_ms(&history, mem_mib, rate);
-                let mut moved = migrate_once(&lab, dir.path(), g, seq, expect);
+                let mut moved = migrate_once(&lab, dir.path(), g, seq, expect, false);
                 seq += 1;
                 // A failure counts (with its error); a success counts if the
                 // pinger saw the switchover.
@@ -604,6 +680,13 @@ fn main() {
                 // Let the moved guest run a little before moving it back.
                 std::thread::sleep(Duration::from_millis(300));
             }
+            // What encryption costs: idle 1 GiB moved plain and encrypted
+            // in turn (alternated, so drift on the machine hits both alike).
+            if mem_mib == ENCRYPTION_MEM_MIB && rate == 0 {
+                let (g, pairs) = encryption_pairs(&lab, dir.path(), current.take(), &mut seq, &history);
+                current = g;
+                encryption = pairs;
+            }
             guest = current;
             rows.push(cell_row(mem_mib, rate, runs, ceiling_mib_s));
         }
@@ -625,7 +708,7 @@ fn main() {
     drop(lab);
 
     let round0_ratio_min = rows.iter().filter_map(|r| r["round0_vs_ceiling"].as_f64()).reduce(f64::min);
-    let targets = vec![
+    let mut targets = vec![
         target(&rows, "idle 1 GiB: downtime", 1024, 0, "downtime_ms", "<=", 2.0),
         target(&rows, "idle 1 GiB: total", 1024, 0, "total_ms", "<=", 600.0),
         target(&rows, "idle 1 GiB: pings lost", 1024, 0, "pings_lost", "<=", 0.0),
@@ -635,6 +718,14 @@ fn main() {
         target(&rows, "200 MiB/s on 1 GiB: downtime", 1024, 200, "downtime_ms", "<=", 50.0),
         target(&rows, "idle 1 GiB: round 0 vs TCP ceiling", 1024, 0, "round0_vs_ceiling", ">=", 0.8),
     ];
+    let encryption = encryption_report(encryption);
+    targets.push(json!({
+        "name": "idle 1 GiB: round 0 encrypted vs plain",
+        "figure": "round0_encrypted_vs_plain",
+        "limit": ">= 0.85",
+        "value": encryption["round0_encrypted_vs_plain"],
+        "met": encryption["round0_encrypted_vs_plain"].as_f64().is_some_and(|r| r >= 0.85),
+    }));
     let targets_met = targets.iter().filter(|t| t["met"] == true).count();
     let report = json!({
         "bench": "live",
@@ -648,6 +739,7 @@ fn main() {
         "tcp_ceiling": ceiling,
         "cells": rows,
         "round0_vs_ceiling_min": round0_ratio_min,
+        "encryption": encryption,
         "boots": boots,
         "verify": verifies,
         "qemu_7_2": {

@@ -82,6 +82,11 @@ pub struct MigrateArgs {
     /// migrate::source::gate): the move commits only if it agrees.
     #[arg(long, value_name = "PATH")]
     commit_gate: Option<PathBuf>,
+    /// Send memory and state unencrypted (the handshake still proves the
+    /// cluster key): for a link you trust, or to measure what encryption
+    /// costs. The receiver must be started with --no-encryption too.
+    #[arg(long)]
+    no_encryption: bool,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -109,6 +114,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     request.switchover_timeout_s = args.switchover_timeout;
     request.io_timeout_s = args.io_timeout;
     request.commit_gate = args.commit_gate.clone();
+    request.encryption = !args.no_encryption;
     // Refuse bad numbers here, with the same words the API would use.
     request.options().map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = serde_json::to_vec(&request)?;
@@ -209,6 +215,12 @@ pub struct ReceiveArgs {
     /// (see migrate::destination::oracle).
     #[arg(long, value_name = "PATH")]
     commit_oracle: Option<PathBuf>,
+    /// Accept only sources that send memory and state unencrypted
+    /// (`ferry migrate --no-encryption`); the handshake still proves the
+    /// cluster key. For a link you trust, or to measure what encryption
+    /// costs.
+    #[arg(long)]
+    no_encryption: bool,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -237,6 +249,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
             profile: args.cpu_profile.as_deref().map(vmm::arch::x86_64::cpu_profile::CpuProfile::load).transpose()?,
         },
         commit_oracle: args.commit_oracle.clone(),
+        records: if args.no_encryption { migrate::secure::Records::Plain } else { migrate::secure::Records::Sealed },
     };
     let vmm = migrate::destination::receive(&listener, dest, std::sync::Arc::new(policy));
     drop(listener);
