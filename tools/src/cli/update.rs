@@ -171,8 +171,11 @@ async fn run(a: UpdateArgs, stop: Arc<Stop>) -> anyhow::Result<i32> {
         .and_then(|kv| serde_json::from_slice(&kv.value).ok())
         .filter(|p: &UpdateProgress| p.state == "running" || p.state == "interrupted");
     let mut progress = match previous.filter(|p| p.nodes == nodes) {
-        Some(p) => {
+        Some(mut p) => {
             eprintln!("ferry: resuming update {} after {} node(s): {}", p.id, p.done.len(), p.done.join(", "));
+            // It runs again: an "interrupted" left as it was would end this
+            // run as interrupted too, however far it got.
+            p.state = "running".into();
             p
         }
         None => UpdateProgress {
