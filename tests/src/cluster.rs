@@ -33,24 +33,26 @@ impl ClusterLab {
 
     /// `ferry ARGS --etcd EPS --cluster NAME` from the client namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.lab.netns("client")]).arg(ferry_bin()).args(args);
-        cmd.args(["--etcd", &self.eps, "--cluster", &self.cluster]);
-        run_bounded(&mut cmd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"))
+        run_bounded(&mut self.cli_command(args), Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// As [`ClusterLab::cli`], in the background.
     pub fn cli_spawn(&self, args: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.lab.netns("client")])
-            .arg(ferry_bin())
-            .args(args)
-            .args(["--etcd", &self.eps, "--cluster", &self.cluster])
+        self.cli_command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ferry")
+    }
+
+    /// The command [`ClusterLab::cli`] runs, for a caller that starts it
+    /// its own way (in its own process group, say).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.lab.netns("client")]).arg(ferry_bin()).args(args);
+        cmd.args(["--etcd", &self.eps, "--cluster", &self.cluster]);
+        cmd
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {

@@ -293,23 +293,42 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<std::process:
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    // Both pipes are read while it runs: one that fills (a command printing
+    // more than 64 KiB) would stall the child until the timeout.
+    let drain = |p: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut v = vec![];
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
     let deadline = Instant::now() + timeout;
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break,
+            Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
-                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                let _ = child.wait();
+                let err = stderr.join().unwrap_or_default();
                 return Err(format!(
                     "{cmd:?} ran past {timeout:?} and was killed; stderr: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
+                    String::from_utf8_lossy(&err).trim()
                 ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
         }
-    }
-    child.wait_with_output().map_err(|e| e.to_string())
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 /// Names of all named network namespaces (`ip netns list`).

@@ -67,6 +67,7 @@ fn an_update_runs_node_by_node_restarts_agents_and_brings_vms_home() {
 
     // --preview: the plan, and nothing changes.
     let out = cl.cli_ok(&["cluster", "update", "--preview"]);
+    eprintln!("--- ferry cluster update --preview\n{out}---");
     assert!(out.contains("1. node a") && out.contains("app0: a -> b") && out.contains("nothing was changed"), "{out}");
     assert_eq!(cl.owner("app0").as_deref(), Some("a"));
 
@@ -126,7 +127,8 @@ fn an_update_runs_node_by_node_restarts_agents_and_brings_vms_home() {
     }
     let html = std::fs::read_to_string(report.join("update-report.html")).unwrap();
     assert!(html.contains("<table>") && !html.contains("http"), "an offline HTML report");
-    assert!(report.join("update-report.json").exists());
+    // Printed for the README's excerpt.
+    eprintln!("--- update-report.json\n{}\n---", std::fs::read_to_string(report.join("update-report.json")).unwrap());
 
     // A second run while one is in progress is refused.
     let slow = cl.cli_spawn(&["cluster", "update", "--nodes", "c", "--run", "sleep 4", "--lab", "up1"]);

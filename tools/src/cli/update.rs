@@ -82,7 +82,10 @@ pub struct NodeReport {
     pub healthy_ms: f64,
     pub failback_ms: f64,
     pub command_status: Option<i32>,
+    /// The end of the command's output (its last 64 KiB at most).
     pub command_output: String,
+    /// How much it wrote in all.
+    pub command_output_bytes: u64,
     pub ferry_version_after: Option<String>,
     pub moves: Vec<MoveResult>,
 }
@@ -106,19 +109,39 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn update(a: UpdateArgs) -> anyhow::Result<i32> {
-    let stop = Arc::new(AtomicBool::new(false));
+    // Armed once the lock is held: from then on a signal only asks the run
+    // to stop between nodes; before, nothing has changed and it just exits.
+    let stop = Arc::new(Stop::default());
     let s = stop.clone();
     crate::signals::block();
     crate::signals::forward_with(move |sig| {
-        if sig == libc::SIGINT || sig == libc::SIGTERM {
-            eprintln!("ferry: interrupted: the update stops once the current node is back or paused");
-            s.store(true, Ordering::SeqCst);
+        if sig != libc::SIGINT && sig != libc::SIGTERM {
+            return;
+        }
+        if !s.armed.load(Ordering::SeqCst) {
+            std::process::exit(128 + sig);
+        }
+        if !s.asked.swap(true, Ordering::SeqCst) {
+            eprintln!(
+                "ferry: interrupted: the update stops once the current node is back or paused \
+                 (never in the middle of a drain)"
+            );
+        } else {
+            eprintln!("ferry: still finishing the current node; the update stops after it");
         }
     });
     block_on(async move { run(a, stop).await })
 }
 
-async fn run(a: UpdateArgs, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
+/// A run's interruption: `armed` while it may change the cluster,
+/// `asked` once a SIGINT or SIGTERM came.
+#[derive(Default)]
+struct Stop {
+    armed: AtomicBool,
+    asked: AtomicBool,
+}
+
+async fn run(a: UpdateArgs, stop: Arc<Stop>) -> anyhow::Result<i32> {
     let c = connect(&a.etcd).await?;
     let all = node_views(&c).await?;
     let mut nodes = if a.nodes.is_empty() { all.iter().map(|n| n.id.clone()).collect() } else { a.nodes.clone() };
@@ -139,6 +162,7 @@ async fn run(a: UpdateArgs, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
     if let Some(holder) = c.take_update_lock(&lease, &me).await? {
         bail!("an update of cluster {} is already running ({holder}); wait for it to end", a.etcd.cluster);
     }
+    stop.armed.store(true, Ordering::SeqCst);
     let progress_key = c.keys().update_progress();
     let previous: Option<UpdateProgress> = c
         .store()
@@ -147,8 +171,11 @@ async fn run(a: UpdateArgs, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
         .and_then(|kv| serde_json::from_slice(&kv.value).ok())
         .filter(|p: &UpdateProgress| p.state == "running" || p.state == "interrupted");
     let mut progress = match previous.filter(|p| p.nodes == nodes) {
-        Some(p) => {
+        Some(mut p) => {
             eprintln!("ferry: resuming update {} after {} node(s): {}", p.id, p.done.len(), p.done.join(", "));
+            // It runs again: an "interrupted" left as it was would end this
+            // run as interrupted too, however far it got.
+            p.state = "running".into();
             p
         }
         None => UpdateProgress {
@@ -182,8 +209,9 @@ async fn run(a: UpdateArgs, stop: Arc<AtomicBool>) -> anyhow::Result<i32> {
     let pending: Vec<String> =
         nodes.iter().filter(|n| !progress.done.contains(n) && !progress.failed.contains(n)).cloned().collect();
     for node in &pending {
-        if stop.load(Ordering::SeqCst) {
+        if stop.asked.load(Ordering::SeqCst) {
             progress.state = "interrupted".into();
+            eprintln!("ferry: update {} interrupted before node {node}; run it again to go on from there", progress.id);
             break;
         }
         if progress.failed.len() > a.max_failed_nodes {
@@ -289,6 +317,7 @@ fn failed_report(node: &str, why: String) -> NodeReport {
         failback_ms: 0.0,
         command_status: None,
         command_output: String::new(),
+        command_output_bytes: 0,
         ferry_version_after: None,
         moves: vec![],
     }
@@ -333,17 +362,30 @@ async fn update_node(
     };
     cmd.env("FERRY_NODE", node).env("FERRY_CLUSTER", c.keys().prefix());
     let limit_cmd = Duration::from_secs(a.command_timeout);
-    let out = tokio::task::spawn_blocking(move || run_bounded(cmd, limit_cmd)).await;
+    // Shown as it comes, each line after the node's name.
+    let who = node.to_owned();
+    let show = move |l: &[u8]| {
+        use std::io::Write;
+        // Not eprintln!: a closed terminal must not stop the reader (the
+        // command would then die of SIGPIPE mid-update).
+        let _ = writeln!(std::io::stderr().lock(), "  {who}| {}", String::from_utf8_lossy(l));
+    };
+    let out = tokio::task::spawn_blocking(move || run_bounded(cmd, limit_cmd, show)).await;
     r.update_ms = ms(t.elapsed());
     match out {
         Err(e) => return fail(r, format!("the update command: {e}")),
         Ok(Err(e)) => return fail(r, e),
         Ok(Ok(o)) => {
-            r.command_status = o.status.code();
-            r.command_output = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-            if !o.status.success() {
-                let why = format!("the update command failed ({})", o.status);
-                return fail(r, why);
+            r.command_status = o.status.and_then(|s| s.code());
+            r.command_output = o.tail;
+            r.command_output_bytes = o.bytes;
+            match o.status {
+                None => {
+                    let why = format!("the update command ran past {} s and was killed", a.command_timeout);
+                    return fail(r, why);
+                }
+                Some(s) if !s.success() => return fail(r, format!("the update command failed ({s})")),
+                Some(_) => {}
             }
         }
     }
@@ -494,25 +536,204 @@ fn html(r: &Report<'_>) -> String {
     )
 }
 
-/// Runs `cmd` to its end, killing it past `limit`.
-fn run_bounded(mut cmd: std::process::Command, limit: Duration) -> Result<std::process::Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run the update command: {e}"))?;
-    let deadline = std::time::Instant::now() + limit;
+/// The report keeps this much of a command's output: its end.
+const OUTPUT_TAIL: usize = 64 * 1024;
+/// A line longer than this is shown on the terminal in pieces (the
+/// pending line must stay bounded too).
+const LINE_MAX: usize = 4096;
+/// How long the output may stay open once the command has exited (a
+/// daemon it started may hold it forever).
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// What an update command left.
+#[derive(Debug)]
+struct CommandOutput {
+    /// None when it was killed for running past its time.
+    status: Option<std::process::ExitStatus>,
+    /// The end of its output (stdout and stderr as written).
+    tail: String,
+    /// How many bytes it wrote in all.
+    bytes: u64,
+}
+
+/// The last `cap` bytes written to it.
+struct Tail {
+    buf: std::collections::VecDeque<u8>,
+    cap: usize,
+    bytes: u64,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Tail {
+        Tail { buf: Default::default(), cap, bytes: 0 }
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        self.bytes += b.len() as u64;
+        let b = &b[b.len().saturating_sub(self.cap)..];
+        let excess = (self.buf.len() + b.len()).saturating_sub(self.cap);
+        self.buf.drain(..excess);
+        self.buf.extend(b);
+    }
+
+    /// As text; once cut, from its first whole line on.
+    fn text(&self) -> String {
+        let (a, b) = self.buf.as_slices();
+        let mut v = [a, b].concat();
+        if self.bytes > v.len() as u64 {
+            if let Some(nl) = v.iter().take(LINE_MAX).position(|&c| c == b'\n') {
+                v.drain(..=nl);
+            }
+        }
+        String::from_utf8_lossy(&v).into_owned()
+    }
+}
+
+/// Reads `r` to its end into `tail`, handing each line (without its
+/// newline; a long one in pieces) to `line` as it comes.
+fn read_output(mut r: impl std::io::Read, tail: &std::sync::Mutex<Tail>, mut line: impl FnMut(&[u8])) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = vec![];
     loop {
+        let n = match r.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!("reading the update command's output: {e}");
+                break;
+            }
+        };
+        tail.lock().unwrap_or_else(|e| e.into_inner()).push(&chunk[..n]);
+        for &c in &chunk[..n] {
+            if c == b'\n' {
+                line(&pending);
+                pending.clear();
+            } else {
+                pending.push(c);
+                if pending.len() >= LINE_MAX {
+                    line(&pending);
+                    pending.clear();
+                }
+            }
+        }
+    }
+    if !pending.is_empty() {
+        line(&pending);
+    }
+}
+
+/// Runs `cmd` to its end (killing it, and what it started, past `limit`),
+/// its stdout and stderr in one pipe read as it runs: a command that
+/// prints more than a pipe holds never stalls. Each line goes to `line`.
+fn run_bounded(
+    mut cmd: std::process::Command,
+    limit: Duration,
+    line: impl FnMut(&[u8]) + Send + 'static,
+) -> Result<CommandOutput, String> {
+    use std::os::unix::process::CommandExt;
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
+    let writer2 = writer.try_clone().map_err(|e| format!("cannot make a pipe: {e}"))?;
+    // Its own process group: a Ctrl-C at the terminal reaches ferry's group
+    // only, and ferry lets the command (and the node) finish.
+    cmd.stdin(Stdio::null()).stdout(writer).stderr(writer2).process_group(0);
+    let spawned = cmd.spawn();
+    // Our copies of the write end go now, or the reader never sees the end.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| format!("cannot run the update command: {e}"))?;
+    let tail = Arc::new(std::sync::Mutex::new(Tail::new(OUTPUT_TAIL)));
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let t = tail.clone();
+    std::thread::Builder::new()
+        .name("update-output".into())
+        .spawn(move || {
+            read_output(reader, &t, line);
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| format!("cannot start the output reader: {e}"))?;
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().map_err(|e| e.to_string()),
+            Ok(Some(s)) => break Some(s),
             Ok(None) if std::time::Instant::now() >= deadline => {
+                // SAFETY: SIGKILL to the process group this child leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("the update command ran past {} s and was killed", limit.as_secs()));
+                break None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e.to_string()),
         }
+    };
+    if done.recv_timeout(OUTPUT_GRACE).is_err() {
+        tracing::warn!("the update command's output is still open after it ended (a process it started holds it)");
+    }
+    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(CommandOutput { status, tail: t.text(), bytes: t.bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{run_bounded, Tail, OUTPUT_TAIL};
+
+    fn sh(script: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn a_command_printing_a_mebibyte_on_both_pipes_completes_with_its_tail() {
+        let lines = Arc::new(AtomicUsize::new(0));
+        let l = lines.clone();
+        // 1 MiB on stdout and 1 MiB on stderr, each far past a pipe buffer.
+        let script = "yes 0123456789abcde | head -c 1048576; yes fedcba987654321 | head -c 1048576 >&2; echo last";
+        let t = Instant::now();
+        let o = run_bounded(sh(script), Duration::from_secs(60), move |_| {
+            l.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        assert!(o.status.unwrap().success());
+        assert_eq!(o.bytes, 2 * 1048576 + 5);
+        assert!(o.tail.len() <= OUTPUT_TAIL && o.tail.len() > OUTPUT_TAIL - 100, "{}", o.tail.len());
+        assert!(o.tail.starts_with("fedcba987654321\n") && o.tail.ends_with("fedcba987654321\nlast\n"));
+        // Every 16-byte line, and "last", shown as it came.
+        assert_eq!(lines.load(Ordering::Relaxed), 2 * 1048576 / 16 + 1);
+    }
+
+    #[test]
+    fn a_command_past_its_time_is_killed_with_what_it_started() {
+        let t = Instant::now();
+        let o = run_bounded(sh("echo started; sleep 30 & sleep 30"), Duration::from_millis(500), |_| {}).unwrap();
+        assert!(o.status.is_none());
+        assert_eq!(o.tail, "started\n");
+        // The background sleep held the pipe too: it was killed with its group.
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_daemon_holding_the_output_does_not_hold_the_run() {
+        let t = Instant::now();
+        let o = run_bounded(sh("echo hi; sleep 5 &"), Duration::from_secs(60), |_| {}).unwrap();
+        assert!(o.status.unwrap().success());
+        assert_eq!(o.tail, "hi\n");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_from_a_line_start() {
+        let mut t = Tail::new(10);
+        t.push(b"aaaa\nbbbb\n");
+        assert_eq!(t.text(), "aaaa\nbbbb\n");
+        t.push(b"cc\ndd\n");
+        assert_eq!((t.text().as_str(), t.bytes), ("cc\ndd\n", 16));
+        t.push(&[b'x'; 25]);
+        assert_eq!(t.text(), "xxxxxxxxxx");
     }
 }
