@@ -1,17 +1,20 @@
 //! Faults injected into real migrations between lab hosts: a silent
-//! network cut (the host's link taken down: no RST), a lost `Resumed`
-//! (nftables drops what host b sends to host a right after the commit), and
-//! the destination killed after `Ready`. Afterwards the VM runs on exactly
-//! one host, with its memory verified. The commit gate (a Unix socket the
-//! source asks right before it commits) is how the test strikes at exactly
-//! that moment.
+//! network cut (the host's link taken down: no RST) in round 0, in a dirty
+//! round and between `Ready` and `Commit` (settled by the commit oracle
+//! either way), a lost `Resumed` (nftables drops what host b sends to host
+//! a right after the commit), the destination killed after `Ready` and the
+//! source killed after its commit. Afterwards the VM runs on exactly one
+//! host, with its memory verified (and, where it has one, its shared-volume
+//! disk's pattern and lease). The commit gate (a Unix socket the source asks
+//! right before it commits) is how the test strikes at exactly that moment.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, Lab, TempDir, Vm};
+use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, run_ferry, s, Lab, TempDir, Vm};
+use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 use ferry_e2e::LAB_GUEST_IP as GUEST_IP;
@@ -179,4 +182,216 @@ fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destina
     still_runs(&dest, "the destination had the commit when the source died");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "the guest answers from host b: {ping}");
+}
+
+/// A volume under `dir` with a 32 MiB raw disk `d0`; returns the volume path.
+fn volume_with_disk(dir: &TempDir) -> String {
+    let vol = dir.path().join("vol").display().to_string();
+    let out = run_ferry(&["volume", "create", &vol]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_ferry(&["disk", "create", "--volume", &vol, "--format", "raw", "--size", "32M", "d0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    vol
+}
+
+fn lease_owner(vol: &str) -> Value {
+    let out = run_ferry(&["disk", "lease", "show", "--volume", vol, "d0"]);
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    lease["owner"].clone()
+}
+
+/// The test guest on lab host a with disk d0 of `vol`, host id a, the
+/// pattern `seed` written on its first 512 sectors.
+fn boot_with_disk(lab: &Lab, vol: &str, mem_mib: u32, cmdline: &str, seed: u32) -> Vm {
+    let args = vec![
+        s("--kernel"),
+        ferry_e2e::guest_elf().display().to_string(),
+        s("--mem-mib"),
+        mem_mib.to_string(),
+        s("--cmdline"),
+        format!("heartbeat_ms=200 ip={GUEST_IP} {cmdline}"),
+        s("--net"),
+        s(ferry_e2e::LAB_GUEST_NIC),
+        s("--disk"),
+        format!("csv:{vol}/disks/d0"),
+        s("--host-id"),
+        s("a"),
+    ];
+    let vm = Vm::launch(Some(&lab.netns("a")), "run", &args);
+    vm.wait_line(T, |l| l.starts_with("workload ready"));
+    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let w = command(&vm, &format!("disk-write 0 512 {seed}"), "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{w}");
+    vm
+}
+
+/// The VM's disk still holds pattern `seed` and takes new writes.
+fn disk_intact(vm: &Vm, seed: u32, why: &str) {
+    let v = command(vm, &format!("disk-verify 0 512 {seed}"), "disk-verify", T);
+    assert!(v.starts_with("disk-verify ok"), "{why}: {v}");
+    let w = command(vm, "disk-write 1024 64 77", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{why}: the disk takes writes: {w}");
+}
+
+/// The migration's progress as the source's API reports it.
+fn progress(vm: &Vm) -> Value {
+    vmm::api::client::request(&vm.api_sock, "GET", "vm.migration", b"", Duration::from_secs(2))
+        .ok()
+        .and_then(|r| serde_json::from_str(&r.body).ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source() {
+    if !kvm_available("a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source") {
+        return;
+    }
+    let lab = lab_with_taps("fi5");
+    let dir = TempDir::new("fi5");
+    let vol = volume_with_disk(&dir);
+    let vm = boot_with_disk(&lab, &vol, 256, "wss_mib=128 dirty_mib_s=40", 5);
+    let allow = dir.path().display().to_string();
+    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7875, &["--net", "tap=vm0", "--allow-disks", &allow]);
+    // Dirtying nearly as fast as the capped link drains, with a downtime
+    // target it cannot meet: round after round, until the cut.
+    let migration = ferry_e2e::migrate_in_lab_background(
+        &lab,
+        "a",
+        &vm,
+        "tcp:10.200.77.2:7875",
+        &[
+            "--max-bandwidth",
+            "48",
+            "--downtime-ms",
+            "0.01",
+            "--no-auto-converge",
+            "--max-rounds",
+            "10000",
+            "--timeout",
+            "300",
+            "--io-timeout",
+            "3",
+        ],
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let p = progress(&vm);
+        if p["phase"] == "round" && p["round"].as_u64().is_some_and(|r| r >= 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never reached round 2: {p}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.ok(&["cut", "b"]);
+    let (ok, _, err) = migration.join().unwrap();
+    lab.ok(&["heal", "b"]);
+    assert!(!ok, "a cut link fails the migration");
+    assert!(!err.contains("outcome unknown"), "a dirty round is long before any commit: {err}");
+    still_runs(&vm, "after a silent cut in a dirty round");
+    disk_intact(&vm, 5, "after a silent cut in a dirty round");
+    assert_eq!(lease_owner(&vol), "a", "the disk never left host a");
+    assert!(!dest.api_sock.exists(), "the destination never ran the VM");
+    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
+    assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+}
+
+/// A commit oracle on `path` that answers `committed` once asked.
+fn oracle(path: PathBuf, committed: bool) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(line.contains("committed?"), "{line}");
+        let answer = if committed { "{\"committed\":true}\n" } else { "{\"committed\":false,\"reason\":\"gate said no\"}\n" };
+        s.write_all(answer.as_bytes()).unwrap();
+    })
+}
+
+/// The link of host b is cut right after `Ready` (when the source asks its
+/// gate); the gate's answer is what the destination's oracle says later,
+/// as the cluster's owner key would. Returns (source VM, destination VM,
+/// volume, migrate's stderr) after the migration command ended.
+fn cut_between_ready_and_commit(lab: &Lab, dir: &TempDir, port: u16, committed: bool) -> (Vm, Vm, String, String) {
+    let vol = volume_with_disk(dir);
+    let vm = boot_with_disk(lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 9);
+    let oracle_path = dir.path().join("oracle.sock");
+    let oracle_thread = oracle(oracle_path.clone(), committed);
+    let allow = dir.path().display().to_string();
+    let oracle_arg = oracle_path.display().to_string();
+    let dest = ferry_e2e::receiver_in_lab(
+        lab,
+        "b",
+        port,
+        &["--net", "tap=vm0", "--allow-disks", &allow, "--commit-oracle", &oracle_arg],
+    );
+    let gate_path = dir.path().join("gate.sock");
+    let listener = UnixListener::bind(&gate_path).unwrap();
+    // The gate hands its connection back unanswered: the test cuts the link
+    // first, then answers, so whatever the source sends next is lost.
+    let gate_thread = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(line.contains("to_host"), "{line}");
+        let answer = if committed { "{\"commit\":true}\n" } else { "{\"commit\":false,\"reason\":\"no\"}\n" };
+        (s, answer)
+    });
+    let gate_arg = gate_path.display().to_string();
+    let to = format!("tcp:10.200.77.2:{port}");
+    let migration = ferry_e2e::migrate_in_lab_background(
+        lab,
+        "a",
+        &vm,
+        &to,
+        &["--mode", "quick", "--commit-gate", &gate_arg, "--switchover-timeout", "3"],
+    );
+    let (mut gate_conn, answer) = gate_thread.join().unwrap();
+    lab.ok(&["cut", "b"]);
+    gate_conn.write_all(answer.as_bytes()).unwrap();
+    let (ok, _, err) = migration.join().unwrap();
+    oracle_thread.join().unwrap();
+    lab.ok(&["heal", "b"]);
+    assert!(!ok, "the source never heard back: {err}");
+    (vm, dest, vol, err)
+}
+
+#[test]
+fn a_cut_between_ready_and_a_commit_leaves_the_vm_on_the_destination_the_oracle_names() {
+    if !kvm_available("a_cut_between_ready_and_a_commit_leaves_the_vm_on_the_destination_the_oracle_names") {
+        return;
+    }
+    let lab = lab_with_taps("fi6");
+    let dir = TempDir::new("fi6");
+    let (mut vm, dest, vol, err) = cut_between_ready_and_commit(&lab, &dir, 7876, true);
+    assert!(err.contains("outcome unknown") || err.contains("did not confirm"), "{err}");
+    vm.wait_exit(T);
+    dest.wait_api(T);
+    assert!(dest.stderr().contains("the cluster says the VM is this host's"), "{}", dest.stderr());
+    still_runs(&dest, "the oracle said the move committed");
+    disk_intact(&dest, 9, "on the destination after the oracle's yes");
+    assert_eq!(lease_owner(&vol), "b", "the disk is host b's");
+    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
+    assert_eq!(ping["pings_lost"], 0, "the guest answers from host b: {ping}");
+}
+
+#[test]
+fn a_cut_between_ready_and_a_refused_commit_leaves_the_vm_and_its_disk_on_the_source() {
+    if !kvm_available("a_cut_between_ready_and_a_refused_commit_leaves_the_vm_and_its_disk_on_the_source") {
+        return;
+    }
+    let lab = lab_with_taps("fi7");
+    let dir = TempDir::new("fi7");
+    let (vm, mut dest, vol, err) = cut_between_ready_and_commit(&lab, &dir, 7877, false);
+    assert!(!err.contains("outcome unknown"), "a refused commit is not uncertain: {err}");
+    still_runs(&vm, "the gate refused the commit");
+    disk_intact(&vm, 9, "on the source after the refused commit");
+    assert_eq!(lease_owner(&vol), "a", "the disk is back under host a's lease");
+    // The destination asked its oracle, heard no, and discarded the VM.
+    dest.wait_stderr(T, "did not commit");
+    assert!(!dest.api_sock.exists(), "the destination never ran the VM");
+    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
+    assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+    dest.signal(libc::SIGTERM);
+    let _ = dest.wait_exit(T);
 }
