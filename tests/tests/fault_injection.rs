@@ -303,7 +303,8 @@ fn oracle(path: PathBuf, committed: bool) -> std::thread::JoinHandle<()> {
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).unwrap();
         assert!(line.contains("committed?"), "{line}");
-        let answer = if committed { "{\"committed\":true}\n" } else { "{\"committed\":false,\"reason\":\"gate said no\"}\n" };
+        let answer =
+            if committed { "{\"committed\":true}\n" } else { "{\"committed\":false,\"reason\":\"gate said no\"}\n" };
         s.write_all(answer.as_bytes()).unwrap();
     })
 }
