@@ -374,17 +374,18 @@ impl Cluster {
     }
 
     /// Says that the leader on `node` restarts VM `name` (idempotent put,
-    /// under its node lease).
-    pub async fn put_restart(&self, name: &str, node: &NodeLease, r: &records::RestartRecord) -> Result<()> {
+    /// under its node lease). Returns the put's revision.
+    pub async fn put_restart(&self, name: &str, node: &NodeLease, r: &records::RestartRecord) -> Result<i64> {
         validate_name("VM name", name)?;
-        self.store.put(&self.keys.vm_restart(name), records::encode(r), Some(node.lease.id())).await.map(|_| ())
+        self.store.put(&self.keys.vm_restart(name), records::encode(r), Some(node.lease.id())).await
     }
 
-    /// Removes the VM's restart record if `node`'s lease wrote it.
-    pub async fn delete_restart(&self, name: &str, node: &NodeLease) -> Result<()> {
+    /// Removes the VM's restart record if it is still the one put at
+    /// `revision` (a later restart's record stays).
+    pub async fn delete_restart(&self, name: &str, revision: i64) -> Result<()> {
         let key = self.keys.vm_restart(name);
         let txn = Txn::new()
-            .when([Compare::lease(key.as_str(), CompareOp::Equal, node.lease.id())])
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key.as_str(), None)]);
         self.store.txn("delete VM restart", txn).await.map(|_| ())
     }

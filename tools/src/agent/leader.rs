@@ -22,6 +22,7 @@
 //! shows the VM as Restarting: from where, to where, since when).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,7 +210,7 @@ async fn restart_orphans(
         if up.contains(&node) || restarts.0.get(&vm).is_some_and(|t| !t.is_finished()) {
             continue;
         }
-        let r = Restart { c: c.clone(), lease: lease.clone(), name: vm.clone(), dead: node, me: cfg.me.clone() };
+        let r = Restart::new(c, lease, &vm, node, &cfg.me);
         restarts.0.insert(vm, tokio::spawn(async move { r.run(owner).await }));
     }
     Ok(())
@@ -239,14 +240,67 @@ struct Restart {
     name: String,
     dead: String,
     me: String,
+    /// The revision of its last restart record (0: none).
+    said: AtomicI64,
 }
 
 impl Restart {
-    /// Runs it and removes the VM's restart record however it ended.
+    fn new(c: &Cluster, lease: &Arc<NodeLease>, name: &str, dead: String, me: &str) -> Restart {
+        Restart {
+            c: c.clone(),
+            lease: lease.clone(),
+            name: name.to_owned(),
+            dead,
+            me: me.to_owned(),
+            said: AtomicI64::new(0),
+        }
+    }
+
+    /// Runs it and removes the VM's restart record once it ended: at once
+    /// if no owner change was made; once the new owner reports the VM
+    /// past Starting otherwise (bounded), by a task of its own, so that a
+    /// new restart of the VM (its new owner going down too) is not held
+    /// up by this one.
     async fn run(self, owner: Owner) {
-        self.restart(owner).await;
-        if let Err(e) = self.c.delete_restart(&self.name, &self.lease).await {
+        match self.restart(owner).await {
+            None => self.unsay().await,
+            Some((next, target)) => {
+                tokio::spawn(async move {
+                    self.until_running(&next, &target).await;
+                    self.unsay().await;
+                });
+            }
+        }
+    }
+
+    async fn unsay(&self) {
+        let rev = self.said.load(Ordering::Relaxed);
+        if rev == 0 {
+            return;
+        }
+        if let Err(e) = self.c.delete_restart(&self.name, rev).await {
             tracing::warn!("VM {}: cannot remove its restart record: {e}", self.name);
+        }
+    }
+
+    /// Waits (at most [`BOOT_WAIT`]) until `target`, owner at `next`,
+    /// reports the VM past Starting, or the owner changes again.
+    async fn until_running(&self, next: &Owner, target: &str) {
+        let name = self.name.as_str();
+        let deadline = tokio::time::Instant::now() + BOOT_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            match self.c.vm_status(name).await {
+                Ok(Some(s)) if s.value.node == target && s.value.epoch >= next.epoch && s.value.state != "Starting" => {
+                    return
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!("VM {name}: {e}"),
+            }
+            match self.c.owner(name).await {
+                Ok(now) if !now.value.same(next) => return,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -261,14 +315,15 @@ impl Restart {
             since_unix_ms: since,
             leader: self.me.clone(),
         };
-        if let Err(e) = self.c.put_restart(&self.name, &self.lease, &r).await {
-            tracing::warn!("VM {}: cannot publish its restart: {e}", self.name);
+        match self.c.put_restart(&self.name, &self.lease, &r).await {
+            Ok(rev) => self.said.store(rev, Ordering::Relaxed),
+            Err(e) => tracing::warn!("VM {}: cannot publish its restart: {e}", self.name),
         }
     }
 
     /// Restarts the VM, owned by the dead node at `owner`, on a surviving
-    /// node.
-    async fn restart(&self, owner: Owner) {
+    /// node; returns the new owner if it changed the owner key.
+    async fn restart(&self, owner: Owner) -> Option<(Owner, String)> {
         let (c, name, dead) = (&self.c, self.name.as_str(), self.dead.as_str());
         let detected = cluster::records::unix_ms();
         let spec = match c.vm(name).await.ok().flatten().map(|v| VmSpec::from_record(&v.value)) {
@@ -283,7 +338,7 @@ impl Restart {
                     serde_json::Value::Null,
                 )
                 .await;
-                return;
+                return None;
             }
         };
         let diskless = spec.machine.disks.iter().all(|d| d.volume.is_none());
@@ -310,13 +365,13 @@ impl Restart {
                         serde_json::Value::Null,
                     )
                     .await;
-                    return;
+                    return None;
                 }
                 Ok(None) => {}
                 Err(e) => tracing::debug!("node {dead}: {e}"),
             }
             match c.owner(name).await {
-                Ok(now) if !now.value.same(&owner) => return, // someone else moved it
+                Ok(now) if !now.value.same(&owner) => return None, // someone else moved it
                 Ok(_) => {}
                 Err(e) => tracing::debug!("VM {name}: {e}"),
             }
@@ -330,7 +385,13 @@ impl Restart {
                 }
                 break cluster::records::unix_ms();
             }
-            let wait_until = match disk_leases_held_until(&spec) {
+            // Off the runtime's workers: a hung volume must not stall the
+            // agent's main task (its watchdog would take it for a hang).
+            let s = spec.clone();
+            let held = tokio::task::spawn_blocking(move || disk_leases_held_until(&s))
+                .await
+                .unwrap_or_else(|e| Err(format!("the lease reader ended: {e}")));
+            let wait_until = match held {
                 Ok(held) => held.map_or(now, |t| t + DISK_MARGIN.as_millis() as u64),
                 Err(e) => {
                     tracing::warn!("VM {name}: cannot read its disk leases ({e}); trying again");
@@ -351,7 +412,7 @@ impl Restart {
                     event(c, "vm-restart-wait", dead, Some(name), why, serde_json::Value::Null).await;
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     match c.owner(name).await {
-                        Ok(now) if !now.value.same(&owner) => return,
+                        Ok(now) if !now.value.same(&owner) => return None,
                         _ => {}
                     }
                 }
@@ -363,12 +424,12 @@ impl Restart {
                 Ok(now) if now.value.same(&Owner::new(Some(&target), owner.epoch + 1)) => now.value,
                 _ => {
                     tracing::warn!("VM {name}: the restart's owner change had an unknown outcome: {e}");
-                    return;
+                    return None;
                 }
             },
             Err(e) => {
                 tracing::warn!("VM {name}: not restarted: {e}");
-                return;
+                return None;
             }
         };
         let restarted = cluster::records::unix_ms();
@@ -395,20 +456,7 @@ impl Restart {
         }
         event(c, "vm-restarted", &target, Some(name), format!("restarted here after node {dead} went down"), figures)
             .await;
-        // Restarting until its new owner says it runs (or failed).
-        let deadline = tokio::time::Instant::now() + BOOT_WAIT;
-        while tokio::time::Instant::now() < deadline {
-            match c.vm_status(name).await {
-                Ok(Some(s)) if s.value.epoch >= next.epoch && s.value.state != "Starting" => return,
-                Ok(_) => {}
-                Err(e) => tracing::debug!("VM {name}: {e}"),
-            }
-            match c.owner(name).await {
-                Ok(now) if !now.value.same(&next) => return,
-                _ => {}
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        Some((next, target))
     }
 }
 

@@ -529,7 +529,8 @@ pub struct VmView {
     pub owner: Option<String>,
     pub epoch: u64,
     /// What the owner's agent reports (Starting, Running, ...); "Stopped"
-    /// without an owner; "Unknown" if the owner reports nothing.
+    /// without an owner; "Restarting" while the leader restarts it after
+    /// its node went down; "Unknown" if the owner reports nothing.
     pub state: String,
     pub reported_by: Option<String>,
     pub pid: Option<u32>,
