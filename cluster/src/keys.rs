@@ -13,6 +13,7 @@
 //! /ferry/<cluster>/vms/<name>/status          VmStatus, under the running node's lease
 //! /ferry/<cluster>/vms/<name>/move            MoveRecord: a move asked for, until it commits or fails
 //! /ferry/<cluster>/vms/<name>/incoming        IncomingRecord, under the destination node's lease
+//! /ferry/<cluster>/vms/<name>/restart         RestartRecord: a failover under way, under the leader's node lease
 //! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
 //! /ferry/<cluster>/cluster                    ClusterRecord (nodes, volume, settings), created once
 //! /ferry/<cluster>/validation                 ValidationRecord, the last `ferry validate` report
@@ -62,6 +63,7 @@ pub enum ClusterKey {
     VmStatus(String),
     VmMove(String),
     VmIncoming(String),
+    VmRestart(String),
     Leader,
     /// The cluster's own record (`ferry cluster create`).
     ClusterRecord,
@@ -144,6 +146,11 @@ impl Keys {
         format!("{}vms/{name}/incoming", self.prefix)
     }
 
+    /// A failover of the VM under way (under the leader's node lease).
+    pub fn vm_restart(&self, name: &str) -> String {
+        format!("{}vms/{name}/restart", self.prefix)
+    }
+
     pub fn node_restart(&self, id: &str) -> String {
         format!("{}nodes/{id}/restart", self.prefix)
     }
@@ -184,6 +191,7 @@ impl Keys {
             ["vms", name, "status"] if name_ok(name) => Some(ClusterKey::VmStatus((*name).to_owned())),
             ["vms", name, "move"] if name_ok(name) => Some(ClusterKey::VmMove((*name).to_owned())),
             ["vms", name, "incoming"] if name_ok(name) => Some(ClusterKey::VmIncoming((*name).to_owned())),
+            ["vms", name, "restart"] if name_ok(name) => Some(ClusterKey::VmRestart((*name).to_owned())),
             ["vms", name, "history", seq] if name_ok(name) && seq.len() == 20 => {
                 Some(ClusterKey::VmHistory((*name).to_owned(), seq.parse().ok()?))
             }
@@ -253,6 +261,8 @@ mod tests {
         assert_eq!(k.parse(&k.vm_status("web")), Some(ClusterKey::VmStatus("web".into())));
         assert_eq!(k.parse(&k.vm_move("web")), Some(ClusterKey::VmMove("web".into())));
         assert_eq!(k.parse(&k.vm_incoming("web")), Some(ClusterKey::VmIncoming("web".into())));
+        assert_eq!(k.vm_restart("web"), "/ferry/c1/vms/web/restart");
+        assert_eq!(k.parse(&k.vm_restart("web")), Some(ClusterKey::VmRestart("web".into())));
     }
 
     #[test]

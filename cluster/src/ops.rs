@@ -373,6 +373,35 @@ impl Cluster {
         self.get_record(&self.keys.vm_status(name)).await
     }
 
+    /// Says that the leader on `node` restarts VM `name` (idempotent put,
+    /// under its node lease). Returns the put's revision.
+    pub async fn put_restart(&self, name: &str, node: &NodeLease, r: &records::RestartRecord) -> Result<i64> {
+        validate_name("VM name", name)?;
+        self.store.put(&self.keys.vm_restart(name), records::encode(r), Some(node.lease.id())).await
+    }
+
+    /// Removes the VM's restart record if it is still the one put at
+    /// `revision` (a later restart's record stays).
+    pub async fn delete_restart(&self, name: &str, revision: i64) -> Result<()> {
+        let key = self.keys.vm_restart(name);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.store.txn("delete VM restart", txn).await.map(|_| ())
+    }
+
+    /// Every failover under way, by VM name.
+    pub async fn restarts(&self) -> Result<std::collections::BTreeMap<String, records::RestartRecord>> {
+        let listing = self.store.list(&self.keys.vms_prefix()).await?;
+        let mut out = std::collections::BTreeMap::new();
+        for kv in &listing.kvs {
+            if let Some(crate::keys::ClusterKey::VmRestart(n)) = self.keys.parse(&kv.key) {
+                out.insert(n, records::decode(&kv.key, &kv.value)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every VM's owner and status (if an agent reports one), by VM name.
     pub async fn vm_owners_and_statuses(
         &self,

@@ -229,6 +229,33 @@ impl Record for IncomingRecord {
     const KIND: &'static str = "incoming move";
 }
 
+/// A failover under way: the leader restarts the VM of a node that went
+/// down. Under the leader's node lease (a leader that dies takes it with
+/// it; the next one writes its own); deleted once the VM runs again or
+/// the restart is given up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartRecord {
+    pub v: u32,
+    /// The node that went down.
+    pub from: String,
+    /// Where it goes: planned while the leader waits, then the new owner.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// The new owner epoch, once the owner key names `to`.
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// What the restart waits for now.
+    pub phase: String,
+    /// When the leader saw the node down.
+    pub since_unix_ms: u64,
+    /// The leader doing it.
+    pub leader: String,
+}
+
+impl Record for RestartRecord {
+    const KIND: &'static str = "VM restart";
+}
+
 /// Something the cluster leader saw or did (`ferry cluster events`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {

@@ -182,9 +182,16 @@ impl Agent {
 
     /// As [`Agent::start`], from the `ferry` binary at `bin`.
     pub fn start_with(cl: &ClusterLab, node: &str, bin: &Path, extra: &[&str]) -> Agent {
+        Agent::start_env(cl, node, bin, extra, &[])
+    }
+
+    /// As [`Agent::start_with`], with environment variables `env` (the
+    /// agent's test hooks).
+    pub fn start_env(cl: &ClusterLab, node: &str, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let log = cl.states.join(format!("agent-{node}.log"));
         let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new("ip")
+            .envs(env.iter().copied())
             .args(["netns", "exec", &cl.lab.netns(node)])
             .arg(bin)
             .args(["node", "run", "--etcd", &cl.eps, "--cluster", &cl.cluster, "--node-id", node])

@@ -219,3 +219,91 @@ fn with_quorum_lost_nothing_moves_and_the_survivor_keeps_its_vm() {
     let v = cl.wait_show(VM, "a reports db again", |v| v["status"]["node"] == "a" && v["status"]["state"] == "Running");
     assert_eq!(v["owner"]["node"], "a");
 }
+
+#[test]
+fn a_hung_agent_is_fenced_by_its_watchdog_and_its_vm_restarts_elsewhere_once() {
+    let test = "a_hung_agent_is_fenced_by_its_watchdog_and_its_vm_restarts_elsewhere_once";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = TempDir::new("watchdog");
+    let (cl, vol) = setup("fq1", dir.path());
+    let _reaper = VmmReaper(cl.states.clone());
+    // Test-only hook: a's main loop blocks its thread for good once this
+    // file exists, as a loop stuck in a syscall would.
+    let hang = dir.path().join("hang-a").display().to_string();
+    let mut agents: Vec<Agent> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let env: &[(&str, &str)] = if *n == "a" { &[("FERRY_AGENT_TEST_HANG_FILE", &hang)] } else { &[] };
+            Agent::start_env(&cl, n, &ferry_e2e::ferry_bin(), &["--witness", &vol], env)
+        })
+        .collect();
+    cl.wait_nodes_up(3);
+    create_and_start(&cl, &vol, "a");
+    let old_pid = vm_processes(&cl)[0].1;
+
+    std::fs::write(&hang, "").unwrap();
+    let started = Instant::now();
+    let hung_at = loop {
+        let log = agents[0].log();
+        if let Some(rest) = log.split("the main loop hangs now (at_unix_ms=").nth(1) {
+            break rest.split(')').next().unwrap().parse::<u64>().unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the hook did not fire: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let died = loop {
+        if !Path::new(&format!("/proc/{old_pid}")).exists() {
+            break ferry_e2e::unix_ms_now();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the hung agent's VMM still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SIGKILL to gone takes a VMM about a second here (its guest memory
+    // is torn down): the watchdog's own timing is checked from its line.
+    let fence_ms = died - hung_at;
+    eprintln!("hung agent: its VMM gone {fence_ms} ms after the hang");
+    assert!(fence_ms < 6000, "fenced by the watchdog: {fence_ms} ms");
+    let code = loop {
+        if let Some(st) = agents[0].child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the hung agent did not exit: {}", agents[0].log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(4), "exit status 4 (watchdog): {}", agents[0].log());
+    let log = agents[0].log();
+    let line = log.lines().find(|l| l.contains("watchdog:")).unwrap_or_else(|| panic!("no watchdog line: {log}"));
+    eprintln!("  {line}");
+    // The deadline at the default 3 s TTL is 2.4 s since the last pet (one
+    // every 240 ms, looked at as often): fired after at most 2.64 s,
+    // plus this busy machine's scheduling.
+    let stalled: f64 =
+        line.split("has not run for ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!((2.4..3.2).contains(&stalled), "fired at the deadline: {line}");
+
+    // Restarted elsewhere, once, after the old VMM died.
+    let back = first_reply_after(&cl, started);
+    let owner = cl.owner(VM).expect("an owner");
+    assert!(owner == "b" || owner == "c", "restarted on b or c, not {owner}");
+    eprintln!("hung agent: {VM} answers from {owner} {:.2} s after the hang", back.as_secs_f64());
+    let lease = disk_lease(&vol, "d0");
+    assert_eq!(lease["owner"].as_str(), Some(owner.as_str()), "{lease}");
+    let taken = lease["updated_unix_ms"].as_u64().unwrap();
+    assert!(died <= taken, "the VMM died ({died}) before its disk was taken over ({taken})");
+    let procs = vm_processes(&cl);
+    assert_eq!(procs.len(), 1, "runs on exactly one node: {procs:?}");
+    let h: Value = serde_json::from_str(&cl.cli_ok(&["vm", "history", VM, "--json"])).unwrap();
+    let failovers: Vec<&Value> =
+        h.as_array().unwrap().iter().map(|e| &e["entry"]).filter(|e| e["kind"] == "failover").collect();
+    assert_eq!(failovers.len(), 1, "restarted exactly once: {h:#}");
+    assert_eq!(failovers[0]["from"], "a");
+    let down = events(&cl).into_iter().find(|e| e["kind"] == "node-down" && e["node"] == "a");
+    if let Some(d) = down {
+        let at = d["at_unix_ms"].as_u64().unwrap();
+        eprintln!("  a seen down {} ms after its VMM died", at as i64 - died as i64);
+    }
+    let v = cl.console_command(&owner, VM, "disk-verify 0 64 5", "disk-verify");
+    assert!(v.starts_with("disk-verify ok"), "{v}");
+}

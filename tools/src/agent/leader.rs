@@ -15,16 +15,20 @@
 //!    agent cold-boots it from its shared disk, taking the leases over
 //!    with a higher epoch.
 //!
-//! A leader that loses its leadership stops at once (the task is dropped).
-//! Every step is an event (`ferry cluster events`) and the restart is in
-//! the VM's history with its times.
+//! A leader that loses its leadership stops at once (the task is dropped,
+//! its restart tasks aborted). Every step is an event (`ferry cluster
+//! events`), the restart is in the VM's history with its times, and while
+//! it is under way `vms/NAME/restart` says so (`ferry cluster status`
+//! shows the VM as Restarting: from where, to where, since when).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::{
     ChangeKind, Cluster, ClusterKey, Error as ClusterError, EventRecord, HistoryEntry, HistoryKind, NodeAdmin,
-    NodeLease, Owner, FORMAT_VERSION,
+    NodeLease, Owner, RestartRecord, FORMAT_VERSION,
 };
 
 use super::offers::Offers;
@@ -52,15 +56,30 @@ pub struct LeaderConfig {
 
 const HOUR_MS: u64 = 3_600_000;
 
+/// How long the leader keeps saying a restarted VM is Restarting while its
+/// new owner boots it (the agent's own boot limit is 30 s).
+const BOOT_WAIT: Duration = Duration::from_secs(30);
+
+/// The restart tasks of one term of leadership, aborted with it: a leader
+/// that lost its leadership must not go on acting.
+#[derive(Default)]
+struct Restarts(HashMap<String, tokio::task::JoinHandle<()>>);
+
+impl Drop for Restarts {
+    fn drop(&mut self) {
+        self.0.values().for_each(|t| t.abort());
+    }
+}
+
 /// Campaigns for as long as the node lease lives; leads while elected.
-pub async fn run(cluster: Cluster, node: std::sync::Arc<NodeLease>, cfg: LeaderConfig) {
+pub async fn run(cluster: Cluster, node: Arc<NodeLease>, cfg: LeaderConfig) {
     while node.lease.is_held() {
         match cluster.campaign(&node.lease, &cfg.me, Duration::from_secs(3600)).await {
             Ok(Some(leadership)) => {
                 eprintln!("ferry node: {} leads the cluster (term {})", cfg.me, leadership.term());
                 tokio::select! {
                     why = leadership.lost() => eprintln!("ferry node: {} no longer leads ({why:?})", cfg.me),
-                    r = lead(&cluster, &cfg) => {
+                    r = lead(&cluster, &cfg, &node) => {
                         if let Err(e) = r {
                             tracing::warn!("leader duties: {e:#}; starting over");
                         }
@@ -78,7 +97,7 @@ pub async fn run(cluster: Cluster, node: std::sync::Arc<NodeLease>, cfg: LeaderC
 }
 
 /// The leader's loop: nodes coming and going, by an etcd watch.
-async fn lead(c: &Cluster, cfg: &LeaderConfig) -> anyhow::Result<()> {
+async fn lead(c: &Cluster, cfg: &LeaderConfig, node: &Arc<NodeLease>) -> anyhow::Result<()> {
     let listing = c.store().list(&c.keys().nodes_prefix()).await?;
     let mut up: HashSet<String> = HashSet::new();
     for kv in &listing.kvs {
@@ -87,7 +106,7 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig) -> anyhow::Result<()> {
         }
     }
     let mut watch = c.watch_nodes(listing.revision + 1).await?;
-    let mut restarts: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut restarts = Restarts::default();
     // Nodes that went down while nobody led (the old leader among them,
     // perhaps), if they left VMs behind.
     let mut orphaned: Vec<String> = c
@@ -102,7 +121,7 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig) -> anyhow::Result<()> {
     for id in &orphaned {
         node_down(c, cfg, id).await;
     }
-    restart_orphans(c, &up, &mut restarts).await?;
+    restart_orphans(c, cfg, node, &up, &mut restarts).await?;
     loop {
         let Some(ch) = watch.next().await else { anyhow::bail!("the node watch ended") };
         let ch = match ch {
@@ -123,10 +142,10 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig) -> anyhow::Result<()> {
             ChangeKind::Delete => {
                 up.remove(&id);
                 node_down(c, cfg, &id).await;
-                restart_orphans(c, &up, &mut restarts).await?;
+                restart_orphans(c, cfg, node, &up, &mut restarts).await?;
             }
         }
-        restarts.retain(|_, t| !t.is_finished());
+        restarts.0.retain(|_, t| !t.is_finished());
     }
 }
 
@@ -180,18 +199,19 @@ async fn node_down(c: &Cluster, cfg: &LeaderConfig, id: &str) {
 /// Starts a restart task for every VM whose owner is a node that is not up.
 async fn restart_orphans(
     c: &Cluster,
+    cfg: &LeaderConfig,
+    lease: &Arc<NodeLease>,
     up: &HashSet<String>,
-    restarts: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    restarts: &mut Restarts,
 ) -> anyhow::Result<()> {
     for (vm, (owner, _)) in c.vm_owners_and_statuses().await? {
         let Some(owner) = owner else { continue };
         let Some(node) = owner.node.clone() else { continue };
-        if up.contains(&node) || restarts.get(&vm).is_some_and(|t| !t.is_finished()) {
+        if up.contains(&node) || restarts.0.get(&vm).is_some_and(|t| !t.is_finished()) {
             continue;
         }
-        let c = c.clone();
-        let name = vm.clone();
-        restarts.insert(vm, tokio::spawn(async move { restart(&c, &name, &node, owner).await }));
+        let r = Restart::new(c, lease, &vm, node, &cfg.me);
+        restarts.0.insert(vm, tokio::spawn(async move { r.run(owner).await }));
     }
     Ok(())
 }
@@ -213,121 +233,231 @@ fn disk_leases_held_until(spec: &VmSpec) -> Result<Option<u64>, String> {
     Ok(latest)
 }
 
-/// Restarts VM `name`, owned by `dead` at `owner`, on a surviving node.
-async fn restart(c: &Cluster, name: &str, dead: &str, owner: Owner) {
-    let detected = cluster::records::unix_ms();
-    let spec = match c.vm(name).await.ok().flatten().map(|v| VmSpec::from_record(&v.value)) {
-        Some(Ok(s)) => s,
-        _ => {
-            event(c, "vm-restart-failed", dead, Some(name), "its record is unreadable".into(), serde_json::Value::Null)
-                .await;
+/// One VM's failover, as the leader on `me` (its node lease `lease`) does it.
+struct Restart {
+    c: Cluster,
+    lease: Arc<NodeLease>,
+    name: String,
+    dead: String,
+    me: String,
+    /// The revision of its last restart record (0: none).
+    said: AtomicI64,
+}
+
+impl Restart {
+    fn new(c: &Cluster, lease: &Arc<NodeLease>, name: &str, dead: String, me: &str) -> Restart {
+        Restart {
+            c: c.clone(),
+            lease: lease.clone(),
+            name: name.to_owned(),
+            dead,
+            me: me.to_owned(),
+            said: AtomicI64::new(0),
+        }
+    }
+
+    /// Runs it and removes the VM's restart record once it ended: at once
+    /// if no owner change was made; once the new owner reports the VM
+    /// past Starting otherwise (bounded), by a task of its own, so that a
+    /// new restart of the VM (its new owner going down too) is not held
+    /// up by this one.
+    async fn run(self, owner: Owner) {
+        match self.restart(owner).await {
+            None => self.unsay().await,
+            Some((next, target)) => {
+                tokio::spawn(async move {
+                    self.until_running(&next, &target).await;
+                    self.unsay().await;
+                });
+            }
+        }
+    }
+
+    async fn unsay(&self) {
+        let rev = self.said.load(Ordering::Relaxed);
+        if rev == 0 {
             return;
         }
-    };
-    event(
-        c,
-        "vm-restart-wait",
-        dead,
-        Some(name),
-        "waiting for its disk leases to expire".into(),
-        serde_json::Value::Null,
-    )
-    .await;
-    // 1-2: the node stays down and the disks are surely quiet.
-    let fenced_at = loop {
-        match c.node(dead).await {
-            Ok(Some(_)) => {
+        if let Err(e) = self.c.delete_restart(&self.name, rev).await {
+            tracing::warn!("VM {}: cannot remove its restart record: {e}", self.name);
+        }
+    }
+
+    /// Waits (at most [`BOOT_WAIT`]) until `target`, owner at `next`,
+    /// reports the VM past Starting, or the owner changes again.
+    async fn until_running(&self, next: &Owner, target: &str) {
+        let name = self.name.as_str();
+        let deadline = tokio::time::Instant::now() + BOOT_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            match self.c.vm_status(name).await {
+                Ok(Some(s)) if s.value.node == target && s.value.epoch >= next.epoch && s.value.state != "Starting" => {
+                    return
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!("VM {name}: {e}"),
+            }
+            match self.c.owner(name).await {
+                Ok(now) if !now.value.same(next) => return,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Publishes what the restart waits for (`ferry cluster status`).
+    async fn say(&self, since: u64, to: Option<&str>, epoch: Option<u64>, phase: String) {
+        let r = RestartRecord {
+            v: FORMAT_VERSION,
+            from: self.dead.clone(),
+            to: to.map(str::to_owned),
+            epoch,
+            phase,
+            since_unix_ms: since,
+            leader: self.me.clone(),
+        };
+        match self.c.put_restart(&self.name, &self.lease, &r).await {
+            Ok(rev) => self.said.store(rev, Ordering::Relaxed),
+            Err(e) => tracing::warn!("VM {}: cannot publish its restart: {e}", self.name),
+        }
+    }
+
+    /// Restarts the VM, owned by the dead node at `owner`, on a surviving
+    /// node; returns the new owner if it changed the owner key.
+    async fn restart(&self, owner: Owner) -> Option<(Owner, String)> {
+        let (c, name, dead) = (&self.c, self.name.as_str(), self.dead.as_str());
+        let detected = cluster::records::unix_ms();
+        let spec = match c.vm(name).await.ok().flatten().map(|v| VmSpec::from_record(&v.value)) {
+            Some(Ok(s)) => s,
+            _ => {
                 event(
                     c,
-                    "vm-restart-cancelled",
+                    "vm-restart-failed",
                     dead,
                     Some(name),
-                    "its node came back".into(),
+                    "its record is unreadable".into(),
                     serde_json::Value::Null,
                 )
                 .await;
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!("node {dead}: {e}"),
-        }
-        match c.owner(name).await {
-            Ok(now) if !now.value.same(&owner) => return, // someone else moved it
-            Ok(_) => {}
-            Err(e) => tracing::debug!("VM {name}: {e}"),
-        }
-        let now = cluster::records::unix_ms();
-        if spec.machine.disks.iter().all(|d| d.volume.is_none()) {
-            // No disk lease proves the old VMM stopped: give the node's
-            // agent its whole fencing decision (see witness.rs) first.
-            let until = detected + DISKLESS_WAIT.as_millis() as u64;
-            if now < until {
-                tokio::time::sleep(Duration::from_millis(until - now)).await;
-            }
-            break cluster::records::unix_ms();
-        }
-        let wait_until = match disk_leases_held_until(&spec) {
-            Ok(held) => held.map_or(now, |t| t + DISK_MARGIN.as_millis() as u64),
-            Err(e) => {
-                tracing::warn!("VM {name}: cannot read its disk leases ({e}); trying again");
-                now + 1000
+                return None;
             }
         };
-        if now >= wait_until {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis((wait_until - now).min(500))).await;
-    };
-    // 3: a node to run it, then the owner transaction.
-    let target = loop {
-        match place(c, &spec, dead, name).await {
-            Ok(t) => break t,
-            Err(why) => {
-                event(c, "vm-restart-wait", dead, Some(name), why, serde_json::Value::Null).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                match c.owner(name).await {
-                    Ok(now) if !now.value.same(&owner) => return,
-                    _ => {}
+        let diskless = spec.machine.disks.iter().all(|d| d.volume.is_none());
+        // Where it would go now, for the status (placed again once the
+        // disks are quiet).
+        let planned = place(c, &spec, dead, name).await.ok();
+        let waiting = if diskless {
+            format!("waiting {DISKLESS_WAIT:?}: no disk lease proves its VMM stopped")
+        } else {
+            "waiting for its disk leases to expire".to_owned()
+        };
+        self.say(detected, planned.as_deref(), None, waiting.clone()).await;
+        event(c, "vm-restart-wait", dead, Some(name), waiting, serde_json::Value::Null).await;
+        // 1-2: the node stays down and the disks are surely quiet.
+        let fenced_at = loop {
+            match c.node(dead).await {
+                Ok(Some(_)) => {
+                    event(
+                        c,
+                        "vm-restart-cancelled",
+                        dead,
+                        Some(name),
+                        "its node came back".into(),
+                        serde_json::Value::Null,
+                    )
+                    .await;
+                    return None;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("node {dead}: {e}"),
+            }
+            match c.owner(name).await {
+                Ok(now) if !now.value.same(&owner) => return None, // someone else moved it
+                Ok(_) => {}
+                Err(e) => tracing::debug!("VM {name}: {e}"),
+            }
+            let now = cluster::records::unix_ms();
+            if diskless {
+                // No disk lease proves the old VMM stopped: give the node's
+                // agent its whole fencing decision (see witness.rs) first.
+                let until = detected + DISKLESS_WAIT.as_millis() as u64;
+                if now < until {
+                    tokio::time::sleep(Duration::from_millis(until - now)).await;
+                }
+                break cluster::records::unix_ms();
+            }
+            // Off the runtime's workers: a hung volume must not stall the
+            // agent's main task (its watchdog would take it for a hang).
+            let s = spec.clone();
+            let held = tokio::task::spawn_blocking(move || disk_leases_held_until(&s))
+                .await
+                .unwrap_or_else(|e| Err(format!("the lease reader ended: {e}")));
+            let wait_until = match held {
+                Ok(held) => held.map_or(now, |t| t + DISK_MARGIN.as_millis() as u64),
+                Err(e) => {
+                    tracing::warn!("VM {name}: cannot read its disk leases ({e}); trying again");
+                    now + 1000
+                }
+            };
+            if now >= wait_until {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis((wait_until - now).min(500))).await;
+        };
+        // 3: a node to run it, then the owner transaction.
+        let target = loop {
+            match place(c, &spec, dead, name).await {
+                Ok(t) => break t,
+                Err(why) => {
+                    self.say(detected, None, None, format!("waiting for a node: {why}")).await;
+                    event(c, "vm-restart-wait", dead, Some(name), why, serde_json::Value::Null).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    match c.owner(name).await {
+                        Ok(now) if !now.value.same(&owner) => return None,
+                        _ => {}
+                    }
                 }
             }
-        }
-    };
-    let next = match c.change_owner(name, &owner, Some(&target)).await {
-        Ok(o) => o,
-        Err(e) if e.outcome_unknown() => match c.owner(name).await {
-            Ok(now) if now.value.same(&Owner::new(Some(&target), owner.epoch + 1)) => now.value,
-            _ => {
-                tracing::warn!("VM {name}: the restart's owner change had an unknown outcome: {e}");
-                return;
+        };
+        let next = match c.change_owner(name, &owner, Some(&target)).await {
+            Ok(o) => o,
+            Err(e) if e.outcome_unknown() => match c.owner(name).await {
+                Ok(now) if now.value.same(&Owner::new(Some(&target), owner.epoch + 1)) => now.value,
+                _ => {
+                    tracing::warn!("VM {name}: the restart's owner change had an unknown outcome: {e}");
+                    return None;
+                }
+            },
+            Err(e) => {
+                tracing::warn!("VM {name}: not restarted: {e}");
+                return None;
             }
-        },
-        Err(e) => {
-            tracing::warn!("VM {name}: not restarted: {e}");
-            return;
+        };
+        let restarted = cluster::records::unix_ms();
+        self.say(detected, Some(&target), Some(next.epoch), format!("booting on {target}")).await;
+        let figures = serde_json::json!({
+            "detected_unix_ms": detected,
+            "disks_quiet_unix_ms": fenced_at,
+            "restart_unix_ms": restarted,
+            "fence_wait_ms": fenced_at.saturating_sub(detected),
+            "disk_margin_ms": DISK_MARGIN.as_millis() as u64,
+        });
+        let entry = HistoryEntry {
+            v: FORMAT_VERSION,
+            id: format!("failover-{}", next.epoch),
+            kind: HistoryKind::Failover,
+            at_unix_ms: restarted,
+            from: Some(dead.to_owned()),
+            to: Some(target.clone()),
+            epoch: Some(next.epoch),
+            figures: figures.clone(),
+        };
+        if let Err(e) = c.append_history(name, &entry).await {
+            tracing::warn!("VM {name}: history: {e}");
         }
-    };
-    let restarted = cluster::records::unix_ms();
-    let figures = serde_json::json!({
-        "detected_unix_ms": detected,
-        "disks_quiet_unix_ms": fenced_at,
-        "restart_unix_ms": restarted,
-        "fence_wait_ms": fenced_at.saturating_sub(detected),
-        "disk_margin_ms": DISK_MARGIN.as_millis() as u64,
-    });
-    let entry = HistoryEntry {
-        v: FORMAT_VERSION,
-        id: format!("failover-{}", next.epoch),
-        kind: HistoryKind::Failover,
-        at_unix_ms: restarted,
-        from: Some(dead.to_owned()),
-        to: Some(target.clone()),
-        epoch: Some(next.epoch),
-        figures: figures.clone(),
-    };
-    if let Err(e) = c.append_history(name, &entry).await {
-        tracing::warn!("VM {name}: history: {e}");
+        event(c, "vm-restarted", &target, Some(name), format!("restarted here after node {dead} went down"), figures)
+            .await;
+        Some((next, target))
     }
-    event(c, "vm-restarted", &target, Some(name), format!("restarted here after node {dead} went down"), figures).await;
 }
 
 /// Where a failed node's VM restarts: up, not paused, draining or

@@ -17,6 +17,9 @@
 //! - Fences itself: if its lease cannot be renewed until shortly before
 //!   it may expire, it kills its VMMs and exits, before any other node
 //!   may take the VMs over.
+//! - Has a [`watchdog`]: if its main task stops running (stuck in a
+//!   syscall, deadlocked), the watchdog thread kills its VMMs and ends
+//!   the agent (exit 4).
 
 pub mod leader;
 pub mod moves;
@@ -24,6 +27,7 @@ pub mod offers;
 pub mod process;
 pub mod spec;
 pub mod tap;
+pub mod watchdog;
 pub mod witness;
 
 use std::collections::{BTreeMap, HashMap};
@@ -69,6 +73,22 @@ pub struct AgentConfig {
     /// runs them again).
     pub exe: PathBuf,
     pub args: Vec<std::ffi::OsString>,
+}
+
+/// Test-only: once the file this names exists, the agent's main loop
+/// hangs (blocks its thread for good), as a loop stuck in a syscall
+/// would; the watchdog then fences the node. The end-to-end tests use it.
+pub const TEST_HANG_FILE: &str = "FERRY_AGENT_TEST_HANG_FILE";
+
+/// The test hook's hang ([`TEST_HANG_FILE`]).
+fn test_hang() -> ! {
+    eprintln!(
+        "ferry node: test hook {TEST_HANG_FILE}: the main loop hangs now (at_unix_ms={})",
+        cluster::records::unix_ms()
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// How long a VMM may take to answer its API after being started.
@@ -149,6 +169,7 @@ struct Agent {
     /// not restarted until the owner changes.
     ended: HashMap<String, u64>,
     events_tx: UnboundedSender<Event>,
+    watchdog: Arc<watchdog::Watchdog>,
 }
 
 /// Applies one key of a VM to what the agent knows: a put decoded into
@@ -249,6 +270,9 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
         None => None,
     };
     let witness_stop = witness.as_ref().map(|w| w.start(node.lease.ttl() / 3));
+    // Armed when the main loop starts (Agent::run).
+    let dog = watchdog::Watchdog::new(watchdog::deadline_for(node.lease.ttl()));
+    dog.start(watchdog::exit_hung);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         cfg,
@@ -266,8 +290,10 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
         local: BTreeMap::new(),
         ended: HashMap::new(),
         events_tx,
+        watchdog: dog.clone(),
     };
-    agent.run(events_rx, signals).await
+    let period = watchdog::period_for(dog.deadline());
+    watchdog::petted(&dog, period, agent.run(events_rx, signals)).await
 }
 
 /// Registers the node. A key still held by the lease this state dir's
@@ -335,6 +361,12 @@ impl Agent {
         &self.cfg.node_id
     }
 
+    /// Tells the watchdog which VMMs to kill should this loop hang: at
+    /// each iteration, and at once when a VMM starts.
+    fn track(&self) {
+        self.watchdog.track(self.local.values().map(|l| l.pid));
+    }
+
     async fn run(
         &mut self,
         mut events: UnboundedReceiver<Event>,
@@ -354,8 +386,17 @@ impl Agent {
         let mut restarts = self.cluster.store().watch_prefix(&restart_key, 0).await?;
         let mut lease = self.node.lease.subscribe();
         let margin = fence_margin(self.node.lease.ttl());
-        eprintln!("ferry node: {} watching for its VMs ({} running here)", self.me(), self.local.len());
+        let hang_file = std::env::var_os(TEST_HANG_FILE).map(PathBuf::from);
+        let mut hang_check = tokio::time::interval(Duration::from_millis(100));
+        self.watchdog.pet();
+        eprintln!(
+            "ferry node: {} watching for its VMs ({} running here; watchdog deadline {:?})",
+            self.me(),
+            self.local.len(),
+            self.watchdog.deadline()
+        );
         loop {
+            self.track();
             let fence_at = match *lease.borrow() {
                 LeaseState::Held { valid_until } => valid_until.checked_sub(margin).unwrap_or_else(Instant::now),
                 LeaseState::Lost(_) => Instant::now(),
@@ -399,6 +440,11 @@ impl Agent {
                     }
                     lease = self.node.lease.subscribe();
                     watch = self.rejoin().await?;
+                }
+                _ = hang_check.tick(), if hang_file.is_some() => {
+                    if hang_file.as_ref().is_some_and(|f| f.exists()) {
+                        test_hang();
+                    }
                 }
                 Some(sig) = signals.recv() => {
                     eprintln!(
@@ -676,6 +722,7 @@ impl Agent {
                 ready_wait: false,
             },
         );
+        self.track();
         self.status(name, "Starting", "").await;
         let (n, sock, tx) = (name.to_owned(), process::api_sock(&dir), self.events_tx.clone());
         std::thread::spawn(move || process::wait_ready(n, pid, sock, BOOT_LIMIT, tx));
@@ -838,6 +885,7 @@ impl Agent {
                     ready_wait: false,
                 },
             );
+            self.track();
             if self.wanted(&name).is_some() {
                 self.status(&name, &state, "re-adopted by a restarted agent").await;
             }
@@ -1007,9 +1055,12 @@ impl Agent {
         let sock = process::api_sock(&process::vm_dir(&self.cfg.state_dir, name));
         let still_here = match &result {
             Ok(_) => false,
-            // The source VMM decides whether the VM still runs here.
-            Err(_) => process::info(&sock, Duration::from_secs(2))
-                .is_ok_and(|v| matches!(v["state"].as_str(), Some("Running" | "Paused"))),
+            // The source VMM decides whether the VM still runs here (off
+            // the main task: a slow answer must not look like a hang to
+            // the watchdog).
+            Err(_) => tokio::task::spawn_blocking(move || process::info(&sock, Duration::from_secs(2)))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|v| matches!(v["state"].as_str(), Some("Running" | "Paused")))),
         };
         if still_here {
             let why = result.err().unwrap_or_default();
@@ -1143,6 +1194,7 @@ impl Agent {
                 ready_wait: false,
             },
         );
+        self.track();
     }
 
     /// Appends a move's entry to the VM's history (its id is the move's).

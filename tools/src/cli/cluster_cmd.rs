@@ -49,7 +49,9 @@ enum ClusterCommand {
         etcd: EtcdArgs,
     },
     /// Nodes (Up, Paused, Draining, Quarantined, Down) with what they offer, and VMs
-    /// with their owner and the state their owner's agent reports.
+    /// with their owner and the state their owner's agent reports, or
+    /// Restarting (from, to, since when) while the leader restarts a down
+    /// node's VM elsewhere.
     Status {
         #[arg(long)]
         json: bool,

@@ -25,7 +25,11 @@ cannot renew its node lease, it kills its VMMs and exits with status 3
 (fencing), so that no other node can start a VM while it still runs here;
 with a witness (--witness, or the cluster's volume) it first checks whether
 any other node is alive: if none is, no quorum exists anywhere, nobody can
-restart its VMs, and they keep running until etcd is back. One agent leads
+restart its VMs, and they keep running until etcd is back. A watchdog thread
+fences the node too (kills its VMMs, exit status 4) if the agent's own main
+loop stops running for the lease TTL minus the fencing margin (2.4 s at the
+default 3 s): stuck in a syscall or deadlocked; waiting on etcd is not a
+hang. One agent leads
 the cluster and restarts a down node's VMs elsewhere once their disk leases
 have expired (plus 500 ms). The cluster update (`ferry cluster update`) can
 ask the agent to restart itself: it runs the same path and arguments again.
@@ -143,7 +147,8 @@ pub struct RunArgs {
     /// anyone else is alive [default: the cluster record's volume].
     #[arg(long, value_name = "DIR")]
     witness: Option<PathBuf>,
-    /// Quarantine a node seen down this many times within an hour.
+    /// Quarantine a node seen down this many times within an hour (the
+    /// leader's setting: give every agent the same).
     #[arg(long, value_name = "N", default_value_t = 3)]
     quarantine_after: usize,
     /// How long a quarantine lasts.

@@ -529,7 +529,8 @@ pub struct VmView {
     pub owner: Option<String>,
     pub epoch: u64,
     /// What the owner's agent reports (Starting, Running, ...); "Stopped"
-    /// without an owner; "Unknown" if the owner reports nothing.
+    /// without an owner; "Restarting" while the leader restarts it after
+    /// its node went down; "Unknown" if the owner reports nothing.
     pub state: String,
     pub reported_by: Option<String>,
     pub pid: Option<u32>,
@@ -537,20 +538,31 @@ pub struct VmView {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub preferred_owners: Vec<String>,
+    /// A failover under way (state Restarting): from the node that went
+    /// down, to where, since when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<cluster::RestartRecord>,
 }
 
 pub async fn vm_views(c: &Cluster) -> anyhow::Result<Vec<VmView>> {
     let mut states = c.vm_owners_and_statuses().await?;
+    let mut restarts = c.restarts().await?;
     let mut out = vec![];
     for v in c.vms().await? {
         let r = v.value;
         let (owner, status) = states.remove(&r.name).unwrap_or_default();
+        let restart = restarts.remove(&r.name).filter(|x| restart_current(x, owner.as_ref(), status.as_ref()));
         let spec = VmSpec::from_record(&r).ok();
         let owner_node = owner.as_ref().and_then(|o| o.node.clone());
         let state = match (&owner_node, &status) {
+            _ if restart.is_some() => "Restarting".into(),
             (_, Some(s)) => s.state.clone(),
             (None, None) => "Stopped".into(),
             (Some(_), None) => "Unknown".into(),
+        };
+        let detail = match &restart {
+            Some(x) => restart_detail(x, cluster::records::unix_ms()),
+            None => status.as_ref().map(|s| s.detail.clone()).unwrap_or_default(),
         };
         out.push(VmView {
             name: r.name.clone(),
@@ -559,13 +571,43 @@ pub async fn vm_views(c: &Cluster) -> anyhow::Result<Vec<VmView>> {
             state,
             reported_by: status.as_ref().map(|s| s.node.clone()),
             pid: status.as_ref().and_then(|s| s.pid),
-            detail: status.map(|s| s.detail).unwrap_or_default(),
+            detail,
             mem_mib: spec.as_ref().map_or(0, |s| s.machine.mem_mib),
             vcpus: spec.as_ref().map_or(0, |s| s.machine.vcpus),
             preferred_owners: r.preferred_owners,
+            restart,
         });
     }
     Ok(out)
+}
+
+/// Whether a restart record still describes the VM: its owner is still
+/// the node that went down, or is the restart's new owner whose agent
+/// does not yet report it past Starting. (A record a deposed leader left
+/// behind describes nothing.)
+fn restart_current(r: &cluster::RestartRecord, owner: Option<&Owner>, status: Option<&VmStatus>) -> bool {
+    let Some(owner) = owner else { return false };
+    match r.epoch {
+        None => owner.node.as_deref() == Some(r.from.as_str()),
+        Some(e) => {
+            owner.epoch == e
+                && owner.node == r.to
+                && !status.is_some_and(|s| {
+                    s.epoch >= e && s.node == owner.node.as_deref().unwrap_or_default() && s.state != "Starting"
+                })
+        }
+    }
+}
+
+/// "from a (down 2.1 s ago) to b: waiting for its disk leases to expire".
+fn restart_detail(r: &cluster::RestartRecord, now_unix_ms: u64) -> String {
+    format!(
+        "from {} (down {:.1} s ago) to {}: {}",
+        r.from,
+        now_unix_ms.saturating_sub(r.since_unix_ms) as f64 / 1000.0,
+        r.to.as_deref().unwrap_or("(no node yet)"),
+        r.phase
+    )
 }
 
 /// Prints rows as columns padded to their widest cell.
@@ -678,4 +720,53 @@ async fn history(c: &Cluster, name: &str, json: bool) -> anyhow::Result<i32> {
         .collect();
     table(&["SEQ", "AT_UNIX_MS", "KIND", "FROM", "TO", "EPOCH", "FIGURES"], &rows);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart(epoch: Option<u64>) -> cluster::RestartRecord {
+        cluster::RestartRecord {
+            v: FORMAT_VERSION,
+            from: "a".into(),
+            to: Some("b".into()),
+            epoch,
+            phase: "waiting for its disk leases to expire".into(),
+            since_unix_ms: 10_000,
+            leader: "c".into(),
+        }
+    }
+
+    fn status(node: &str, epoch: u64, state: &str) -> VmStatus {
+        VmStatus {
+            v: FORMAT_VERSION,
+            node: node.into(),
+            epoch,
+            state: state.into(),
+            pid: None,
+            detail: String::new(),
+            since_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_restart_shows_until_the_new_owner_reports_the_vm_past_starting() {
+        let (on_a, on_b) = (Owner::new(Some("a"), 4), Owner::new(Some("b"), 5));
+        // Waiting: the owner is still the node that went down.
+        assert!(restart_current(&restart(None), Some(&on_a), None));
+        // Moved by someone else meanwhile: stale.
+        assert!(!restart_current(&restart(None), Some(&on_b), None));
+        // Owner changed, booting: still restarting while b says Starting.
+        assert!(restart_current(&restart(Some(5)), Some(&on_b), None));
+        assert!(restart_current(&restart(Some(5)), Some(&on_b), Some(&status("b", 5, "Starting"))));
+        assert!(!restart_current(&restart(Some(5)), Some(&on_b), Some(&status("b", 5, "Running"))));
+        // A later owner: the record describes nothing now.
+        assert!(!restart_current(&restart(Some(5)), Some(&Owner::new(Some("b"), 6)), None));
+        assert!(!restart_current(&restart(None), None, None));
+        assert_eq!(
+            restart_detail(&restart(None), 12_345),
+            "from a (down 2.3 s ago) to b: waiting for its disk leases to expire"
+        );
+    }
 }
