@@ -230,7 +230,7 @@ fn disk_intact(vm: &Vm, seed: u32, why: &str) {
     let v = command(vm, &format!("disk-verify 0 512 {seed}"), "disk-verify", T);
     assert!(v.starts_with("disk-verify ok"), "{why}: {v}");
     let w = command(vm, "disk-write 1024 64 77", "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "{why}: the disk takes writes: {w}");
+    assert!(w.starts_with("disk-write ok"), "{why}: the disk takes writes: {w}\n{}", vm.stderr());
 }
 
 /// The migration's progress as the source's API reports it.

@@ -256,13 +256,16 @@ pub trait LeaseStore: Send + Sync {
         Ok(Lease::from_record(&r))
     }
 
-    /// The lease `host` holds on `disk` according to the store: how a
-    /// migration destination picks up what the source handed it.
+    /// The lease `host` holds on `disk` according to the store, renewed at
+    /// once: how a migration destination picks up what the source handed
+    /// it. The wait for the commit may have used up most of the TTL the
+    /// handoff granted, or all of it; renewing is safe even then, because
+    /// the renewal compares the epoch, which any takeover would have raised.
     fn adopt(&self, disk: &str, host: &str) -> Result<Lease> {
         check_name("disk", disk)?;
         let r = self.read(disk)?;
         match &r {
-            Some(r) if r.live_owner(now_ms()) == Some(host) => Ok(Lease::from_record(r)),
+            Some(r) if r.owner.as_deref() == Some(host) => self.renew(&Lease::from_record(r)),
             _ => Err(Error::NotOwner { disk: disk.to_owned(), host: host.to_owned(), owner: r.and_then(|r| r.owner) }),
         }
     }

@@ -79,8 +79,16 @@ fn life_cycle(store: &dyn LeaseStore) {
     let b = store.handoff(&a, "b").unwrap();
     assert_eq!((b.host.as_str(), b.epoch), ("b", 2));
     assert!(matches!(store.check(&a), Err(Error::StaleEpoch { .. })), "the source is fenced after handoff");
-    assert_eq!(store.adopt("d", "b").unwrap(), b);
+    let adopted = store.adopt("d", "b").unwrap();
+    assert_eq!((adopted.host.as_str(), adopted.epoch), ("b", 2));
     assert!(store.adopt("d", "a").is_err());
+    // A destination that waited past the TTL for its commit still adopts
+    // (nobody took over: same epoch), with a fresh TTL.
+    std::thread::sleep(store.ttl() + Duration::from_millis(20));
+    let late = store.adopt("d", "b").unwrap();
+    assert_eq!(late.epoch, 2);
+    store.check(&late).unwrap();
+    let b = late;
     // b stops renewing (crash): after the TTL a takes over with epoch 3
     std::thread::sleep(store.ttl() + Duration::from_millis(20));
     assert!(matches!(store.check(&b), Err(Error::LeaseExpired { .. })));
