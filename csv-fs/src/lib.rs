@@ -26,6 +26,6 @@ pub mod volume;
 pub mod fsutil;
 
 pub use error::{Error, Qcow2Problem, Result, VhdProblem};
-pub use image::{BlockBackend, Format, Image, OpenMode};
+pub use image::{BlockBackend, Cache, Format, Image, OpenMode};
 pub use lease::{FileLeaseStore, Lease, LeaseKeeper, LeaseRecord, LeaseStore, DEFAULT_TTL};
 pub use volume::{DiskInfo, DiskRecord, Volume, VolumeHeader, VolumeStatus};

@@ -1,7 +1,9 @@
 //! Disks on the shared volume with the VMM: the pattern survives live and
 //! quick migration a->b->a with the lease handed over at switchover; a
 //! hung owner's disk is taken over with a higher epoch and the old owner's
-//! writes are refused; a kill -9 mid-write leaves an image qemu-img accepts.
+//! writes are refused; a fenced owner that shuts down cleanly leaves the new
+//! owner's image untouched; a kill -9 mid-write leaves an image qemu-img
+//! finds uncorrupted (a leaked cluster at most).
 
 use std::path::Path;
 use std::time::Duration;
@@ -175,8 +177,60 @@ fn a_hung_owner_is_fenced_and_its_disk_taken_over() {
 }
 
 #[test]
-fn kill_9_during_heavy_writes_leaves_a_clean_qcow2() {
-    if !kvm_available("kill_9_during_heavy_writes_leaves_a_clean_qcow2") {
+fn a_fenced_qcow2_owner_that_shuts_down_cleanly_leaves_the_new_owners_image_untouched() {
+    if !kvm_available("a_fenced_qcow2_owner_that_shuts_down_cleanly_leaves_the_new_owners_image_untouched") {
+        return;
+    }
+    let dir = TempDir::new("csv-fence-qcow2");
+    let vol = volume_with_disk(dir.path(), "d0", "qcow2");
+    let img = Path::new(&vol).join("disks/d0.qcow2");
+    let lab = Lab::up("s4");
+    let mut old = boot(&lab, "a", &vol, &["--lease-ttl-ms", "1500"]);
+    old.wait_line(T, |l| heartbeat_number(l).is_some());
+    for (cmd, what) in [("disk-write 0 64 7", "first"), ("disk-write 4096 256 5", "second")] {
+        let w = command(&old, cmd, "disk-write", T);
+        assert!(w.starts_with("disk-write ok"), "{what} region: {w}");
+    }
+    // The owner hangs; b takes the disk over and writes, allocating new
+    // clusters (new L2 entries and refcounts in the image).
+    old.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut new = boot(&lab, "b", &vol, &["--takeover", "--lease-ttl-ms", "1500"]);
+    new.wait_line(T, |l| heartbeat_number(l).is_some());
+    for cmd in ["disk-write 0 64 8", "disk-write 16384 512 9"] {
+        let w = command(&new, cmd, "disk-write", T);
+        assert!(w.starts_with("disk-write ok"), "{w}");
+    }
+    let written_by_new = std::fs::read(&img).unwrap();
+    // The old owner wakes, is refused, and shuts down cleanly: not one byte
+    // of it may reach the image (no flush, no metadata written on drop, no
+    // cached write left behind).
+    old.signal(libc::SIGCONT);
+    let w = command(&old, "disk-write 0 64 99", "disk-write", T);
+    assert!(w.starts_with("disk-write FAILED"), "a fenced host must not write: {w}");
+    let (ok, _, err) = old.ferry(&["shutdown"]);
+    assert!(ok, "shutdown of the fenced owner: {err}\n{}", old.stderr());
+    old.wait_exit(T);
+    assert!(std::fs::read(&img).unwrap() == written_by_new, "the fenced owner's shutdown changed the image");
+    for cmd in ["disk-verify 0 64 8", "disk-verify 4096 256 5", "disk-verify 16384 512 9"] {
+        let v = command(&new, cmd, "disk-verify", T);
+        assert!(v.starts_with("disk-verify ok"), "{cmd}: {v}");
+    }
+    new.control(&["shutdown"]);
+    new.wait_exit(T);
+    let out =
+        std::process::Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&img).output().expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kill_9_during_heavy_writes_leaves_a_qcow2_without_corruption() {
+    if !kvm_available("kill_9_during_heavy_writes_leaves_a_qcow2_without_corruption") {
         return;
     }
     let dir = TempDir::new("csv-kill");
@@ -191,10 +245,21 @@ fn kill_9_during_heavy_writes_leaves_a_clean_qcow2() {
     let img = Path::new(&vol).join("disks/d0.qcow2");
     let out =
         std::process::Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&img).output().expect("qemu-img");
+    // 0: clean; 3: leaked clusters only (a cluster counted but not yet
+    // mapped when the kill came: wasted space, no harm to data, as QEMU's
+    // own crashes leave; `qemu-img check -r leaks` reclaims it). Anything
+    // else (2: corruption) fails.
     assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check ({:?}): {}{}",
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let fixed = std::process::Command::new("qemu-img")
+        .args(["check", "-r", "leaks", "-f", "qcow2"])
+        .arg(&img)
+        .output()
+        .expect("qemu-img");
+    assert!(fixed.status.success(), "after -r leaks: {}", String::from_utf8_lossy(&fixed.stdout));
 }

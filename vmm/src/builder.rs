@@ -186,6 +186,7 @@ fn open_backends(config: &VmConfig, standby: bool) -> Result<Vec<Box<dyn VirtioD
         host_id: h.host_id.clone(),
         lease_ttl: std::time::Duration::from_millis(h.lease_ttl_ms.max(crate::config::MIN_LEASE_TTL_MS)),
         takeover: h.takeover,
+        shared_cache: h.shared_disk_cache,
     };
     for d in &m.disks {
         devices.push(Box::new(Block::new(Disk::from_config(d, &side, standby)?)));

@@ -21,8 +21,11 @@ pub const DEFAULT_MEM_MIB: u64 = 128;
 pub const MAX_VCPUS: u8 = 64;
 /// Guest memory beyond this (1 TiB) is refused before any arithmetic on it.
 pub const MAX_MEM_MIB: u64 = 1 << 20;
-/// Shortest disk-lease TTL accepted (see csv-fs leases: renewed every third).
-pub const MIN_LEASE_TTL_MS: u64 = 100;
+/// Shortest disk-lease TTL accepted. The keeper renews every third of the
+/// TTL and the fence stops writes once less than a third is left, so a
+/// renewal may take up to a third of the TTL before the guest sees I/O
+/// errors: at 1 s that is 333 ms, room for a slow fsync on a busy volume.
+pub const MIN_LEASE_TTL_MS: u64 = 1000;
 
 /// The guest-visible machine: the same on every host the VM runs on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +76,9 @@ pub struct HostConfig {
     /// source names the disks; this host decides what it will open.
     #[serde(default)]
     pub disk_roots: Vec<PathBuf>,
+    /// How images on shared volumes use this host's page cache.
+    #[serde(default = "default_shared_disk_cache")]
+    pub shared_disk_cache: csv_fs::Cache,
 }
 
 /// A VM on this host: the machine and how this host runs it.
@@ -84,6 +90,11 @@ pub struct VmConfig {
 
 pub fn default_host_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+/// Direct: a fenced host must leave nothing behind in its page cache.
+pub fn default_shared_disk_cache() -> csv_fs::Cache {
+    csv_fs::Cache::Direct
 }
 
 pub fn default_lease_ttl_ms() -> u64 {
@@ -205,6 +216,7 @@ impl Default for HostConfig {
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             host_id: default_host_id(),
             lease_ttl_ms: default_lease_ttl_ms(),
+            shared_disk_cache: default_shared_disk_cache(),
             takeover: false,
             disk_roots: Vec::new(),
         }

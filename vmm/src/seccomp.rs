@@ -133,7 +133,10 @@ const COMMON: &[&str] = &[
 
 /// KVM_RUN and the exits it serves: the serial console, virtio-blk
 /// requests (a queue notify is handled on the vCPU that wrote it).
-const VCPU: &[&str] = &["fdatasync", "fsync", "ioctl", "pread64", "preadv", "pwrite64", "pwritev", "read"];
+// fallocate, ftruncate: imago under O_DIRECT zeroes a new qcow2 cluster's
+// unwritten part by fallocate (zero range) and grows the file by ftruncate.
+const VCPU: &[&str] =
+    &["fallocate", "fdatasync", "fsync", "ftruncate", "ioctl", "pread64", "preadv", "pwrite64", "pwritev", "read"];
 
 /// The event loop: epoll, the taps and its wake eventfd.
 // epoll_ctl: a tap whose guest queue is full (or not set up yet, right
@@ -267,9 +270,25 @@ pub fn enable() -> Result<(), Error> {
     for kind in ThreadKind::ALL {
         programs.insert(kind, compile(kind)?);
     }
+    prime_heap_trim();
     install_sigsys_handler()?;
     let _ = FILTERS.set(Compiled { programs });
     Ok(())
+}
+
+/// glibc opens /proc/sys/vm/overcommit_memory the first time any thread's
+/// malloc arena is trimmed (once per process, cached), which would kill a
+/// confined thread that frees enough at the wrong moment (a vCPU thread
+/// after O_DIRECT bounce buffers, at its exit). So that first time happens
+/// here, before any filter: a thread of its own fills its arena with blocks
+/// under the mmap threshold and frees them, and the arena is trimmed.
+fn prime_heap_trim() {
+    let primer = std::thread::spawn(|| {
+        let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 64 << 10]).collect();
+        std::hint::black_box(&blocks);
+        drop(blocks);
+    });
+    let _ = primer.join();
 }
 
 /// Whether [`enable`] was called.

@@ -2,6 +2,8 @@
 //! virtio-blk can serve from: raw (the fast path), VHD fixed and dynamic
 //! (Hyper-V's formats) and qcow2 (through the `imago` crate).
 
+mod file;
+pub use file::Cache;
 mod qcow2;
 mod raw;
 mod vhd;
@@ -108,6 +110,7 @@ pub struct Image {
     path: PathBuf,
     format: Format,
     mode: OpenMode,
+    cache: Cache,
     backend: Box<dyn BlockBackend>,
 }
 
@@ -128,15 +131,21 @@ impl Image {
         Image::open_as(path, format_for_path(path)?, mode)
     }
 
-    /// Opens `path` as `format`.
+    /// Opens `path` as `format`, through the host's page cache.
     pub fn open_as(path: &Path, format: Format, mode: OpenMode) -> Result<Image> {
+        Image::open_with(path, format, mode, Cache::Host)
+    }
+
+    /// Opens `path` as `format`, using the page cache as `cache` says (a
+    /// disk on a shared volume: [`Cache::Direct`]).
+    pub fn open_with(path: &Path, format: Format, mode: OpenMode, cache: Cache) -> Result<Image> {
         if mode == OpenMode::Standby {
             // Fail now, not at switchover, if we could never write it.
             std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
         }
-        let backend = open_backend(path, format, mode == OpenMode::ReadWrite)?;
-        tracing::debug!(path = %path.display(), %format, ?mode, size = backend.len(), "image opened");
-        Ok(Image { path: path.to_owned(), format, mode, backend })
+        let backend = open_backend(path, format, mode == OpenMode::ReadWrite, cache)?;
+        tracing::debug!(path = %path.display(), %format, ?mode, ?cache, size = backend.len(), "image opened");
+        Ok(Image { path: path.to_owned(), format, mode, cache, backend })
     }
 
     /// Creates a new image of `size` bytes (a multiple of 512); refuses to
@@ -160,13 +169,29 @@ impl Image {
         if self.mode == OpenMode::ReadWrite {
             return Ok(());
         }
-        self.backend = open_backend(&self.path, self.format, true)?;
+        self.backend = open_backend(&self.path, self.format, true, self.cache)?;
         self.mode = OpenMode::ReadWrite;
         Ok(())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn cache(&self) -> Cache {
+        self.cache
+    }
+
+    /// Lets go of the image without writing one more byte: for a host that
+    /// lost the disk's lease. The backend is leaked, not dropped, because
+    /// dropping imago's qcow2 driver flushes its cached metadata into the
+    /// file, over what the disk's new owner may have written. Every later
+    /// call fails.
+    pub fn abandon(&mut self) {
+        let size = self.backend.len();
+        let fenced = std::mem::replace(&mut self.backend, Box::new(Abandoned { size }));
+        std::mem::forget(fenced);
+        self.mode = OpenMode::ReadOnly;
     }
 
     pub fn format(&self) -> Format {
@@ -219,12 +244,35 @@ impl BlockBackend for Image {
     }
 }
 
-fn open_backend(path: &Path, format: Format, writable: bool) -> Result<Box<dyn BlockBackend>> {
+/// What an abandoned image answers with.
+struct Abandoned {
+    size: u64,
+}
+
+impl BlockBackend for Abandoned {
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(Error::io(Path::new("(abandoned image)"), std::io::Error::other("the image was abandoned (fenced)")))
+    }
+
+    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::io(Path::new("(abandoned image)"), std::io::Error::other("the image was abandoned (fenced)")))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+fn open_backend(path: &Path, format: Format, writable: bool, cache: Cache) -> Result<Box<dyn BlockBackend>> {
     Ok(match format {
-        Format::Raw => Box::new(raw::Raw::open(path, writable)?),
-        Format::VhdFixed => Box::new(vhd::Vhd::open_fixed(path, writable)?),
-        Format::VhdDynamic => Box::new(vhd::Vhd::open_dynamic(path, writable)?),
-        Format::Qcow2 => Box::new(qcow2::Qcow2::open(path, writable)?),
+        Format::Raw => Box::new(raw::Raw::open(path, writable, cache)?),
+        Format::VhdFixed => Box::new(vhd::Vhd::open_fixed(path, writable, cache)?),
+        Format::VhdDynamic => Box::new(vhd::Vhd::open_dynamic(path, writable, cache)?),
+        Format::Qcow2 => Box::new(qcow2::Qcow2::open(path, writable, cache)?),
     })
 }
 

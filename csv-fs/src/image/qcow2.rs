@@ -23,6 +23,7 @@ use imago::file::File;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Storage};
 use imago::{StorageCreateOptions, StorageOpenOptions};
 
+use super::file::Cache;
 use super::BlockBackend;
 use crate::error::{Error, Qcow2Problem, Result};
 
@@ -47,10 +48,21 @@ fn map_err(path: &Path, e: io::Error) -> Error {
 }
 
 impl Qcow2 {
-    pub fn open(path: &Path, writable: bool) -> Result<Qcow2> {
+    pub fn open(path: &Path, writable: bool, cache: Cache) -> Result<Qcow2> {
         validate(path)?;
-        let file =
-            File::open(StorageOpenOptions::new().filename(path).write(writable)).map_err(|e| Error::io(path, e))?;
+        let options = || StorageOpenOptions::new().filename(path).write(writable);
+        // imago bounces unaligned requests itself under O_DIRECT.
+        let file = match cache {
+            Cache::Host => File::open(options()),
+            Cache::Direct => File::open(options().direct(true)).or_else(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => {
+                    tracing::warn!(path = %path.display(), "no O_DIRECT on this filesystem: writing through");
+                    File::open(options())
+                }
+                _ => Err(e),
+            }),
+        }
+        .map_err(|e| Error::io(path, e))?;
         let driver = Driver::builder(file)
             .backing(None)
             .data_file(None)

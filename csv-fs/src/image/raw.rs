@@ -1,21 +1,22 @@
 //! Raw images: the virtual disk is the file, byte for byte.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use super::file::{Cache, ImageFile};
 use super::BlockBackend;
 use crate::error::{Error, Result};
 
 pub struct Raw {
-    file: File,
+    file: ImageFile,
     path: PathBuf,
     size: u64,
 }
 
 impl Raw {
-    pub fn open(path: &Path, writable: bool) -> Result<Raw> {
-        let file = OpenOptions::new().read(true).write(writable).open(path).map_err(|e| Error::io(path, e))?;
+    pub fn open(path: &Path, writable: bool, cache: Cache) -> Result<Raw> {
+        let file = ImageFile::open(path, writable, cache).map_err(|e| Error::io(path, e))?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         Ok(Raw { file, path: path.to_owned(), size })
     }

@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::file::{Cache, ImageFile};
 use super::{read_error, BlockBackend, Format};
 use crate::error::{Error, Result, VhdProblem};
 use crate::fsutil::random_bytes;
@@ -152,7 +153,7 @@ fn parse_footer(path: &Path, b: &[u8; 512], at: &'static str) -> Result<Footer> 
     Ok(Footer { data_offset: be64(b, 16), disk_type: be32(b, 60), size, max_size: size.max(current_size) })
 }
 
-fn read_block<const N: usize>(file: &File, path: &Path, offset: u64, what: &str) -> Result<[u8; N]> {
+fn read_block<const N: usize>(file: &ImageFile, path: &Path, offset: u64, what: &str) -> Result<[u8; N]> {
     let mut b = [0u8; N];
     file.read_exact_at(&mut b, offset).map_err(|e| read_error(path, NAME, what, e))?;
     Ok(b)
@@ -164,7 +165,7 @@ fn read_block<const N: usize>(file: &File, path: &Path, offset: u64, what: &str)
 /// dynamic one on the next open. (A dynamic VHD's copy at offset 0 is then
 /// checked against it by [`Vhd::open_dynamic`].)
 pub fn probe(path: &Path) -> Result<Format> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = ImageFile::open(path, false, Cache::Host).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < FOOTER {
         return Err(bad(path, VhdProblem::TooShort { len, min: FOOTER, what: "a VHD footer" }));
@@ -241,21 +242,21 @@ struct Dynamic {
 }
 
 pub struct Vhd {
-    file: File,
+    file: ImageFile,
     path: PathBuf,
     size: u64,
     dynamic: Option<Dynamic>,
 }
 
 impl Vhd {
-    fn open_file(path: &Path, writable: bool) -> Result<(File, u64)> {
-        let file = OpenOptions::new().read(true).write(writable).open(path).map_err(|e| Error::io(path, e))?;
+    fn open_file(path: &Path, writable: bool, cache: Cache) -> Result<(ImageFile, u64)> {
+        let file = ImageFile::open(path, writable, cache).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         Ok((file, len))
     }
 
-    pub fn open_fixed(path: &Path, writable: bool) -> Result<Vhd> {
-        let (file, len) = Vhd::open_file(path, writable)?;
+    pub fn open_fixed(path: &Path, writable: bool, cache: Cache) -> Result<Vhd> {
+        let (file, len) = Vhd::open_file(path, writable, cache)?;
         if len < FOOTER {
             return Err(bad(path, VhdProblem::TooShort { len, min: FOOTER, what: "a VHD footer" }));
         }
@@ -275,8 +276,8 @@ impl Vhd {
     /// header cannot make us allocate gigabytes), inside the file and clear
     /// of the header and footers, and blocks inside the data area that do
     /// not overlap one another.
-    pub fn open_dynamic(path: &Path, writable: bool) -> Result<Vhd> {
-        let (file, len) = Vhd::open_file(path, writable)?;
+    pub fn open_dynamic(path: &Path, writable: bool, cache: Cache) -> Result<Vhd> {
+        let (file, len) = Vhd::open_file(path, writable, cache)?;
         let min = 2 * FOOTER + DYN_HEADER as u64;
         if len < min {
             return Err(bad(path, VhdProblem::TooShort { len, min, what: "a dynamic VHD" }));

@@ -3,13 +3,17 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Lease, LeaseStore};
 use crate::error::{now_ms, Error};
 
 struct State {
     lease: Lease,
+    /// Until when the lease is surely ours, on this host's monotonic clock:
+    /// the start of the renewal that granted it, plus its TTL (a wall-clock
+    /// step must not stretch what the fence allows).
+    valid_until: Instant,
     /// Why the lease is gone, once it is: no more renewals after that.
     lost: Option<String>,
     stop: bool,
@@ -34,7 +38,9 @@ impl LeaseKeeper {
         lease: Lease,
         init: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> LeaseKeeper {
-        let shared = Arc::new((Mutex::new(State { lease, lost: None, stop: false }), Condvar::new()));
+        let left = Duration::from_millis(lease.expires_unix_ms.saturating_sub(now_ms()).min(lease.ttl_ms));
+        let valid_until = Instant::now() + left;
+        let shared = Arc::new((Mutex::new(State { lease, valid_until, lost: None, stop: false }), Condvar::new()));
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("lease-keeper".into())
@@ -58,13 +64,15 @@ impl LeaseKeeper {
         }
     }
 
-    /// The current lease's expiry and TTL (ms), or why it was lost: the
-    /// per-write fence check, without cloning the lease.
-    pub fn validity(&self) -> Result<(u64, u64), String> {
+    /// How long the current lease surely lasts (monotonic) and its TTL, or
+    /// why it was lost: the per-write fence check, without cloning the lease.
+    pub fn validity(&self) -> Result<(Duration, Duration), String> {
         let st = self.shared.0.lock().unwrap();
         match &st.lost {
             Some(why) => Err(why.clone()),
-            None => Ok((st.lease.expires_unix_ms, st.lease.ttl_ms)),
+            None => {
+                Ok((st.valid_until.saturating_duration_since(Instant::now()), Duration::from_millis(st.lease.ttl_ms)))
+            }
         }
     }
 
@@ -100,10 +108,16 @@ fn renew_loop(store: Arc<dyn LeaseStore>, shared: Arc<(Mutex<State>, Condvar)>) 
         }
         let lease = st.lease.clone();
         drop(st);
+        let asked = Instant::now();
         let result = store.renew(&lease);
         st = lock.lock().unwrap();
         match result {
-            Ok(l) => st.lease = l,
+            Ok(l) => {
+                // Counted from before the request: the store's clock started
+                // the new TTL no earlier than that.
+                st.valid_until = asked + Duration::from_millis(l.ttl_ms);
+                st.lease = l;
+            }
             // Someone else owns it now: final.
             Err(e @ (Error::StaleEpoch { .. } | Error::NotOwner { .. })) => {
                 tracing::error!(disk = lease.disk, host = lease.host, "lease lost: {e}");
@@ -111,7 +125,7 @@ fn renew_loop(store: Arc<dyn LeaseStore>, shared: Arc<(Mutex<State>, Condvar)>) 
                 return;
             }
             // Storage trouble: keep trying until the lease runs out.
-            Err(e) if now_ms() < lease.expires_unix_ms => {
+            Err(e) if Instant::now() < st.valid_until => {
                 tracing::warn!(disk = lease.disk, "lease renewal failed, retrying: {e}")
             }
             Err(e) => {

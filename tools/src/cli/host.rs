@@ -28,14 +28,30 @@ pub struct HostArgs {
     #[arg(long, value_name = "NAME")]
     pub host_id: Option<String>,
     /// TTL of the leases on shared-volume disks; the VMM renews them every
-    /// third of it and stops writing if it cannot.
-    #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms())]
+    /// third of it and stops writing once less than a third is left
+    /// (at least 1000: a renewal then has 333 ms before writes stop).
+    #[arg(long, value_name = "MS", default_value_t = vmm::config::default_lease_ttl_ms(),
+          value_parser = clap::value_parser!(u64).range(vmm::config::MIN_LEASE_TTL_MS..))]
     pub lease_ttl_ms: u64,
     /// Confine each VMM thread to the syscalls its kind uses (seccomp; a
     /// forbidden syscall stops the VMM and names it). `off` is for
     /// debugging only (and for tracing what the threads do: see README).
     #[arg(long, value_name = "on|off", default_value = "on", env = "FERRY_SECCOMP")]
     pub seccomp: Switch,
+    /// How disk images on a shared volume use this host's page cache:
+    /// `direct` (O_DIRECT: nothing of the image stays cached here, so a
+    /// fenced host leaves no write behind that could reach the volume after
+    /// a takeover) or `host` (cached; faster for some loads, unsafe for
+    /// failover: for measuring what direct costs).
+    #[arg(long, value_name = "direct|host", default_value = "direct")]
+    pub shared_disk_cache: DiskCacheArg,
+}
+
+/// `--shared-disk-cache`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskCacheArg {
+    Direct,
+    Host,
 }
 
 /// `on` or `off`.
@@ -68,6 +84,10 @@ impl HostArgs {
             lease_ttl_ms: self.lease_ttl_ms,
             takeover,
             disk_roots: Vec::new(),
+            shared_disk_cache: match self.shared_disk_cache {
+                DiskCacheArg::Direct => csv_fs::Cache::Direct,
+                DiskCacheArg::Host => csv_fs::Cache::Host,
+            },
         }
     }
 }

@@ -129,8 +129,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS", default_value_t = 3_000)]
     lease_ttl_ms: u64,
     /// TTL of the shared-volume disk leases its VMMs hold (a failed node's
-    /// VMs restart elsewhere once these have expired).
-    #[arg(long, value_name = "MS", default_value_t = 3_000)]
+    /// VMs restart elsewhere once these have expired); at least 1000.
+    #[arg(long, value_name = "MS", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(vmm::config::MIN_LEASE_TTL_MS..))]
     disk_lease_ttl_ms: u64,
     /// The node's address for migrations, published in its record.
     #[arg(long, value_name = "IP")]

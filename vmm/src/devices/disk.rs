@@ -43,6 +43,9 @@ pub struct HostSide {
     pub lease_ttl: std::time::Duration,
     /// Take a crashed host's expired lease rather than refusing it.
     pub takeover: bool,
+    /// How shared-volume images use the page cache (direct: nothing a
+    /// fenced host wrote can reach the volume later).
+    pub shared_cache: csv_fs::Cache,
 }
 
 /// A disk on a shared volume: written only while its lease is live. The
@@ -76,8 +79,8 @@ impl Fence {
             // Stop a third of the TTL before expiry: a healthy keeper renews
             // every third, and the margin covers a stall between this check
             // and the write, so nothing lands after another host may take over.
-            Ok((expires, ttl)) if csv_fs::error::now_ms() + ttl / 3 >= expires => {
-                Some(format!("lease not renewed in time (it expires at unix ms {expires})"))
+            Ok((left, ttl)) if left <= ttl / 3 => {
+                Some(format!("lease not renewed in time ({} ms of it left)", left.as_millis()))
             }
             Ok(_) => None,
         }
@@ -134,18 +137,23 @@ impl Disk {
     /// Opens `path` without taking its lock or writing: a migration
     /// destination holds the image this way until the source hands it over.
     pub fn open_standby(path: &Path, readonly: bool) -> Result<Disk, Error> {
-        Disk::open_standby_as(path, None, readonly)
+        Disk::open_standby_as(path, None, readonly, csv_fs::Cache::Host)
     }
 
     /// The same with the format given (a volume's record of how the disk
     /// was created); None: by the path's extension. Never by content.
-    fn open_standby_as(path: &Path, format: Option<csv_fs::Format>, readonly: bool) -> Result<Disk, Error> {
+    fn open_standby_as(
+        path: &Path,
+        format: Option<csv_fs::Format>,
+        readonly: bool,
+        cache: csv_fs::Cache,
+    ) -> Result<Disk, Error> {
         if !path.exists() {
             return Err(Error::Missing { path: path.to_owned() });
         }
         let mode = if readonly { OpenMode::ReadOnly } else { OpenMode::Standby };
         let image = match format {
-            Some(f) => Image::open_as(path, f, mode),
+            Some(f) => Image::open_with(path, f, mode, cache),
             None => Image::open(path, mode),
         }
         .map_err(|e| image_error(path, e))?;
@@ -172,7 +180,7 @@ impl Disk {
         let volume = Volume::open(&vd.volume).map_err(Error::Image)?;
         let path = volume.disk_path(&vd.name).map_err(Error::Image)?;
         let format = volume.disk_format(&vd.name).map_err(Error::Image)?;
-        let mut disk = Disk::open_standby_as(&path, Some(format), cfg.readonly)?;
+        let mut disk = Disk::open_standby_as(&path, Some(format), cfg.readonly, host.shared_cache)?;
         disk.identity = identity_of(&path, Some((&volume, &vd.name)))
             .map_err(|source| Error::Open { path: path.clone(), source })?;
         let store: Arc<dyn LeaseStore> = Arc::new(volume.lease_store(host.lease_ttl));
@@ -384,8 +392,13 @@ impl Backend for Disk {
     /// instead of waiting for a takeover. (After a handoff the keeper is
     /// gone and there is nothing to release.)
     fn close(&mut self) {
-        // A host that lost the lease must not even flush (qcow2 metadata).
-        let owned = self.readonly || self.may_write();
+        // A host that lost the lease (or handed it over) must not even flush
+        // (qcow2 metadata), nor let the image's drop do it.
+        let handed = self.fence.as_ref().is_some_and(|f| f.handed.is_some());
+        let owned = !handed && (self.readonly || self.may_write());
+        if !owned {
+            self.image.abandon();
+        }
         if let Some(fence) = &mut self.fence {
             if let Some(keeper) = fence.keeper.take() {
                 if let (true, Ok(lease)) = (owned, keeper.stop()) {
