@@ -56,6 +56,7 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-storage -- target/bench/storage.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-quick -- target/bench/quick.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-soak -- target/bench/soak.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-cluster -- target/bench/cluster.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-failover -- target/bench/failover.json

@@ -244,6 +244,7 @@ impl Store {
     }
 
     /// Notes that member `i` failed: the next call starts after it.
+    /// Moves the first choice off member `i` (if it still is `i`).
     pub(crate) fn demote(&self, i: usize) {
         let n = self.inner.members.len();
         let _ = self.inner.preferred.compare_exchange(i % n, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
@@ -279,7 +280,10 @@ impl Store {
             }
             let (url, client) = self.member(i);
             let limit = cfg.request_timeout.min(remaining);
-            let failure = match tokio::time::timeout(limit, f(client)).await {
+            let mut in_flight = InFlight { store: self, member: i, armed: true };
+            let outcome = tokio::time::timeout(limit, f(client)).await;
+            in_flight.armed = false;
+            let failure = match outcome {
                 Ok(Ok(v)) => {
                     if attempt > 0 {
                         tracing::debug!("etcd {op}: answered by {url} after {attempt} failed attempts");
@@ -322,6 +326,18 @@ impl Store {
     }
 
     /// The key's value, or None.
+    /// The name of the etcd member that leads the raft group now (what an
+    /// etcd leader change costs: it refreshes every lease's TTL), if the
+    /// member answering knows one.
+    pub async fn etcd_leader(&self) -> Result<Option<String>> {
+        self.call("status", Effect::Read, |mut c| async move {
+            let leader = c.status().await?.leader();
+            let members = c.member_list().await?;
+            Ok(members.members().iter().find(|m| m.id() == leader && leader != 0).map(|m| m.name().to_owned()))
+        })
+        .await
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<Kv>> {
         self.call("get", Effect::Read, |mut c| async move {
             let r = c.get(key, None).await?;
@@ -442,6 +458,23 @@ impl MemberStatus {
             version: None,
             raft_term: None,
             error: Some(error),
+        }
+    }
+}
+
+/// Demotes its member if dropped armed: a call cancelled from outside (a
+/// caller's own, shorter timeout) must still move the next call off a member
+/// that did not answer, or every retry would wait on the same dead member.
+struct InFlight<'a> {
+    store: &'a Store,
+    member: usize,
+    armed: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.demote(self.member);
         }
     }
 }

@@ -149,7 +149,14 @@ fn wait_for(vm: &Vm, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool
 /// Boots the test guest on lab host `host` with `disk`; returns once it
 /// has found the disk and printed a heartbeat.
 fn boot(lab: &Lab, disk: &str, host: &str) -> Result<Vm, String> {
-    let vm = Vm::launch(Some(&lab.netns(host)), "run", &guest_args(disk, host));
+    boot_with(lab, disk, host, &[])
+}
+
+/// [`boot`] with more `ferry run` arguments.
+fn boot_with(lab: &Lab, disk: &str, host: &str, extra: &[&str]) -> Result<Vm, String> {
+    let mut args = guest_args(disk, host);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let vm = Vm::launch(Some(&lab.netns(host)), "run", &args);
     wait_for(&vm, 0, T, |l| l.starts_with("virtio-blk:"))?;
     wait_for(&vm, 0, T, |l| heartbeat_number(l).is_some())?;
     Ok(vm)
@@ -187,10 +194,11 @@ fn shut_down(vm: Vm) -> bool {
 // ---------------------------------------------------------------------------
 // 1. Guest throughput per format, and dd.
 
-/// Guest figures for one format.
-fn format_run(lab: &Lab, vol: &Path, format: &str) -> Value {
-    let name = format!("bench-{format}");
-    let mut row = json!({ "format": format, "disk": name });
+/// Guest figures for one format, the image using the host's page cache as
+/// `cache` says (`direct`, the default for shared volumes, or `host`).
+fn format_run(lab: &Lab, vol: &Path, format: &str, cache: &str) -> Value {
+    let name = format!("bench-{format}-{cache}");
+    let mut row = json!({ "format": format, "disk": name, "shared_disk_cache": cache });
     let created =
         ferry(&["disk", "create", "--volume", vol.to_str().unwrap(), "--format", format, "--size", DISK_SIZE, &name]);
     if let Err(e) = created {
@@ -199,7 +207,7 @@ fn format_run(lab: &Lab, vol: &Path, format: &str) -> Value {
     }
     let disk = format!("csv:{}/disks/{name}", vol.display());
     let t_boot = Instant::now();
-    let vm = match boot(lab, &disk, "a") {
+    let vm = match boot_with(lab, &disk, "a", &["--shared-disk-cache", cache]) {
         Ok(vm) => vm,
         Err(e) => {
             row["error"] = json!(format!("boot: {e}"));
@@ -256,7 +264,7 @@ fn format_run(lab: &Lab, vol: &Path, format: &str) -> Value {
         }
     }
     eprintln!(
-        "{format}: write {} MB/s, read {} MB/s, overwrite {} MB/s, console {} ms{}",
+        "{format} ({cache} cache): write {} MB/s, read {} MB/s, overwrite {} MB/s, console {} ms{}",
         row["write_mb_s"],
         row["read_mb_s"],
         row["overwrite_mb_s"],
@@ -781,7 +789,25 @@ fn main() {
     // 1. Formats, and dd on the same filesystem.
     let dd_direct = dd_reference(dir.path(), true);
     let dd_buffered = dd_reference(dir.path(), false);
-    let mut formats: Vec<Value> = FORMATS.iter().map(|f| format_run(&lab, &vol, f)).collect();
+    let mut formats: Vec<Value> = FORMATS.iter().map(|f| format_run(&lab, &vol, f, "direct")).collect();
+    // The same through the page cache (the write mode before O_DIRECT),
+    // to price what the fence's guarantee costs.
+    let host_cache: Vec<Value> = FORMATS.iter().map(|f| format_run(&lab, &vol, f, "host")).collect();
+    let direct_vs_host: Vec<Value> = formats
+        .iter()
+        .zip(&host_cache)
+        .map(|(d, h)| {
+            json!({
+                "format": d["format"],
+                "write_mb_s_direct": d["write_mb_s"],
+                "write_mb_s_host_cache": h["write_mb_s"],
+                "write_ratio": ratio(d["write_mb_s"].as_f64(), h["write_mb_s"].as_f64()),
+                "read_mb_s_direct": d["read_mb_s"],
+                "read_mb_s_host_cache": h["read_mb_s"],
+                "read_ratio": ratio(d["read_mb_s"].as_f64(), h["read_mb_s"].as_f64()),
+            })
+        })
+        .collect();
     let (ddw, ddr) = (dd_direct["write_mb_s"].as_f64(), dd_direct["read_mb_s"].as_f64());
     let (dbw, dbr) = (dd_buffered["write_mb_s"].as_f64(), dd_buffered["read_mb_s"].as_f64());
     for row in &mut formats {
@@ -868,6 +894,8 @@ fn main() {
         "handoff_adds_downtime_ms": adds,
         "console_ms": median(&console_all).map(round3),
         "formats": formats,
+        "formats_host_cache": host_cache,
+        "direct_vs_host_cache": direct_vs_host,
         "dd": {
             "file_mib": DD_MIB,
             "runs": DD_RUNS,

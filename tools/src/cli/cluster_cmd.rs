@@ -96,6 +96,7 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
             let nodes = node_views(&c).await?;
             let vms = vm_views(&c).await?;
             let leader = c.leader().await?.map(|l| l.value.node);
+            let etcd_leader = c.store().etcd_leader().await?;
             let record = c.cluster_record().await?.map(|r| r.value);
             let settings = record.as_ref().map_or_else(ClusterSettings::default, |r| r.settings.clone());
             let validation = c.validation().await?.map(|v| validation_summary(&v.value));
@@ -109,6 +110,7 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
                     "settings": settings,
                     "validation": validation,
                     "leader": leader,
+                    "etcd_leader": etcd_leader,
                     "update": update.as_ref().map(|u| serde_json::json!({"progress": u, "running": update_running})),
                     "nodes": nodes,
                     "vms": vms,
@@ -116,7 +118,12 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(0);
             }
-            println!("cluster {} (leader: {})", etcd.cluster, leader.as_deref().unwrap_or("none"));
+            println!(
+                "cluster {} (leader: {}, etcd leader: {})",
+                etcd.cluster,
+                leader.as_deref().unwrap_or("none"),
+                etcd_leader.as_deref().unwrap_or("none")
+            );
             if let Some(u) = &update {
                 println!(
                     "update {}: {}{}; done: {}{}",
