@@ -76,6 +76,28 @@ fn watch_exit(pids: Vec<u32>, limit: Duration) -> std::thread::JoinHandle<Option
     })
 }
 
+/// Copies the agents' and VMMs' logs of a failed round to
+/// target/bench/failover-logs/TAG (the lab's files go with the run).
+fn keep_logs(cl: &ClusterLab, tag: &str) {
+    let to = std::path::Path::new("target/bench/failover-logs").join(tag);
+    let _ = std::fs::create_dir_all(&to);
+    let status = cl.cli(&["cluster", "status", "--json"]);
+    let _ = std::fs::write(to.join("status.json"), &status.stdout);
+    let events = cl.cli(&["cluster", "events"]);
+    let _ = std::fs::write(to.join("events.txt"), &events.stdout);
+    for e in std::fs::read_dir(&cl.states).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(&p, to.join(e.file_name()));
+        }
+        for vm in std::fs::read_dir(p.join("vms")).into_iter().flatten().flatten() {
+            let name = format!("{}-{}-vmm.log", e.file_name().to_string_lossy(), vm.file_name().to_string_lossy());
+            let _ = std::fs::copy(vm.path().join("vmm.log"), to.join(name));
+        }
+    }
+    eprintln!("logs of the failed round kept in {}", to.display());
+}
+
 #[derive(Default)]
 struct Soak {
     rounds: usize,
@@ -95,7 +117,15 @@ fn main() {
     let mut results = vec![];
     let mut soak = Soak::default();
     let mut seed = 1u32;
-    for ttl in [3000u64, 2000] {
+    // FERRY_BENCH_FAILOVER=TTL:KIND:RUNS (e.g. 2000:partition:10) runs
+    // only that cell, to chase one case.
+    let only = std::env::var("FERRY_BENCH_FAILOVER").ok();
+    let only: Option<(u64, String, usize)> = only.as_deref().and_then(|o| {
+        let mut p = o.split(':');
+        Some((p.next()?.parse().ok()?, p.next()?.to_owned(), p.next()?.parse().ok()?))
+    });
+    let ttls: Vec<u64> = only.as_ref().map_or(vec![3000, 2000], |o| vec![o.0]);
+    for ttl in ttls {
         let dir = TempDir::new(&format!("bench-failover-{ttl}"));
         let vol = dir.path().join("vol").display().to_string();
         assert!(run_ferry(&["volume", "create", &vol]).status.success());
@@ -118,11 +148,13 @@ fn main() {
         cl.cli_ok(&args);
         cl.cli_ok(&["vm", "start", VM, "--on", "a", "--wait"]);
         wait_guest(&cl.console("a", VM));
-        for kind in ["crash", "partition"] {
+        let kinds: Vec<&str> = only.as_ref().map_or(vec!["crash", "partition"], |o| vec![o.1.as_str()]);
+        let runs = only.as_ref().map_or(RUNS, |o| o.2);
+        for kind in kinds {
             let (mut detect, mut fence, mut restart, mut reply) = (vec![], vec![], vec![], vec![]);
             let (mut detect_leader, mut detect_other) = (vec![], vec![]);
             let (mut detect_etcd_leader, mut detect_etcd_follower) = (vec![], vec![]);
-            for run in 0..RUNS {
+            for run in 0..runs {
                 let owner = cl.owner(VM).unwrap();
                 let i = NODES.iter().position(|n| *n == owner).unwrap();
                 let p = cl.lab.ping_from_client(VM_IP, &["--count", "5", "--wait-reply-ms", "10000"]);
@@ -152,6 +184,7 @@ fn main() {
                 if p["warmup_replied"] != true {
                     soak.lost_vms += 1;
                     soak.errors.push(format!("ttl {ttl} {kind} {run}: no reply within 60 s of the {kind} of {owner}"));
+                    keep_logs(&cl, &format!("{ttl}-{kind}-{run}"));
                     break;
                 }
                 let first = t0.0.elapsed().as_secs_f64() * 1000.0 - 210.0;

@@ -109,6 +109,11 @@ pub fn start(lab: &str, role: Role, hosts: &[Role]) -> Result<Started, LabError>
         .arg(format!("ferry-lab-{lab}"))
         .arg("--initial-cluster-state")
         .arg("new")
+        // A member cut off keeps raising its term; without pre-vote it
+        // deposes the leader when its link comes back, and the cluster has
+        // no leader (no lease renewals, no writes) for seconds. etcd 3.5
+        // turns this on by default; Debian's 3.4 does not.
+        .arg("--pre-vote")
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
