@@ -244,7 +244,6 @@ impl Store {
     }
 
     /// Notes that member `i` failed: the next call starts after it.
-    /// Moves the first choice off member `i` (if it still is `i`).
     pub(crate) fn demote(&self, i: usize) {
         let n = self.inner.members.len();
         let _ = self.inner.preferred.compare_exchange(i % n, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
@@ -325,7 +324,6 @@ impl Store {
         Err(Error::Unavailable { op, after: start.elapsed(), endpoint, last })
     }
 
-    /// The key's value, or None.
     /// The name of the etcd member that leads the raft group now (what an
     /// etcd leader change costs: it refreshes every lease's TTL), if the
     /// member answering knows one.
@@ -338,6 +336,7 @@ impl Store {
         .await
     }
 
+    /// The key's value, or None.
     pub async fn get(&self, key: &str) -> Result<Option<Kv>> {
         self.call("get", Effect::Read, |mut c| async move {
             let r = c.get(key, None).await?;

@@ -178,17 +178,33 @@ impl Vm {
     /// Waits for a console line at index >= `from` that satisfies `pred`;
     /// returns its index and text. Panics with the console on timeout.
     pub fn wait_line_from(&self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> (usize, String) {
+        self.try_wait_line_from(from, timeout, pred).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Vm::wait_line_from`] for callers that must not panic (the
+    /// benchmarks record a failure and go on): the timeout is an error
+    /// naming the console's tail and the stderr.
+    pub fn try_wait_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(usize, String), String> {
         let deadline = Instant::now() + timeout;
         let mut lines = self.console.lines.lock().unwrap();
         loop {
             if let Some((i, l)) = lines.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
-                return (i, l.clone());
+                return Ok((i, l.clone()));
             }
             let now = Instant::now();
             if now >= deadline {
                 let tail: Vec<_> = lines.iter().rev().take(20).rev().cloned().collect();
                 drop(lines);
-                panic!("timed out after {timeout:?}; console tail:\n{}\nstderr:\n{}", tail.join("\n"), self.stderr());
+                return Err(format!(
+                    "timed out after {timeout:?}; console tail:\n{}\nstderr:\n{}",
+                    tail.join("\n"),
+                    self.stderr()
+                ));
             }
             lines = self.console.grew.wait_timeout(lines, deadline - now).unwrap().0;
         }
@@ -377,6 +393,15 @@ impl Lab {
     }
     pub const SUBNET_CLIENT: &'static str = "10.200.77.100";
 
+    /// [`Lab::up`] with tap vm0 on hosts a and b (where the test guest's
+    /// NIC, [`LAB_GUEST_NIC`], plugs in).
+    pub fn up_with_taps(name: &str) -> Lab {
+        let lab = Lab::up(name);
+        lab.ok(&["tap", "add", "a", "vm0"]);
+        lab.ok(&["tap", "add", "b", "vm0"]);
+        lab
+    }
+
     /// Brings the lab up (the guard exists first, so a failed `up` is
     /// still taken down).
     pub fn up(name: &str) -> Lab {
@@ -476,6 +501,35 @@ pub fn command(vm: &Vm, cmd: &str, prefix: &str, timeout: Duration) -> String {
     vm.wait_line_from(from, timeout, |l| l.starts_with(prefix)).1
 }
 
+/// [`command`] for callers that must not panic.
+pub fn try_command(vm: &Vm, cmd: &str, prefix: &str, timeout: Duration) -> Result<String, String> {
+    let from = vm.lines().len();
+    let (ok, _, err) = vm.ferry(&["console", cmd]);
+    if !ok {
+        return Err(format!("console {cmd:?}: {}", err.trim()));
+    }
+    vm.try_wait_line_from(from, timeout, |l| l.starts_with(prefix)).map(|(_, l)| l)
+}
+
+/// True while process `pid` exists and is not a zombie.
+pub fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+/// Copies the ferry binary into `dir` and points FERRY_BIN at the copy, so
+/// that a rebuild while a benchmark runs cannot pair a source and a
+/// destination that disagree on the wire format. Call before starting
+/// any ferry process.
+pub fn pin_ferry_binary(dir: &Path) {
+    let copy = dir.join("ferry");
+    std::fs::copy(ferry_bin(), &copy).expect("copy the ferry binary");
+    std::env::set_var("FERRY_BIN", &copy);
+}
+
 /// A raw disk image of `mib` MiB, zero-filled (sparse).
 pub fn disk_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
     let p = dir.join(name);
@@ -572,8 +626,13 @@ pub const LAB_GUEST_NIC: &str = "tap=vm0,mac=52:54:00:c0:ff:ee";
 /// (after `heartbeat_ms=200 ip=LAB_GUEST_IP`), on tap vm0; returns once its
 /// workload is ready and it heartbeats.
 pub fn boot_in_lab(lab: &Lab, host: &str, mem_mib: u32, cmdline: &str) -> Vm {
+    boot_in_lab_with(lab, host, mem_mib, cmdline, &[])
+}
+
+/// [`boot_in_lab`] with more `ferry run` arguments (a disk, a host id).
+pub fn boot_in_lab_with(lab: &Lab, host: &str, mem_mib: u32, cmdline: &str, extra: &[&str]) -> Vm {
     let guest = guest_elf();
-    let args = vec![
+    let mut args = vec![
         s("--kernel"),
         guest.display().to_string(),
         s("--mem-mib"),
@@ -583,6 +642,7 @@ pub fn boot_in_lab(lab: &Lab, host: &str, mem_mib: u32, cmdline: &str) -> Vm {
         s("--net"),
         s(LAB_GUEST_NIC),
     ];
+    args.extend(extra.iter().map(|e| e.to_string()));
     let vm = Vm::launch(Some(&lab.netns(host)), "run", &args);
     let t = Duration::from_secs(60);
     vm.wait_line(t, |l| l.starts_with("workload ready"));

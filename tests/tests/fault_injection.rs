@@ -13,18 +13,11 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, run_ferry, s, Lab, TempDir, Vm};
+use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, run_ferry, Lab, TempDir, Vm};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 use ferry_e2e::LAB_GUEST_IP as GUEST_IP;
-
-fn lab_with_taps(name: &str) -> Lab {
-    let lab = Lab::up(name);
-    lab.ok(&["tap", "add", "a", "vm0"]);
-    lab.ok(&["tap", "add", "b", "vm0"]);
-    lab
-}
 
 /// `nft ARGS` inside network namespace `netns`.
 fn nft(netns: &str, args: &[&str]) {
@@ -36,8 +29,22 @@ fn nft(netns: &str, args: &[&str]) {
     assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The gate's yes, and a no.
+const COMMIT: &str = "{\"commit\":true}\n";
+const REFUSE: &str = "{\"commit\":false,\"reason\":\"no\"}\n";
+
 /// A commit gate that runs `strike` when the source asks, then agrees.
 fn gate(dir: &TempDir, strike: impl FnOnce() + Send + 'static) -> (PathBuf, std::thread::JoinHandle<()>) {
+    gate_answering(dir, COMMIT, strike)
+}
+
+/// A commit gate that runs `strike` when the source asks, then answers
+/// `answer`.
+fn gate_answering(
+    dir: &TempDir,
+    answer: &'static str,
+    strike: impl FnOnce() + Send + 'static,
+) -> (PathBuf, std::thread::JoinHandle<()>) {
     let path = dir.path().join("gate.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let t = std::thread::spawn(move || {
@@ -46,7 +53,7 @@ fn gate(dir: &TempDir, strike: impl FnOnce() + Send + 'static) -> (PathBuf, std:
         BufReader::new(&s).read_line(&mut line).unwrap();
         assert!(line.contains("to_host"), "{line}");
         strike();
-        s.write_all(b"{\"commit\":true}\n").unwrap();
+        s.write_all(answer.as_bytes()).unwrap();
     });
     (path, t)
 }
@@ -64,7 +71,7 @@ fn a_silent_cut_during_round_0_leaves_the_vm_on_the_source() {
     if !kvm_available("a_silent_cut_during_round_0_leaves_the_vm_on_the_source") {
         return;
     }
-    let lab = lab_with_taps("fi1");
+    let lab = Lab::up_with_taps("fi1");
     let vm = ferry_e2e::boot_in_lab(&lab, "a", 512, "wss_mib=256 dirty_mib_s=0");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7870, &["--net", "tap=vm0"]);
     let migration = ferry_e2e::migrate_in_lab_background(
@@ -91,7 +98,7 @@ fn a_lost_resumed_after_the_commit_leaves_the_vm_running_on_the_destination_only
     if !kvm_available("a_lost_resumed_after_the_commit_leaves_the_vm_running_on_the_destination_only") {
         return;
     }
-    let lab = lab_with_taps("fi2");
+    let lab = Lab::up_with_taps("fi2");
     let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7871, &["--net", "tap=vm0"]);
     let dir = TempDir::new("gate");
@@ -128,7 +135,7 @@ fn the_destination_killed_after_ready_leaves_the_vm_running_on_the_source() {
     if !kvm_available("the_destination_killed_after_ready_leaves_the_vm_running_on_the_source") {
         return;
     }
-    let lab = lab_with_taps("fi3");
+    let lab = Lab::up_with_taps("fi3");
     let vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7872, &["--net", "tap=vm0"]);
     let dest_pid = dest.pid() as i32;
@@ -161,7 +168,7 @@ fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destina
     if !kvm_available("the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destination") {
         return;
     }
-    let lab = lab_with_taps("fi4");
+    let lab = Lab::up_with_taps("fi4");
     let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
     let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7873, &["--net", "tap=vm0"]);
     let source_pid = vm.pid() as i32;
@@ -195,31 +202,14 @@ fn volume_with_disk(dir: &TempDir) -> String {
 }
 
 fn lease_owner(vol: &str) -> Value {
-    let out = run_ferry(&["disk", "lease", "show", "--volume", vol, "d0"]);
-    let lease: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    lease["owner"].clone()
+    ferry_e2e::cluster::disk_lease(vol, "d0")["owner"].clone()
 }
 
 /// The test guest on lab host a with disk d0 of `vol`, host id a, the
 /// pattern `seed` written on its first 512 sectors.
 fn boot_with_disk(lab: &Lab, vol: &str, mem_mib: u32, cmdline: &str, seed: u32) -> Vm {
-    let args = vec![
-        s("--kernel"),
-        ferry_e2e::guest_elf().display().to_string(),
-        s("--mem-mib"),
-        mem_mib.to_string(),
-        s("--cmdline"),
-        format!("heartbeat_ms=200 ip={GUEST_IP} {cmdline}"),
-        s("--net"),
-        s(ferry_e2e::LAB_GUEST_NIC),
-        s("--disk"),
-        format!("csv:{vol}/disks/d0"),
-        s("--host-id"),
-        s("a"),
-    ];
-    let vm = Vm::launch(Some(&lab.netns("a")), "run", &args);
-    vm.wait_line(T, |l| l.starts_with("workload ready"));
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let disk = format!("csv:{vol}/disks/d0");
+    let vm = ferry_e2e::boot_in_lab_with(lab, "a", mem_mib, cmdline, &["--disk", &disk, "--host-id", "a"]);
     let w = command(&vm, &format!("disk-write 0 512 {seed}"), "disk-write", T);
     assert!(w.starts_with("disk-write ok"), "{w}");
     vm
@@ -246,7 +236,7 @@ fn a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source() 
     if !kvm_available("a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source") {
         return;
     }
-    let lab = lab_with_taps("fi5");
+    let lab = Lab::up_with_taps("fi5");
     let dir = TempDir::new("fi5");
     let vol = volume_with_disk(&dir);
     let vm = boot_with_disk(&lab, &vol, 256, "wss_mib=128 dirty_mib_s=40", 5);
@@ -326,17 +316,12 @@ fn cut_between_ready_and_commit(lab: &Lab, dir: &TempDir, port: u16, committed: 
         port,
         &["--net", "tap=vm0", "--allow-disks", &allow, "--commit-oracle", &oracle_arg],
     );
-    let gate_path = dir.path().join("gate.sock");
-    let listener = UnixListener::bind(&gate_path).unwrap();
-    // The gate hands its connection back unanswered: the test cuts the link
-    // first, then answers, so whatever the source sends next is lost.
-    let gate_thread = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        assert!(line.contains("to_host"), "{line}");
-        let answer = if committed { "{\"commit\":true}\n" } else { "{\"commit\":false,\"reason\":\"no\"}\n" };
-        (s, answer)
+    // The gate cuts the link before it answers, so whatever the source
+    // sends next is lost.
+    let lab_name = lab.name.clone();
+    let (gate_path, gate_thread) = gate_answering(dir, if committed { COMMIT } else { REFUSE }, move || {
+        let out = ferry_e2e::ferry_bounded(&["lab", "cut", "b", "--name", &lab_name], T);
+        assert!(out.status.success(), "lab cut b: {}", String::from_utf8_lossy(&out.stderr));
     });
     let gate_arg = gate_path.display().to_string();
     let to = format!("tcp:10.200.77.2:{port}");
@@ -347,9 +332,7 @@ fn cut_between_ready_and_commit(lab: &Lab, dir: &TempDir, port: u16, committed: 
         &to,
         &["--mode", "quick", "--commit-gate", &gate_arg, "--switchover-timeout", "3"],
     );
-    let (mut gate_conn, answer) = gate_thread.join().unwrap();
-    lab.ok(&["cut", "b"]);
-    gate_conn.write_all(answer.as_bytes()).unwrap();
+    gate_thread.join().unwrap();
     let (ok, _, err) = migration.join().unwrap();
     oracle_thread.join().unwrap();
     lab.ok(&["heal", "b"]);
@@ -362,7 +345,7 @@ fn a_cut_between_ready_and_a_commit_leaves_the_vm_on_the_destination_the_oracle_
     if !kvm_available("a_cut_between_ready_and_a_commit_leaves_the_vm_on_the_destination_the_oracle_names") {
         return;
     }
-    let lab = lab_with_taps("fi6");
+    let lab = Lab::up_with_taps("fi6");
     let dir = TempDir::new("fi6");
     let (mut vm, dest, vol, err) = cut_between_ready_and_commit(&lab, &dir, 7876, true);
     assert!(err.contains("outcome unknown") || err.contains("did not confirm"), "{err}");
@@ -381,7 +364,7 @@ fn a_cut_between_ready_and_a_refused_commit_leaves_the_vm_and_its_disk_on_the_so
     if !kvm_available("a_cut_between_ready_and_a_refused_commit_leaves_the_vm_and_its_disk_on_the_source") {
         return;
     }
-    let lab = lab_with_taps("fi7");
+    let lab = Lab::up_with_taps("fi7");
     let dir = TempDir::new("fi7");
     let (vm, mut dest, vol, err) = cut_between_ready_and_commit(&lab, &dir, 7877, false);
     assert!(!err.contains("outcome unknown"), "a refused commit is not uncertain: {err}");

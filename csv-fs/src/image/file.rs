@@ -32,12 +32,13 @@ pub enum Cache {
     Direct,
 }
 
-/// What [`Cache::Direct`] got on this filesystem.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+/// How an open image file does its I/O.
+enum Io {
     Buffered,
-    /// `O_DIRECT`, with this offset, length and memory alignment.
+    /// `O_DIRECT` on this second descriptor, with this offset, length and
+    /// memory alignment.
     Direct {
+        file: File,
         align: usize,
     },
     /// No `O_DIRECT` here: every write is synced before it returns.
@@ -47,45 +48,36 @@ pub enum Mode {
 pub struct ImageFile {
     /// Through the page cache: metadata, unaligned requests, sync.
     buffered: File,
-    /// `O_DIRECT`, when that is the mode.
-    direct: Option<File>,
-    mode: Mode,
+    io: Io,
 }
 
 impl ImageFile {
     pub fn open(path: &Path, writable: bool, cache: Cache) -> io::Result<ImageFile> {
         let buffered = OpenOptions::new().read(true).write(writable).open(path)?;
-        let (direct, mode) = match cache {
-            Cache::Host => (None, Mode::Buffered),
+        let io = match cache {
+            Cache::Host => Io::Buffered,
             Cache::Direct => {
                 let opened = OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path);
                 match opened {
-                    Ok(f) => {
-                        let align = direct_alignment(&f, buffered.metadata()?.len());
-                        (Some(f), Mode::Direct { align })
-                    }
+                    Ok(file) => Io::Direct { align: direct_alignment(&file, buffered.metadata()?.len()), file },
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         tracing::warn!(path = %path.display(), "no O_DIRECT on this filesystem: writing through");
-                        (None, Mode::WriteThrough)
+                        Io::WriteThrough
                     }
                     Err(e) => return Err(e),
                 }
             }
         };
-        Ok(ImageFile { buffered, direct, mode })
+        Ok(ImageFile { buffered, io })
     }
 
-    #[cfg(test)]
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
+    /// The direct descriptor and its alignment, if this request may use it.
     fn aligned(&self, offset: u64, len: usize) -> Option<(&File, usize)> {
-        match (&self.direct, self.mode) {
-            (Some(f), Mode::Direct { align })
-                if offset.is_multiple_of(align as u64) && len.is_multiple_of(align) && len > 0 =>
+        match &self.io {
+            Io::Direct { file, align }
+                if offset.is_multiple_of(*align as u64) && len.is_multiple_of(*align) && len > 0 =>
             {
-                Some((f, align))
+                Some((file, *align))
             }
             _ => None,
         }
@@ -112,7 +104,7 @@ impl ImageFile {
                 bounce.as_mut().copy_from_slice(buf);
                 f.write_all_at(bounce.as_mut(), offset)
             }
-            None if self.mode == Mode::Buffered => self.buffered.write_all_at(buf, offset),
+            None if matches!(self.io, Io::Buffered) => self.buffered.write_all_at(buf, offset),
             // Unaligned under O_DIRECT, or no O_DIRECT at all: through the
             // cache, and out of it before returning.
             None => {
@@ -187,7 +179,7 @@ mod tests {
     fn direct_io_takes_any_buffer_offset_and_length() {
         let p = scratch("direct", 1 << 20);
         let f = ImageFile::open(&p, true, Cache::Direct).unwrap();
-        assert!(matches!(f.mode(), Mode::Direct { .. } | Mode::WriteThrough), "{:?}", f.mode());
+        assert!(!matches!(f.io, Io::Buffered), "Cache::Direct must not use the page cache for data");
         let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
         // Aligned, aligned with an unaligned buffer, and unaligned.
         for (off, slice) in [(4096u64, &data[..8192]), (8192 * 4, &data[1..4097]), (3, &data[5..1000])] {

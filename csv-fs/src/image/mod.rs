@@ -178,10 +178,6 @@ impl Image {
         &self.path
     }
 
-    pub fn cache(&self) -> Cache {
-        self.cache
-    }
-
     /// Lets go of the image without writing one more byte: for a host that
     /// lost the disk's lease. The backend is leaked, not dropped, because
     /// dropping imago's qcow2 driver flushes its cached metadata into the
@@ -249,13 +245,19 @@ struct Abandoned {
     size: u64,
 }
 
+impl Abandoned {
+    fn refused() -> Error {
+        Error::io(Path::new("(abandoned image)"), std::io::Error::other("the image was abandoned (fenced)"))
+    }
+}
+
 impl BlockBackend for Abandoned {
     fn read_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
-        Err(Error::io(Path::new("(abandoned image)"), std::io::Error::other("the image was abandoned (fenced)")))
+        Err(Abandoned::refused())
     }
 
     fn write_at(&mut self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::io(Path::new("(abandoned image)"), std::io::Error::other("the image was abandoned (fenced)")))
+        Err(Abandoned::refused())
     }
 
     fn flush(&mut self) -> Result<()> {

@@ -32,6 +32,8 @@ type Driver = imago::qcow2::Qcow2<File>;
 pub struct Qcow2 {
     access: FormatAccess<File>,
     path: PathBuf,
+    /// Sync after every write (`Cache::Direct` where `O_DIRECT` is missing).
+    write_through: bool,
 }
 
 /// imago reports bad images as `InvalidData`/`InvalidInput`/`Other`
@@ -52,11 +54,13 @@ impl Qcow2 {
         validate(path)?;
         let options = || StorageOpenOptions::new().filename(path).write(writable);
         // imago bounces unaligned requests itself under O_DIRECT.
+        let mut write_through = false;
         let file = match cache {
             Cache::Host => File::open(options()),
             Cache::Direct => File::open(options().direct(true)).or_else(|e| match e.raw_os_error() {
                 Some(libc::EINVAL) => {
                     tracing::warn!(path = %path.display(), "no O_DIRECT on this filesystem: writing through");
+                    write_through = true;
                     File::open(options())
                 }
                 _ => Err(e),
@@ -75,7 +79,7 @@ impl Qcow2 {
                 reason: "qcow2 with a backing file or an external data file".into(),
             });
         }
-        Ok(Qcow2 { access: FormatAccess::new(driver), path: path.to_owned() })
+        Ok(Qcow2 { access: FormatAccess::new(driver), path: path.to_owned(), write_through })
     }
 }
 
@@ -103,7 +107,11 @@ impl BlockBackend for Qcow2 {
         // reached the file; only `flush` makes it durable against power
         // loss). Without it a kill left L1 pointing at an L2 table whose
         // refcount was still in the dead process's cache.
-        self.access.flush().map_err(|e| map_err(&self.path, e))
+        self.access.flush().map_err(|e| map_err(&self.path, e))?;
+        if self.write_through {
+            self.access.sync().map_err(|e| map_err(&self.path, e))?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {

@@ -61,11 +61,7 @@ fn watch_exit(pids: Vec<u32>, limit: Duration) -> std::thread::JoinHandle<Option
     std::thread::spawn(move || {
         let deadline = Instant::now() + limit;
         loop {
-            let alive = pids.iter().any(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .is_ok_and(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
-            });
-            if !alive {
+            if !pids.iter().any(|&p| ferry_e2e::process_running(p)) {
                 return Some(unix_ms_now());
             }
             if Instant::now() > deadline {

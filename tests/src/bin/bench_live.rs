@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use ferry_e2e::stats::{median, ms3, round3};
 use ferry_e2e::{
-    cluster_key, ferry_bin, field, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, Lab, Vm,
+    cluster_key, ferry_bin, field, guest_elf, heartbeat_number, kvm_available, process_running, root_available,
+    run_bounded, Lab, Vm,
 };
 use serde_json::{json, Value};
 
@@ -78,15 +79,6 @@ const PING_FIGURES: [&str; 3] = ["pings_sent", "pings_lost", "max_gap_ms"];
 /// price encryption.
 const ENCRYPTION_PAIRS: usize = 4;
 const ENCRYPTION_MEM_MIB: u64 = 1024;
-
-/// True while `pid` exists and is not a zombie.
-fn process_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
-        Err(_) => false,
-    }
-}
 
 /// A VMM process (`ferry run` or `ferry receive`) on a lab host, whose
 /// serial console goes to a file.

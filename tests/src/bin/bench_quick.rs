@@ -17,17 +17,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_e2e::stats::{median, ms3, round3};
-use ferry_e2e::{
-    cluster_key, command, ferry_bin, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, s, Lab,
-    TempDir, Vm,
-};
+use ferry_e2e::{cluster_key, command, ferry_bin, kvm_available, root_available, run_bounded, s, Lab, TempDir, Vm};
 use serde_json::{json, Value};
 
 const LAB: &str = "bq";
 const MEM_MIB: [u32; 3] = [256, 1024, 4096];
 const DIRTY_MIB_S: [u32; 2] = [0, 50];
 const T: Duration = Duration::from_secs(120);
-const GUEST_IP: &str = ferry_e2e::LAB_GUEST_IP;
 
 fn runs_for(mem_mib: u32) -> usize {
     if mem_mib >= 4096 {
@@ -38,20 +34,7 @@ fn runs_for(mem_mib: u32) -> usize {
 }
 
 fn boot(lab: &Lab, mem_mib: u32) -> Vm {
-    let args = vec![
-        s("--kernel"),
-        guest_elf().display().to_string(),
-        s("--mem-mib"),
-        mem_mib.to_string(),
-        s("--cmdline"),
-        format!("heartbeat_ms=200 ip={GUEST_IP} wss_mib={} dirty_mib_s=0", mem_mib / 2),
-        s("--net"),
-        s(ferry_e2e::LAB_GUEST_NIC),
-    ];
-    let vm = Vm::launch(Some(&lab.netns("a")), "run", &args);
-    vm.wait_line(T, |l| l.starts_with("workload ready"));
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
-    vm
+    ferry_e2e::boot_in_lab(lab, "a", mem_mib, &format!("wss_mib={} dirty_mib_s=0", mem_mib / 2))
 }
 
 /// One snapshot, restore and quick migration; returns the record and
@@ -102,19 +85,7 @@ fn one_run(lab: &Lab, dir: &Path, vm: Vm, host: &'static str, seq: usize) -> (Va
     let _ = std::fs::remove_dir_all(&snap);
     // Quick migration to the other host.
     let port = 7700 + seq as u16;
-    let dest = Vm::launch(
-        Some(&lab.netns(other)),
-        "receive",
-        &[
-            s("--listen"),
-            format!("tcp:{}:{port}", Lab::host_ip(other)),
-            s("--key-file"),
-            cluster_key().display().to_string(),
-            s("--net"),
-            s("tap=vm0"),
-        ],
-    );
-    dest.wait_stderr(T, "waiting for a migration");
+    let dest = ferry_e2e::receiver_in_lab(lab, other, port, &["--net", "tap=vm0"]);
     let out = run_bounded(
         Command::new("ip")
             .args(["netns", "exec", &lab.netns(host)])
@@ -150,12 +121,8 @@ fn main() {
     }
     let started = Instant::now();
     let dir = TempDir::new("bench-quick");
-    let ferry = dir.path().join("ferry");
-    std::fs::copy(ferry_bin(), &ferry).expect("copy the ferry binary");
-    std::env::set_var("FERRY_BIN", &ferry);
-    let lab = Lab::up(LAB);
-    lab.ok(&["tap", "add", "a", "vm0"]);
-    lab.ok(&["tap", "add", "b", "vm0"]);
+    ferry_e2e::pin_ferry_binary(dir.path());
+    let lab = Lab::up_with_taps(LAB);
     let mut rows = Vec::new();
     let mut seq = 0;
     for mem in MEM_MIB {

@@ -17,15 +17,16 @@ use std::time::{Duration, Instant};
 
 use ferry_e2e::stats::{median, round3};
 use ferry_e2e::{
-    cluster_key, ferry_bin, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, run_ferry, s, Lab,
-    TempDir, Vm,
+    boot_in_lab_with, ferry_bin, kvm_available, pin_ferry_binary, process_running, receiver_in_lab, root_available,
+    run_bounded, run_ferry, try_command, Lab, TempDir, Vm,
 };
 use serde_json::{json, Value};
 
 const LAB: &str = "sk";
 const MOVES: usize = 50;
 const MEM_MIB: u32 = 256;
-const CMDLINE: &str = "heartbeat_ms=200 wss_mib=128 dirty_mib_s=20";
+/// After `boot_in_lab`'s `heartbeat_ms=200 ip=...`.
+const CMDLINE: &str = "wss_mib=128 dirty_mib_s=20";
 const GUEST_IP: &str = ferry_e2e::LAB_GUEST_IP;
 const PORT_BASE: u16 = 7600;
 /// The pinger runs this long per move; the migration starts after the lead.
@@ -37,32 +38,12 @@ const T: Duration = Duration::from_secs(60);
 const PATTERN: &str = "0 512";
 
 fn ask(vm: &Vm, cmd: &str, prefix: &str) -> Result<String, String> {
-    let before = vm.lines().len();
-    let (ok, _, err) = vm.ferry(&["console", cmd]);
-    if !ok {
-        return Err(format!("console {cmd:?}: {err}"));
-    }
-    let deadline = Instant::now() + T;
-    loop {
-        if let Some(l) = vm.lines().iter().skip(before).find(|l| l.starts_with(prefix)) {
-            return Ok(l.clone());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("no {prefix:?} line within {T:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn alive(vm: &Vm) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", vm.pid()))
-        .map(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
-        .unwrap_or(false)
+    try_command(vm, cmd, prefix, T)
 }
 
 fn wait_gone(vm: &Vm, within: Duration) -> bool {
     let deadline = Instant::now() + within;
-    while alive(vm) {
+    while process_running(vm.pid()) {
         if Instant::now() > deadline {
             return false;
         }
@@ -72,9 +53,7 @@ fn wait_gone(vm: &Vm, within: Duration) -> bool {
 }
 
 fn lease_owner(vol: &str) -> String {
-    let out = run_ferry(&["disk", "lease", "show", "--volume", vol, "d0"]);
-    let lease: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    lease["owner"].as_str().unwrap_or("").to_owned()
+    ferry_e2e::cluster::disk_lease(vol, "d0")["owner"].as_str().unwrap_or("").to_owned()
 }
 
 fn start_ping(lab: &Lab) -> std::thread::JoinHandle<Result<Value, String>> {
@@ -107,9 +86,7 @@ fn main() {
     }
     let started = Instant::now();
     let dir = TempDir::new("bench-soak");
-    let ferry = dir.path().join("ferry");
-    std::fs::copy(ferry_bin(), &ferry).expect("copy the ferry binary");
-    std::env::set_var("FERRY_BIN", &ferry);
+    pin_ferry_binary(dir.path());
     let vol = dir.path().join("vol").display().to_string();
     for args in [
         vec!["volume", "create", &vol],
@@ -118,56 +95,21 @@ fn main() {
         let o = run_ferry(&args);
         assert!(o.status.success(), "ferry {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     }
-    let lab = Lab::up(LAB);
-    lab.ok(&["tap", "add", "a", "vm0"]);
-    lab.ok(&["tap", "add", "b", "vm0"]);
-
-    let boot = vec![
-        s("--kernel"),
-        guest_elf().display().to_string(),
-        s("--mem-mib"),
-        MEM_MIB.to_string(),
-        s("--cmdline"),
-        format!("ip={GUEST_IP} {CMDLINE}"),
-        s("--net"),
-        s(ferry_e2e::LAB_GUEST_NIC),
-        s("--disk"),
-        format!("csv:{vol}/disks/d0"),
-        s("--host-id"),
-        s("a"),
-    ];
-    let mut vm = Vm::launch(Some(&lab.netns("a")), "run", &boot);
-    vm.wait_line(T, |l| l.starts_with("workload ready"));
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let lab = Lab::up_with_taps(LAB);
+    let disk = format!("csv:{vol}/disks/d0");
+    let mut vm = boot_in_lab_with(&lab, "a", MEM_MIB, CMDLINE, &["--disk", &disk, "--host-id", "a"]);
     let mut seed = 1u32;
     ask(&vm, &format!("disk-write {PATTERN} {seed}"), "disk-write").expect("the first pattern");
 
     let mut host = "a";
     let mut counts = Counts::default();
     let mut moves = Vec::new();
-    let key = cluster_key().display().to_string();
     let allow = dir.path().display().to_string();
     for i in 0..MOVES {
         let to = Lab::other_host(host);
         let port = PORT_BASE + i as u16;
         let mut record = json!({ "move": i + 1, "from": host, "to": to });
-        let dest = Vm::launch(
-            Some(&lab.netns(to)),
-            "receive",
-            &[
-                s("--listen"),
-                format!("tcp:{}:{port}", Lab::host_ip(to)),
-                s("--key-file"),
-                key.clone(),
-                s("--host-id"),
-                to.to_owned(),
-                s("--net"),
-                s("tap=vm0"),
-                s("--allow-disks"),
-                allow.clone(),
-            ],
-        );
-        dest.wait_stderr(T, "waiting for a migration");
+        let dest = receiver_in_lab(&lab, to, port, &["--net", "tap=vm0", "--allow-disks", &allow]);
         let ping = start_ping(&lab);
         std::thread::sleep(Duration::from_millis(PING_LEAD_MS));
         let (ok, figures, err) =
@@ -190,7 +132,7 @@ fn main() {
         }
         // Where does the VM run now? On exactly one of the two hosts.
         let source_gone = wait_gone(&vm, if ok { Duration::from_secs(10) } else { Duration::from_millis(500) });
-        let dest_runs = dest.api_sock.exists() && alive(&dest);
+        let dest_runs = dest.api_sock.exists() && process_running(dest.pid());
         let mut errors: Vec<String> = Vec::new();
         match (source_gone, dest_runs) {
             (true, true) => {

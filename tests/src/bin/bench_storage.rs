@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 
 use csv_fs::{LeaseStore, Volume};
 use ferry_e2e::stats::{median, ms, percentile, round3};
-use ferry_e2e::{ferry_bin, guest_elf, heartbeat_number, kvm_available, root_available, run_bounded, Lab, TempDir, Vm};
+use ferry_e2e::{
+    ferry_bin, guest_elf, heartbeat_number, kvm_available, process_running, root_available, run_bounded, Lab, TempDir,
+    Vm,
+};
 use serde_json::{json, Value};
 
 const LAB: &str = "bs";
@@ -138,12 +141,10 @@ fn guest_args(disk: &str, host: &str) -> Vec<String> {
 }
 
 /// Waits for a console line at index >= `from` that satisfies `pred`, with
-/// the harness's wait (woken by each new line, so the timing is exact); its
-/// timeout panic becomes an error.
+/// the harness's wait (woken by each new line, so the timing is exact); a
+/// timeout is an error.
 fn wait_for(vm: &Vm, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.wait_line_from(from, timeout, pred).1)).map_err(|p| {
-        p.downcast_ref::<String>().cloned().unwrap_or_else(|| "waiting for a console line panicked".to_owned())
-    })
+    vm.try_wait_line_from(from, timeout, pred).map(|(_, l)| l)
 }
 
 /// Boots the test guest on lab host `host` with `disk`; returns once it
@@ -590,14 +591,6 @@ fn receiver(lab: &Lab, key: &Path, host: &'static str, port: u16) -> Result<Plac
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(Placed { vm, host })
-}
-
-/// True while `pid` exists and is not a zombie.
-fn process_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
-        Err(_) => false,
-    }
 }
 
 fn wait_gone(vm: &Vm, timeout: Duration) -> bool {
