@@ -123,20 +123,7 @@ impl ClusterLab {
     /// Sends a console line to VM `vm` on node `node` and waits for the
     /// first new console line starting with `prefix`.
     pub fn console_command(&self, node: &str, vm: &str, cmd: &str, prefix: &str) -> String {
-        let log = self.console(node, vm);
-        let before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
-        let sock = self.states.join(node).join("vms").join(vm).join("api.sock");
-        let out = run_ferry(&["console", "--api-sock", sock.to_str().unwrap(), cmd]);
-        assert!(out.status.success(), "console {cmd}: {}", String::from_utf8_lossy(&out.stderr));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(l) = text.lines().skip(before).find(|l| l.starts_with(prefix)) {
-                return l.to_owned();
-            }
-            assert!(Instant::now() < deadline, "no '{prefix}' line on {} after {cmd}", log.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.try_console_command(node, vm, cmd, prefix, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Taps (the agent's `fy...` names) in host `host`.
@@ -149,6 +136,12 @@ impl ClusterLab {
             .filter(|n| n.starts_with("fy"))
             .collect()
     }
+}
+
+/// The complete lines of a console log: the guest writes a byte at a time,
+/// so the last line may still be half written ("verify" before " ok").
+fn complete_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |n| n + 1)]
 }
 
 /// Waits (bounded) until a serial console shows the guest's heartbeat
@@ -290,7 +283,7 @@ impl ClusterLab {
         timeout: Duration,
     ) -> Result<String, String> {
         let log = self.console(node, vm);
-        let before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+        let before = complete_lines(&std::fs::read_to_string(&log).unwrap_or_default()).lines().count();
         let sock = self.states.join(node).join("vms").join(vm).join("api.sock");
         let out = run_ferry(&["console", "--api-sock", sock.to_str().unwrap_or_default(), cmd]);
         if !out.status.success() {
@@ -299,9 +292,7 @@ impl ClusterLab {
         let deadline = Instant::now() + timeout;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            // Complete lines only: the last may still be being written.
-            let text = &text[..text.rfind('\n').map_or(0, |n| n + 1)];
-            if let Some(l) = text.lines().skip(before).find(|l| l.starts_with(prefix)) {
+            if let Some(l) = complete_lines(&text).lines().skip(before).find(|l| l.starts_with(prefix)) {
                 return Ok(l.trim_end_matches('\r').to_owned());
             }
             if Instant::now() >= deadline {
