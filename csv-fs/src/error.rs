@@ -70,6 +70,12 @@ pub enum Error {
     LeaseExpired { disk: String, host: String, epoch: u64, expires_unix_ms: u64 },
     #[error("disk {disk:?} is not leased to host {host:?} ({})", owner_text(owner))]
     NotOwner { disk: String, host: String, owner: Option<String> },
+    #[error(
+        "disk {disk:?}: host {owner:?}'s lease (epoch {epoch}) is renewed by a running VMM or lease holder \
+         (last renewal {renewed_ms_ago} ms ago): taking it away by hand would let another host write while that \
+         one still does. Stop or migrate the VM first, or pass --force if you know that process is gone"
+    )]
+    KeptByVmm { disk: String, owner: String, epoch: u64, renewed_ms_ago: u64 },
     #[error("{path}: corrupt lease record: {reason} (remove it only when no host runs the disk)")]
     CorruptLease { path: PathBuf, reason: String },
     #[error("{path}: lock still held by another process after {waited_ms} ms")]

@@ -27,5 +27,5 @@ pub mod fsutil;
 
 pub use error::{Error, Qcow2Problem, Result, VhdProblem};
 pub use image::{BlockBackend, Cache, Format, Image, OpenMode};
-pub use lease::{FileLeaseStore, Lease, LeaseKeeper, LeaseRecord, LeaseStore, DEFAULT_TTL};
+pub use lease::{FileLeaseStore, Lease, LeaseKeeper, LeaseRecord, LeaseStore, Op as LeaseOp, DEFAULT_TTL};
 pub use volume::{DiskInfo, DiskRecord, Volume, VolumeHeader, VolumeStatus};

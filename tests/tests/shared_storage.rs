@@ -101,6 +101,7 @@ fn shared_disk_moves_with_the_vm_and_its_lease_hands_over() {
         let f = migrate(&lab, from, &vm, to, 7730 + i as u16, mode);
         vm.wait_exit(T);
         std::mem::swap(&mut vm, &mut dest);
+        assert!(!dest.stderr().contains("self-fencing"), "a source that handed over is not fenced: {}", dest.stderr());
         vm.wait_api(T);
         let l = lease(&vol, "d0");
         assert_eq!(l["owner"], to, "the lease moved with the VM: {l}");
@@ -155,6 +156,17 @@ fn a_hung_owner_is_fenced_and_its_disk_taken_over() {
     };
     assert!(attempt(false).contains("is leased by host \"a\""), "plain acquire refused");
     assert!(attempt(true).contains("\"a\""), "takeover refused while the lease is renewed");
+    // Nor by an operator's release or handoff by hand, without --force.
+    let epoch = lease(&vol, "d0")["epoch"].as_u64().unwrap().to_string();
+    let held = ["--volume", vol.as_str(), "--host", "a", "--epoch", epoch.as_str()];
+    for op in [&["release"][..], &["handoff", "--to", "b"]] {
+        let out = run_ferry(&[&["disk", "lease"], op, &held, &["d0"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("renewed by a running VMM") && err.contains("--force"), "{err}");
+    }
+    assert_eq!(lease(&vol, "d0")["owner"], "a", "refused: {}", lease(&vol, "d0"));
+    let w = command(&old, "disk-write 0 64 7", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "the owner still writes: {w}");
 
     // The owner hangs (SIGSTOP): its lease runs out; b takes over.
     old.signal(libc::SIGSTOP);
@@ -174,6 +186,32 @@ fn a_hung_owner_is_fenced_and_its_disk_taken_over() {
     assert!(old.stderr().contains("self-fencing"), "{}", old.stderr());
     let v = command(&new, "disk-verify 0 64 7", "disk-verify", T);
     assert!(v.starts_with("disk-verify ok"), "the new owner's disk is untouched: {v}");
+}
+
+/// `--force` takes a lease away from a running VMM: the VMM fences itself
+/// (its writes fail) rather than write a disk it no longer owns.
+#[test]
+fn a_forced_release_fences_the_running_owner() {
+    if !kvm_available("a_forced_release_fences_the_running_owner") {
+        return;
+    }
+    let dir = TempDir::new("csv-force");
+    let vol = volume_with_disk(dir.path(), "d0", "raw");
+    let lab = Lab::up("s5");
+    let vm = boot(&lab, "a", &vol, &["--lease-ttl-ms", "1500"]);
+    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let w = command(&vm, "disk-write 0 64 3", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{w}");
+    let epoch = lease(&vol, "d0")["epoch"].as_u64().unwrap().to_string();
+    let out =
+        run_ferry(&["disk", "lease", "release", "--force", "--volume", &vol, "--host", "a", "--epoch", &epoch, "d0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lease(&vol, "d0")["owner"].is_null(), "{}", lease(&vol, "d0"));
+    // The keeper notices within a renewal period (TTL/3).
+    std::thread::sleep(Duration::from_millis(1000));
+    let w = command(&vm, "disk-write 0 64 99", "disk-write", T);
+    assert!(w.starts_with("disk-write FAILED"), "a VMM whose lease was forced away must not write: {w}");
+    assert!(vm.stderr().contains("self-fencing"), "{}", vm.stderr());
 }
 
 #[test]

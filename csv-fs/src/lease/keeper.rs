@@ -101,15 +101,19 @@ fn renew_loop(store: Arc<dyn LeaseStore>, shared: Arc<(Mutex<State>, Condvar)>) 
     let (lock, cv) = &*shared;
     let period = Duration::from_millis((store.ttl().as_millis() as u64 / 3).max(1));
     let mut st = lock.lock().unwrap();
+    // The first renewal at once: it marks the record kept, so an operator's
+    // release by hand is refused from the start (see `apply_by_hand`).
+    let mut wait = Duration::ZERO;
     loop {
-        st = cv.wait_timeout(st, period).unwrap().0;
+        st = cv.wait_timeout(st, wait).unwrap().0;
+        wait = period;
         if st.stop {
             return;
         }
         let lease = st.lease.clone();
         drop(st);
         let asked = Instant::now();
-        let result = store.renew(&lease);
+        let result = store.keep(&lease);
         st = lock.lock().unwrap();
         match result {
             Ok(l) => {

@@ -51,6 +51,11 @@ pub struct LeaseRecord {
     pub updated_unix_ms: u64,
     /// Who held it before the last change of owner (for `disk info`).
     pub previous_owner: Option<String>,
+    /// Renewed by a [`LeaseKeeper`] (a running VMM, `lease acquire --hold`),
+    /// not by hand: an operator's release or handoff then needs `--force`.
+    /// Cleared on every change of owner. Absent in older records.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 impl LeaseRecord {
@@ -75,7 +80,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn from_record(r: &LeaseRecord) -> Lease {
+    pub fn from_record(r: &LeaseRecord) -> Lease {
         Lease {
             disk: r.disk.clone(),
             host: r.owner.clone().unwrap_or_default(),
@@ -98,7 +103,10 @@ pub enum Op<'a> {
     Takeover {
         host: &'a str,
     },
+    /// A renewal by hand: leaves [`LeaseRecord::kept`] as it was.
     Renew(&'a Lease),
+    /// A renewal by a [`LeaseKeeper`]: marks the record kept.
+    Keep(&'a Lease),
     Release(&'a Lease),
     /// Give the disk to `to` (migration switchover): epoch + 1.
     Handoff {
@@ -120,6 +128,7 @@ pub fn transition(disk: &str, current: Option<&LeaseRecord>, op: Op, ttl_ms: u64
         ttl_ms,
         updated_unix_ms: now,
         previous_owner: previous,
+        kept: false,
     };
     let held = |r: &LeaseRecord| Error::AlreadyLeased {
         disk: disk.to_owned(),
@@ -152,18 +161,20 @@ pub fn transition(disk: &str, current: Option<&LeaseRecord>, op: Op, ttl_ms: u64
                 _ => Ok(fresh(host, epoch + 1, current.and_then(|r| r.previous_owner.clone()))),
             }
         }
-        Op::Renew(lease) => {
+        Op::Renew(lease) | Op::Keep(lease) => {
             let r = owned(disk, current, lease)?;
             if r.is_expired(now) {
                 // Safe: the epoch is unchanged, so nobody took over meanwhile.
                 tracing::warn!(disk, host = lease.host, epoch, "lease renewed after it had expired");
             }
-            Ok(LeaseRecord { expires_unix_ms: now + ttl_ms, ttl_ms, updated_unix_ms: now, ..r.clone() })
+            let kept = r.kept || matches!(op, Op::Keep(_));
+            Ok(LeaseRecord { expires_unix_ms: now + ttl_ms, ttl_ms, updated_unix_ms: now, kept, ..r.clone() })
         }
         Op::Release(lease) => {
             let r = owned(disk, current, lease)?;
             Ok(LeaseRecord {
                 owner: None,
+                kept: false,
                 expires_unix_ms: now,
                 updated_unix_ms: now,
                 previous_owner: r.owner.clone(),
@@ -241,6 +252,39 @@ pub trait LeaseStore: Send + Sync {
         let r = self.apply(&lease.disk, Op::Renew(lease))?;
         tracing::debug!(disk = lease.disk, host = lease.host, epoch = r.epoch, "lease renewed");
         Ok(Lease::from_record(&r))
+    }
+
+    /// A [`LeaseKeeper`]'s renewal: as `renew`, and marks the record kept.
+    fn keep(&self, lease: &Lease) -> Result<Lease> {
+        let r = self.apply(&lease.disk, Op::Keep(lease))?;
+        tracing::debug!(disk = lease.disk, host = lease.host, epoch = r.epoch, "lease kept");
+        Ok(Lease::from_record(&r))
+    }
+
+    /// `op` as an operator runs it by hand (`ferry disk lease release`,
+    /// `handoff`): refused while a keeper renews the live lease, since its
+    /// VMM would go on writing after another host took the disk, unless
+    /// `force` (the operator knows that VMM is gone). Decided atomically
+    /// with the change.
+    fn apply_by_hand(&self, disk: &str, op: Op, force: bool) -> Result<LeaseRecord> {
+        check_name("disk", disk)?;
+        let ttl_ms = self.ttl().as_millis() as u64;
+        self.update(disk, &mut |current| {
+            let now = now_ms();
+            match current {
+                Some(r) if r.kept && r.live_owner(now).is_some() && !force => Err(Error::KeptByVmm {
+                    disk: disk.to_owned(),
+                    owner: r.owner.clone().unwrap_or_default(),
+                    epoch: r.epoch,
+                    renewed_ms_ago: now.saturating_sub(r.updated_unix_ms),
+                }),
+                Some(r) if r.kept && r.live_owner(now).is_some() => {
+                    tracing::warn!(disk, owner = r.owner.as_deref(), epoch = r.epoch, "forced past a running keeper");
+                    transition(disk, current, op, ttl_ms, now)
+                }
+                _ => transition(disk, current, op, ttl_ms, now),
+            }
+        })
     }
 
     fn release(&self, lease: &Lease) -> Result<()> {

@@ -173,3 +173,53 @@ fn keeper_renews_and_notices_loss() {
     assert!(keeper.lease().unwrap_err().contains("epoch"));
     assert!(keeper.stop().is_err());
 }
+
+/// A lease a keeper renews cannot be released or handed away by hand
+/// without `force` (its VMM would go on writing); once the keeper is gone
+/// and the lease expired, or after a change of owner, it can.
+#[test]
+fn a_kept_lease_is_released_by_hand_only_with_force() {
+    let store: Arc<dyn LeaseStore> = Arc::new(MemLeaseStore::new(Duration::from_millis(300)));
+    let lease = store.acquire("d", "a").unwrap();
+    assert!(!store.read("d").unwrap().unwrap().kept, "acquired, not yet kept");
+    let keeper = LeaseKeeper::start(Arc::clone(&store), lease);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(store.read("d").unwrap().unwrap().kept, "the keeper's first renewal is at once");
+    let held = keeper.lease().unwrap();
+    // A renewal by hand leaves the mark.
+    store.renew(&held).unwrap();
+    assert!(store.read("d").unwrap().unwrap().kept);
+    for op in [Op::Release(&held), Op::Handoff { lease: &held, to: "b" }] {
+        let e = store.apply_by_hand("d", op, false).unwrap_err();
+        assert!(matches!(&e, Error::KeptByVmm { owner, epoch: 1, .. } if owner == "a"), "{e}");
+        assert!(e.to_string().contains("--force"), "{e}");
+    }
+    assert_eq!(store.read("d").unwrap().unwrap().owner.as_deref(), Some("a"), "refused: nothing changed");
+    // --force goes past a live keeper, and the change of owner clears the mark.
+    let r = store.apply_by_hand("d", Op::Handoff { lease: &keeper.lease().unwrap(), to: "b" }, true).unwrap();
+    assert_eq!((r.owner.as_deref(), r.epoch, r.kept), (Some("b"), 2, false));
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(keeper.stop().is_err(), "the forced-out keeper sees its lease gone");
+    // A keeper that died without releasing (kill -9): refused while its
+    // lease lives, no force needed once it expired.
+    let keeper = LeaseKeeper::start(Arc::clone(&store), Lease::from_record(&r));
+    std::thread::sleep(Duration::from_millis(50));
+    let held = keeper.stop().unwrap();
+    assert!(store.apply_by_hand("d", Op::Release(&held), false).is_err());
+    std::thread::sleep(Duration::from_millis(320));
+    store.apply_by_hand("d", Op::Release(&held), false).unwrap();
+    assert_eq!(store.read("d").unwrap().unwrap().owner, None);
+    let r = store.acquire("d", "b").unwrap();
+    let r = store.read(&r.disk).unwrap().unwrap();
+    let b = Lease::from_record(&r);
+    store.apply_by_hand("d", Op::Release(&b), false).unwrap();
+    assert_eq!(store.read("d").unwrap().unwrap().owner, None);
+}
+
+#[test]
+fn records_without_the_kept_mark_still_load() {
+    let old = r#"{"version":1,"disk":"d","owner":"a","epoch":3,"expires_unix_ms":5,"ttl_ms":1000,
+                  "updated_unix_ms":4,"previous_owner":null}"#;
+    let r: LeaseRecord = serde_json::from_str(old).unwrap();
+    assert!(!r.kept);
+}

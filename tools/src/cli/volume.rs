@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use csv_fs::{Format, Lease, LeaseKeeper, LeaseRecord, LeaseStore, Volume};
+use csv_fs::{Format, Lease, LeaseKeeper, LeaseOp as Op, LeaseRecord, LeaseStore, Volume};
 
 const VOLUME_HELP: &str = "\
 A volume is a directory every host can reach (NFSv4 or any POSIX filesystem
@@ -164,14 +164,26 @@ enum LeaseOp {
     },
     /// Push this host's lease expiry out by the TTL.
     Renew(Held),
-    /// Give the disk up.
-    Release(Held),
-    /// Give the disk to host TO (epoch + 1); prints TO's lease.
+    /// Give the disk up. Refused while a running VMM (or `acquire --hold`)
+    /// keeps renewing the lease, unless --force.
+    Release {
+        #[command(flatten)]
+        held: Held,
+        /// Release even though a keeper renews the lease: only when you know
+        /// the process that renews it is gone (it would keep writing).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give the disk to host TO (epoch + 1); prints TO's lease. Refused
+    /// while a running VMM keeps renewing the lease, unless --force.
     Handoff {
         #[command(flatten)]
         held: Held,
         #[arg(long)]
         to: String,
+        /// As for release.
+        #[arg(long)]
+        force: bool,
     },
     /// Exit 0 if this host's epoch is still the disk's live lease, else
     /// name why not (the fence the VMM applies before writing).
@@ -277,12 +289,19 @@ fn lease(volume: &Volume, op: LeaseOp) -> anyhow::Result<i32> {
         LeaseOp::Acquire { holder, hold } => take(volume, &holder, hold, false),
         LeaseOp::Takeover { holder, hold } => take(volume, &holder, hold, true),
         LeaseOp::Renew(h) => print_lease(&store(volume, h.holder.ttl_ms).renew(&held(&h))?).map(|_| 0),
-        LeaseOp::Release(h) => {
-            store(volume, h.holder.ttl_ms).release(&held(&h))?;
+        LeaseOp::Release { held: h, force } => {
+            let lease = held(&h);
+            store(volume, h.holder.ttl_ms).apply_by_hand(&lease.disk, Op::Release(&lease), force)?;
             Ok(0)
         }
-        LeaseOp::Handoff { held: h, to } => {
-            print_lease(&store(volume, h.holder.ttl_ms).handoff(&held(&h), &to)?).map(|_| 0)
+        LeaseOp::Handoff { held: h, to, force } => {
+            let lease = held(&h);
+            let r = store(volume, h.holder.ttl_ms).apply_by_hand(
+                &lease.disk,
+                Op::Handoff { lease: &lease, to: &to },
+                force,
+            )?;
+            print_lease(&Lease::from_record(&r)).map(|_| 0)
         }
         LeaseOp::Check(h) => {
             store(volume, h.holder.ttl_ms).check(&held(&h))?;
