@@ -15,6 +15,11 @@ pub enum Error {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cluster key {0} is shorter than {MIN_KEY_BYTES} bytes")]
     Short(PathBuf),
+    #[error(
+        "cluster key {path} is readable or writable by other users (mode {mode:04o}): anyone who reads it can \
+         read and forge migrations. Run `chmod 600 {path}` (`ferry keygen` writes keys so)"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
 }
 
 /// The cluster's pre-shared key.
@@ -23,7 +28,15 @@ pub struct Key(Vec<u8>);
 
 impl Key {
     /// Reads a key file: hex (as `ferry keygen` writes) or raw bytes.
+    /// Refused if other users may read it or anyone but its owner may
+    /// write it, as ssh refuses a private key.
     pub fn load(path: &Path) -> Result<Key, Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o026 != 0 {
+            return Err(Error::Exposed { path: path.to_owned(), mode });
+        }
         let raw = std::fs::read(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
         let text = String::from_utf8_lossy(&raw);
         let trimmed = text.trim();

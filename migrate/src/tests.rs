@@ -30,7 +30,7 @@ fn key() -> Key {
     static KEY: std::sync::OnceLock<Key> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
         let p = std::env::temp_dir().join(format!("ferry-migrate-test-{}.key", std::process::id()));
-        std::fs::write(&p, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+        write_key_file(&p, 0o600);
         let key = Key::load(&p).unwrap();
         let _ = std::fs::remove_file(&p);
         key
@@ -617,4 +617,28 @@ fn a_cancel_request_stops_the_migration_before_its_commit() {
     dirtier.join().unwrap();
     assert!(matches!(e, Error::CancelledByRequest), "{e}");
     assert_eq!(vm.state(), Lifecycle::Running);
+}
+
+fn write_key_file(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(p);
+    std::fs::write(p, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A key file others can read (or write) is refused, naming the fix; the
+/// owner's own (group-readable at most) is accepted.
+#[test]
+fn an_exposed_key_file_is_refused() {
+    let p = std::env::temp_dir().join(format!("ferry-migrate-exposed-{}.key", std::process::id()));
+    for mode in [0o644, 0o606, 0o620] {
+        write_key_file(&p, mode);
+        let e = Key::load(&p).err().expect("refused");
+        assert!(e.to_string().contains(&format!("mode {mode:04o}")) && e.to_string().contains("chmod 600"), "{e}");
+    }
+    for mode in [0o600, 0o640, 0o400] {
+        write_key_file(&p, mode);
+        assert!(Key::load(&p).is_ok(), "mode {mode:o}");
+    }
+    let _ = std::fs::remove_file(&p);
 }

@@ -162,7 +162,7 @@ fn every_failure_before_commit_leaves_the_vm_running_on_the_source() {
     // A destination with another key.
     let other_key = TempDir::new("key");
     let wrong = other_key.path().join("wrong.key");
-    std::fs::write(&wrong, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff").unwrap();
+    ferry_e2e::write_key_file(&wrong, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff");
     let dest = Vm::launch(
         Some(&lab.netns("b")),
         "receive",
