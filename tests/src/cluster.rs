@@ -21,9 +21,9 @@ pub struct ClusterLab {
 
 impl ClusterLab {
     /// `ferry lab up --hosts HOSTS --etcd`; states under `dir`.
-    pub fn up(lab: &str, hosts: &str, cluster: &str, dir: &Path) -> ClusterLab {
+    pub fn up(tag: &str, hosts: &str, cluster: &str, dir: &Path) -> ClusterLab {
         assert!(Path::new("/usr/bin/etcd").exists(), "etcd is missing: run `make deps` (Debian's etcd-server)");
-        let lab = Lab { name: lab.into() };
+        let lab = Lab { name: crate::lab_name(tag) };
         lab.ok(&["up", "--hosts", hosts, "--etcd"]);
         let eps = lab.ok(&["etcd", "endpoints"]).trim().to_owned();
         let states = dir.join("nodes");

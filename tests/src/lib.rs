@@ -2,7 +2,7 @@
 //! insist on real KVM, and drive `ferry run` processes by their serial
 //! console and API socket.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -395,17 +395,17 @@ impl Lab {
 
     /// [`Lab::up`] with tap vm0 on hosts a and b (where the test guest's
     /// NIC, [`LAB_GUEST_NIC`], plugs in).
-    pub fn up_with_taps(name: &str) -> Lab {
-        let lab = Lab::up(name);
+    pub fn up_with_taps(tag: &str) -> Lab {
+        let lab = Lab::up(tag);
         lab.ok(&["tap", "add", "a", "vm0"]);
         lab.ok(&["tap", "add", "b", "vm0"]);
         lab
     }
 
-    /// Brings the lab up (the guard exists first, so a failed `up` is
-    /// still taken down).
-    pub fn up(name: &str) -> Lab {
-        let lab = Lab { name: name.to_owned() };
+    /// Brings up lab [`lab_name`]`(tag)` (the guard exists first, so a
+    /// failed `up` is still taken down).
+    pub fn up(tag: &str) -> Lab {
+        let lab = Lab { name: lab_name(tag) };
         lab.ok(&["up"]);
         lab
     }
@@ -544,14 +544,38 @@ pub fn last_heartbeat(vm: &Vm) -> Option<u64> {
 }
 
 /// A cluster key file shared by this test process's migrations.
+/// A lab name unique to this test process: `tag` and the PID in base 36,
+/// so two runs at once (two checkouts, a benchmark beside the suite) never
+/// share a lab, and a stale lab of an earlier run is never mistaken for
+/// this one's. Tags stay within 6 characters (lab names: 12).
+pub fn lab_name(tag: &str) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let (mut n, mut pid) = (String::new(), std::process::id());
+    while pid > 0 {
+        n.insert(0, DIGITS[(pid % 36) as usize] as char);
+        pid /= 36;
+    }
+    assert!(tag.len() <= 6, "lab tag {tag:?} is longer than 6 characters");
+    format!("{tag}{n}")
+}
+
 pub fn cluster_key() -> PathBuf {
     static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
         let p = std::env::temp_dir().join(format!("ferry-test-{}.key", std::process::id()));
-        std::fs::write(&p, "5f0e1d2c3b4a59687766554433221100ffeeddccbbaa99887766554433221100\n").unwrap();
+        write_key_file(&p, "5f0e1d2c3b4a59687766554433221100ffeeddccbbaa99887766554433221100");
         p
     })
     .clone()
+}
+
+/// Writes a hex key as `ferry keygen` does: a new file, mode 0600 (the VMM
+/// refuses a key other users can read). A stale one of this name is replaced.
+pub fn write_key_file(path: &Path, hex: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    writeln!(f, "{hex}").unwrap();
 }
 
 /// The key in [`cluster_key`], for fake peers.

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use ferry_e2e::{ferry_bin, kvm_available, run_bounded, Lab, TempDir};
 use serde_json::Value;
 
-const LAB: &str = "cc1";
-
 /// `ferry ARGS --etcd EPS` from the client namespace (the etcd members
 /// answer on the lab's addresses only).
 fn cli(lab: &Lab, eps: &str, args: &[&str]) -> Output {
@@ -51,7 +49,7 @@ fn cluster_create_validates_first_stores_record_and_report_once_and_validate_upd
     }
     assert!(Path::new("/usr/bin/etcd").exists(), "etcd is missing: run `make deps` (Debian's etcd-server)");
     let started = Instant::now();
-    let lab = Lab { name: LAB.to_owned() };
+    let lab = Lab { name: ferry_e2e::lab_name("cc1") };
     lab.ok(&["up", "--hosts", "a,b,c", "--etcd"]);
     let eps = lab.ok(&["etcd", "endpoints"]).trim().to_owned();
     eprintln!("{test}: lab with 3 etcd members up in {:?}", started.elapsed());
@@ -61,7 +59,8 @@ fn cluster_create_validates_first_stores_record_and_report_once_and_validate_upd
     let vol = vol.to_str().unwrap().to_owned();
     let missing = dir.path().join("no-such-volume").to_str().unwrap().to_owned();
     let create = |name: &str, nodes: &str, volume: &str, extra: &[&str]| {
-        let mut args = vec!["cluster", "create", "--name", name, "--nodes", nodes, "--volume", volume, "--lab", LAB];
+        let mut args =
+            vec!["cluster", "create", "--name", name, "--nodes", nodes, "--volume", volume, "--lab", &lab.name];
         args.extend_from_slice(extra);
         let t = Instant::now();
         let out = cli(&lab, &eps, &args);
@@ -139,7 +138,7 @@ fn cluster_create_validates_first_stores_record_and_report_once_and_validate_upd
     assert_eq!(r["name"], "ccgood", "{s}");
     assert_eq!(r["nodes"], serde_json::json!(["a", "b", "c"]), "{s}");
     assert_eq!(r["volume"], vol.as_str(), "{s}");
-    assert_eq!(r["lab"], LAB, "{s}");
+    assert_eq!(r["lab"], lab.name.as_str(), "{s}");
     assert_eq!(r["forced"], false, "{s}");
     assert_eq!(s["settings"]["live_migrations_per_node"], 2, "Hyper-V's default: {s}");
     assert_eq!(s["settings"]["incoming_per_node"], 2, "{s}");
@@ -164,7 +163,7 @@ fn cluster_create_validates_first_stores_record_and_report_once_and_validate_upd
     let out = cli(
         &lab,
         &eps,
-        &["cluster", "create", "--name", "x1", "--cluster", "x2", "--nodes", "a", "--volume", &vol, "--lab", LAB],
+        &["cluster", "create", "--name", "x1", "--cluster", "x2", "--nodes", "a", "--volume", &vol, "--lab", &lab.name],
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--name x1 and --cluster x2 disagree"), "{}", text(&out.stderr));

@@ -18,7 +18,7 @@ use ferry_e2e::{root_available, Lab};
 /// A three-host lab with etcd; `ferry lab down` on drop.
 fn etcd_lab(name: &str) -> Lab {
     assert!(std::path::Path::new("/usr/bin/etcd").exists(), "etcd is missing: run `make deps` (Debian's etcd-server)");
-    let lab = Lab { name: name.to_owned() };
+    let lab = Lab { name: ferry_e2e::lab_name(name) };
     let t = Instant::now();
     lab.ok(&["up", "--hosts", "a,b,c", "--etcd"]);
     eprintln!("{name}: lab with 3 etcd members up in {:?}", t.elapsed());

@@ -97,7 +97,7 @@ fn an_update_runs_node_by_node_restarts_agents_and_brings_vms_home() {
         "--run",
         &cmd,
         "--lab",
-        "up1",
+        &cl.lab.name,
         "--failback",
         "immediate",
         "--report",
@@ -131,9 +131,9 @@ fn an_update_runs_node_by_node_restarts_agents_and_brings_vms_home() {
     eprintln!("--- update-report.json\n{}\n---", std::fs::read_to_string(report.join("update-report.json")).unwrap());
 
     // A second run while one is in progress is refused.
-    let slow = cl.cli_spawn(&["cluster", "update", "--nodes", "c", "--run", "sleep 4", "--lab", "up1"]);
+    let slow = cl.cli_spawn(&["cluster", "update", "--nodes", "c", "--run", "sleep 4", "--lab", &cl.lab.name]);
     std::thread::sleep(Duration::from_millis(1500));
-    let e = cl.cli_refused(&["cluster", "update", "--run", "true", "--lab", "up1"]);
+    let e = cl.cli_refused(&["cluster", "update", "--run", "true", "--lab", &cl.lab.name]);
     assert!(e.contains("already running"), "{e}");
     let out = slow.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -141,7 +141,7 @@ fn an_update_runs_node_by_node_restarts_agents_and_brings_vms_home() {
     // A failing command on b stops the run with b paused and empty.
     std::fs::write(&markers, "").unwrap();
     let cmd = format!("echo $FERRY_NODE >> {m} && test $FERRY_NODE != b", m = markers.display());
-    let out = cl.cli(&["cluster", "update", "--run", &cmd, "--lab", "up1", "--json"]);
+    let out = cl.cli(&["cluster", "update", "--run", &cmd, "--lab", &cl.lab.name, "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["state"], "failed", "{r:#}");

@@ -64,7 +64,7 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
         "--run",
         &cmd,
         "--lab",
-        "upi",
+        &cl.lab.name,
         "--report",
         report.to_str().unwrap(),
         "--json",
@@ -154,7 +154,7 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
 
     // A rerun of the same update goes on from b.
     let cmd = format!("echo $FERRY_NODE >> {m}", m = markers.display());
-    let out = cl.cli(&["cluster", "update", "--run", &cmd, "--lab", "upi", "--json"]);
+    let out = cl.cli(&["cluster", "update", "--run", &cmd, "--lab", &cl.lab.name, "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains(&format!("resuming update {} after 1 node(s): a", r["id"].as_str().unwrap())), "{stderr}");

@@ -192,7 +192,7 @@ fn validate_passes_a_healthy_lab_and_names_an_unreachable_host_and_unshared_lock
     if !kvm_available("validate_passes_a_healthy_lab_and_names_an_unreachable_host_and_unshared_locks") {
         return;
     }
-    let _lab = Lab::up("v1");
+    let lab = Lab::up("v1");
     let dir = TempDir::new("val");
     let (vol, other) = (dir.path().join("vol"), dir.path().join("other"));
     std::fs::create_dir_all(&vol).unwrap();
@@ -202,7 +202,7 @@ fn validate_passes_a_healthy_lab_and_names_an_unreachable_host_and_unshared_lock
         run_ferry(&[
             "validate",
             "--lab",
-            "v1",
+            &lab.name,
             "--hosts",
             hosts,
             "--volume",

@@ -64,20 +64,24 @@ fn up_twice_is_idempotent_and_status_lists_everything() {
     }
     let lab = Lab::up("t1");
     let first = lab.status();
-    let state1 = std::fs::read_to_string("/run/ferry-lab/t1.json").unwrap();
+    let state1 = std::fs::read_to_string(format!("/run/ferry-lab/{}.json", lab.name)).unwrap();
     let links1: Vec<_> = ["fabric", "a", "b", "client"].iter().map(|r| links(&lab.netns(r))).collect();
 
     let again: Value = serde_json::from_str(&lab.ok(&["up"])).expect("up prints the status");
     assert_eq!(again["complete"], true, "{again:#}");
     let second = lab.status();
     assert_eq!(first, second, "a second up changes nothing");
-    assert_eq!(state1, std::fs::read_to_string("/run/ferry-lab/t1.json").unwrap(), "same namespaces recorded");
+    assert_eq!(
+        state1,
+        std::fs::read_to_string(format!("/run/ferry-lab/{}.json", lab.name)).unwrap(),
+        "same namespaces recorded"
+    );
     let links2: Vec<_> = ["fabric", "a", "b", "client"].iter().map(|r| links(&lab.netns(r))).collect();
     assert_eq!(links1, links2, "no interface added or lost");
 
-    let mut names = lab_netns("t1");
+    let mut names = lab_netns(&lab.name);
     names.sort();
-    assert_eq!(names, ["t1-a", "t1-b", "t1-client", "t1-fabric"]);
+    assert_eq!(names, ["a", "b", "client", "fabric"].map(|r| lab.netns(r)));
 
     let s = &second;
     assert_eq!(s["complete"], true, "{s:#}");
@@ -87,7 +91,7 @@ fn up_twice_is_idempotent_and_status_lists_everything() {
         [("a", "10.200.77.1/24", "br0"), ("b", "10.200.77.2/24", "br0"), ("client", "10.200.77.100/24", "eth0")]
     {
         let n = ns_entry(s, role);
-        assert_eq!(n["netns"], format!("t1-{role}"));
+        assert_eq!(n["netns"], lab.netns(role));
         assert_eq!(n["exists"], true);
         assert_eq!(n["created_by_lab"], true);
         assert_eq!(n["address"], addr);
@@ -120,11 +124,15 @@ fn up_twice_is_idempotent_and_status_lists_everything() {
         assert!(ip(&["-n", &ns, "link", "show", "lo"]).contains(",UP"), "lo up in {ns}");
     }
     // Exec runs in the namespace and passes the exit status through.
-    let out =
-        ferry_bounded(&["lab", "exec", "b", "--name", "t1", "--", "ip", "-br", "-4", "addr"], Duration::from_secs(10));
+    let out = ferry_bounded(
+        &["lab", "exec", "b", "--name", &lab.name, "--", "ip", "-br", "-4", "addr"],
+        Duration::from_secs(10),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("10.200.77.2/24"), "{out:?}");
-    let out =
-        ferry_bounded(&["lab", "exec", "client", "--name", "t1", "--", "sh", "-c", "exit 7"], Duration::from_secs(10));
+    let out = ferry_bounded(
+        &["lab", "exec", "client", "--name", &lab.name, "--", "sh", "-c", "exit 7"],
+        Duration::from_secs(10),
+    );
     assert_eq!(out.status.code(), Some(7));
 }
 
@@ -146,25 +154,25 @@ fn taps_on_both_hosts() {
     };
     assert_eq!(names("a"), ["tap0"]);
     assert_eq!(names("b"), ["tap0", "vm-2"]);
-    let detail = ip(&["-d", "-n", "t2-b", "link", "show", "vm-2"]);
+    let detail = ip(&["-d", "-n", &lab.netns("b"), "link", "show", "vm-2"]);
     assert!(detail.contains("master br0") && detail.contains("tun type tap"), "{detail}");
     assert!(detail.contains("vnet_hdr on") && detail.contains("persist on"), "{detail}");
     // A second `up` keeps the taps.
     lab.ok(&["up"]);
-    assert!(links("t2-a").contains(&"tap0".to_owned()));
+    assert!(links(&lab.netns("a")).contains(&"tap0".to_owned()));
 
     lab.ok(&["tap", "del", "b", "vm-2"]);
-    assert!(!links("t2-b").contains(&"vm-2".to_owned()));
+    assert!(!links(&lab.netns("b")).contains(&"vm-2".to_owned()));
     let out = lab.lab(&["tap", "del", "b", "vm-2"]);
     assert!(!out.status.success() && stderr(&out).contains("has no tap vm-2"), "{}", stderr(&out));
 
     // An interface the lab did not make is not its to take over or delete.
-    ip(&["-n", "t2-a", "link", "add", "hand0", "type", "bridge"]);
+    ip(&["-n", &lab.netns("a"), "link", "add", "hand0", "type", "bridge"]);
     let out = lab.lab(&["tap", "add", "a", "hand0"]);
     assert!(!out.status.success() && stderr(&out).contains("did not create it"), "{}", stderr(&out));
     let out = lab.lab(&["tap", "del", "a", "hand0"]);
     assert!(!out.status.success() && stderr(&out).contains("did not create it"), "{}", stderr(&out));
-    assert!(links("t2-a").contains(&"hand0".to_owned()));
+    assert!(links(&lab.netns("a")).contains(&"hand0".to_owned()));
 
     for (args, msg) in [
         (&["tap", "add", "client", "tap1"][..], "taps live on the VM hosts a and b"),
@@ -217,7 +225,8 @@ fn ping_from_the_client_reaches_both_hosts() {
     assert_eq!(r["payload_bytes"], 1000);
 
     // UDP probes against an echo service on host a, port 7.
-    let echo = udp_echo_in_netns("t3-a", SocketAddrV4::new(Ipv4Addr::new(10, 200, 77, 1), 7), Duration::from_secs(4));
+    let echo =
+        udp_echo_in_netns(&lab.netns("a"), SocketAddrV4::new(Ipv4Addr::new(10, 200, 77, 1), 7), Duration::from_secs(4));
     let r = lab.ping_from_client(Lab::SUBNET_HOST_A, &["--udp", "7", "--count", "50", "--wait-reply-ms", "1000"]);
     assert_eq!(r["mode"], "udp");
     assert_eq!(r["udp_port"], 7);
@@ -249,7 +258,9 @@ fn ping_measures_an_outage() {
     // disabling its uplink's bridge port (instant both ways; a link
     // down/up would add the kernel's up-to-1-s link-event delay).
     let port = |state: &str| {
-        let out = Command::new("bridge").args(["-n", "t4-a", "link", "set", "dev", "uplink", "state", state]).output();
+        let out = Command::new("bridge")
+            .args(["-n", &lab.netns("a"), "link", "set", "dev", "uplink", "state", state])
+            .output();
         assert!(out.is_ok_and(|o| o.status.success()), "bridge link set state {state}");
     };
     std::thread::sleep(Duration::from_millis(700));
@@ -281,47 +292,59 @@ fn foreign_namespaces_are_never_touched() {
     }
     // Someone else's namespace with one of the lab's names: `up` refuses
     // before making anything; `down` refuses and leaves it.
-    let foreign = HandMadeNetns::add("t5-a");
+    let lab = Lab { name: ferry_e2e::lab_name("t5") };
+    let foreign = HandMadeNetns::add(&lab.netns("a"));
     let ino = foreign.ino();
-    let lab = Lab { name: "t5".into() };
     let out = lab.lab(&["up"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("network namespace t5-a exists but lab \"t5\" did not create it"), "{err}");
-    assert_eq!(lab_netns("t5"), ["t5-a"], "up made nothing");
-    assert!(!std::path::Path::new("/run/ferry-lab/t5.json").exists());
+    assert!(
+        err.contains(&format!("network namespace {}-a exists but lab \"{0}\" did not create it", lab.name)),
+        "{err}"
+    );
+    assert_eq!(lab_netns(&lab.name), [lab.netns("a")], "up made nothing");
+    assert!(!std::path::Path::new(&format!("/run/ferry-lab/{}.json", lab.name)).exists());
     let s = lab.status();
     assert_eq!(ns_entry(&s, "a")["foreign"], true);
     assert_eq!(ns_entry(&s, "a")["created_by_lab"], false);
     assert_eq!(s["complete"], false);
     let out = lab.lab(&["down"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("t5-a"), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&lab.netns("a")), "{}", stderr(&out));
     assert_eq!(foreign.ino(), ino, "the foreign namespace is still there, the same one");
+    let name = lab.name.clone();
     drop(lab);
-    assert_eq!(lab_netns("t5"), ["t5-a"]);
+    assert_eq!(lab_netns(&name), [format!("{name}-a")]);
 
     // A namespace of a lab that was replaced behind its back is not its any
     // more (its identity changed): refused too, until it is gone.
     let lab = Lab::up("t6");
-    ip(&["netns", "del", "t6-b"]);
-    let impostor = HandMadeNetns::add("t6-b");
+    ip(&["netns", "del", &lab.netns("b")]);
+    let impostor = HandMadeNetns::add(&lab.netns("b"));
+    // Even were its inode number the old one's (the kernel reuses them; the
+    // test plays that by writing it into the lab's record), the tag the lab
+    // put on its namespaces' loopback tells them apart.
+    let record = &format!("/run/ferry-lab/{}.json", lab.name);
+    let mut st: Value = serde_json::from_str(&std::fs::read_to_string(record).unwrap()).unwrap();
+    st["namespaces"]["b"]["ino"] = impostor.ino().into();
+    std::fs::write(record, st.to_string()).unwrap();
     for cmd in [&["up"][..], &["down"][..], &["tap", "add", "b", "tap0"][..]] {
         let out = lab.lab(cmd);
         assert_eq!(out.status.code(), Some(1), "{cmd:?}");
         assert!(
-            stderr(&out).contains("network namespace t6-b exists but lab \"t6\" did not create it"),
+            stderr(&out)
+                .contains(&format!("network namespace {}-b exists but lab \"{0}\" did not create it", lab.name)),
             "{}",
             stderr(&out)
         );
     }
-    let mut names = lab_netns("t6");
+    let mut names = lab_netns(&lab.name);
     names.sort();
-    assert_eq!(names, ["t6-a", "t6-b", "t6-client", "t6-fabric"], "down deleted nothing");
+    assert_eq!(names, ["a", "b", "client", "fabric"].map(|r| lab.netns(r)), "down deleted nothing");
     drop(impostor);
     // With the impostor gone, the lab comes down completely.
     lab.ok(&["down"]);
-    assert_eq!(lab_netns("t6"), Vec::<String>::new());
+    assert_eq!(lab_netns(&lab.name), Vec::<String>::new());
 }
 
 #[test]
@@ -334,12 +357,12 @@ fn down_removes_everything() {
     lab.ok(&["tap", "add", "b", "tap0"]);
     // A process left inside host b: reported, not killed, the name deleted.
     let mut sleeper = Command::new(ferry_bin())
-        .args(["lab", "exec", "b", "--name", "t7", "--", "sleep", "30"])
+        .args(["lab", "exec", "b", "--name", &lab.name, "--", "sleep", "30"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !ip(&["netns", "pids", "t7-b"]).contains(&sleeper.id().to_string()) {
+    while !ip(&["netns", "pids", &lab.netns("b")]).contains(&sleeper.id().to_string()) {
         assert!(Instant::now() < deadline, "the sleeper entered t7-b");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -347,26 +370,27 @@ fn down_removes_everything() {
     eprintln!("{report:#}");
     let mut deleted: Vec<&str> = report["deleted"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     deleted.sort();
-    assert_eq!(deleted, ["t7-a", "t7-b", "t7-client", "t7-fabric"]);
+    assert_eq!(deleted, ["a", "b", "client", "fabric"].map(|r| lab.netns(r)));
     let left = report["processes_left"].as_array().unwrap();
     assert_eq!(left.len(), 1, "{report:#}");
     assert_eq!(left[0]["pid"], sleeper.id());
-    assert_eq!(left[0]["netns"], "t7-b");
+    assert_eq!(left[0]["netns"], lab.netns("b"));
     assert_eq!(left[0]["comm"], "sleep");
     assert!(sleeper.try_wait().unwrap().is_none(), "down kills nothing");
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 
-    assert_eq!(lab_netns("t7"), Vec::<String>::new(), "no t7-* namespace remains");
-    assert!(!std::path::Path::new("/run/ferry-lab/t7.json").exists());
+    assert_eq!(lab_netns(&lab.name), Vec::<String>::new(), "no t7-* namespace remains");
+    assert!(!std::path::Path::new(&format!("/run/ferry-lab/{}.json", lab.name)).exists());
     // Down again is fine, and up after down builds a fresh lab.
     let again: Value = serde_json::from_str(&lab.ok(&["down"])).unwrap();
     assert_eq!(again["deleted"], serde_json::json!([]));
     let s: Value = serde_json::from_str(&lab.ok(&["up"])).unwrap();
     assert_eq!(s["complete"], true);
     assert_eq!(ns_entry(&s, "a")["taps"], serde_json::json!([]), "taps went with the old lab");
+    let name = lab.name.clone();
     drop(lab);
-    assert_eq!(lab_netns("t7"), Vec::<String>::new());
+    assert_eq!(lab_netns(&name), Vec::<String>::new());
 }
 
 #[test]

@@ -135,10 +135,11 @@ fn quick_migration_from_host_a_to_b_is_a_bounded_gap_for_the_client() {
     lab.ping_from_client(GUEST_IP, &["--count", "5", "--wait-reply-ms", "3000"]);
     let migrator = {
         let api = a.api_sock.clone();
+        let netns_a = lab.netns("a");
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(1000));
             std::process::Command::new("ip")
-                .args(["netns", "exec", "n4-a"])
+                .args(["netns", "exec", &netns_a])
                 .arg(ferry_e2e::ferry_bin())
                 .args(["migrate", "--mode", "quick", "--json", "--key-file", &key, "--to", "tcp:10.200.77.2:7700"])
                 .arg("--api-sock")

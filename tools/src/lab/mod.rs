@@ -221,9 +221,14 @@ impl Lab {
         let Some(id) = id else { return Ok(Presence::Absent) };
         let recorded = state.and_then(|s| s.namespaces.get(&role)).filter(|r| r.netns == ns);
         Ok(match recorded {
-            Some(r) if r.id() == id => Presence::Ours,
+            Some(r) if r.id() == id && r.tag.as_deref().is_none_or(|t| self.has_tag(&ns, t)) => Presence::Ours,
             _ => Presence::Foreign,
         })
+    }
+
+    /// Whether namespace `ns`'s loopback carries the lab's tag as its alias.
+    fn has_tag(&self, ns: &str, tag: &str) -> bool {
+        self.ip.run_in(ns, &["-o", "link", "show", "lo"]).is_ok_and(|out| out.contains(&tag_alias(tag)))
     }
 
     /// Fails, naming them, if any of the lab's namespace names is taken by
@@ -305,7 +310,9 @@ impl Lab {
                         args: format!("netns add {ns}"),
                         stderr: "the namespace vanished right after it was created".into(),
                     })?;
-                state.namespaces.insert(role, NsRecord { netns: ns.clone(), dev: id.dev, ino: id.ino });
+                let tag = new_tag()?;
+                self.ip.run_in(&ns, &["link", "set", "lo", "alias", &tag_alias(&tag)])?;
+                state.namespaces.insert(role, NsRecord { netns: ns.clone(), dev: id.dev, ino: id.ino, tag: Some(tag) });
                 // Record it at once: a failure later still leaves it for `down`.
                 state.save()?;
             }
@@ -805,6 +812,20 @@ fn quiet_ipv6(ns: &str) -> Result<(), LabError> {
         Ok(())
     })
     .map_err(|source| LabError::Io { what: format!("cannot turn IPv6 off in {ns}"), source })
+}
+
+/// The loopback alias that marks a namespace as this lab's.
+fn tag_alias(tag: &str) -> String {
+    format!("ferry-lab-{tag}")
+}
+
+/// 64 random bits as hex, from the kernel.
+fn new_tag() -> Result<String, LabError> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|source| LabError::Io { what: "cannot read /dev/urandom".into(), source })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -67,6 +67,12 @@ pub struct NsRecord {
     pub netns: String,
     pub dev: u64,
     pub ino: u64,
+    /// A random tag the lab set as the namespace's loopback alias: the
+    /// kernel reuses nsfs inode numbers, so a namespace deleted and made
+    /// again under this name by someone else could match (dev, ino) alone.
+    /// Absent in labs made before it existed (then the inode decides).
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 impl NsRecord {
