@@ -19,6 +19,7 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Mutex;
 
 /// How an image uses the host's page cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -49,7 +50,14 @@ pub struct ImageFile {
     /// Through the page cache: metadata, unaligned requests, sync.
     buffered: File,
     io: Io,
+    /// The aligned buffer for guest memory `O_DIRECT` cannot take, kept
+    /// between requests (up to [`KEEP_BOUNCE`]) rather than allocated and
+    /// zeroed for each. Uncontended: one vCPU does a disk's I/O.
+    bounce: Mutex<Bounce>,
 }
+
+/// The largest bounce buffer kept for the next request.
+const KEEP_BOUNCE: usize = 16 << 20;
 
 impl ImageFile {
     pub fn open(path: &Path, writable: bool, cache: Cache) -> io::Result<ImageFile> {
@@ -68,7 +76,7 @@ impl ImageFile {
                 }
             }
         };
-        Ok(ImageFile { buffered, io })
+        Ok(ImageFile { buffered, io, bounce: Mutex::new(Bounce::new(0, 1)) })
     }
 
     /// The direct descriptor and its alignment, if this request may use it.
@@ -86,12 +94,11 @@ impl ImageFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self.aligned(offset, buf.len()) {
             Some((f, align)) if is_aligned(buf.as_ptr(), align) => f.read_exact_at(buf, offset),
-            Some((f, align)) => {
-                let mut bounce = Bounce::new(buf.len(), align);
-                f.read_exact_at(bounce.as_mut(), offset)?;
-                buf.copy_from_slice(bounce.as_mut());
+            Some((f, align)) => self.bounced(buf.len(), align, |b| {
+                f.read_exact_at(b, offset)?;
+                buf.copy_from_slice(b);
                 Ok(())
-            }
+            }),
             None => self.buffered.read_exact_at(buf, offset),
         }
     }
@@ -99,11 +106,10 @@ impl ImageFile {
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match self.aligned(offset, buf.len()) {
             Some((f, align)) if is_aligned(buf.as_ptr(), align) => f.write_all_at(buf, offset),
-            Some((f, align)) => {
-                let mut bounce = Bounce::new(buf.len(), align);
-                bounce.as_mut().copy_from_slice(buf);
-                f.write_all_at(bounce.as_mut(), offset)
-            }
+            Some((f, align)) => self.bounced(buf.len(), align, |b| {
+                b.copy_from_slice(buf);
+                f.write_all_at(b, offset)
+            }),
             None if matches!(self.io, Io::Buffered) => self.buffered.write_all_at(buf, offset),
             // Unaligned under O_DIRECT, or no O_DIRECT at all: through the
             // cache, and out of it before returning.
@@ -112,6 +118,18 @@ impl ImageFile {
                 self.buffered.sync_data()
             }
         }
+    }
+
+    /// Runs `io` on an `align`-aligned buffer of `len` bytes.
+    fn bounced(&self, len: usize, align: usize, io: impl FnOnce(&mut [u8]) -> io::Result<()>) -> io::Result<()> {
+        if len > KEEP_BOUNCE {
+            return io(Bounce::new(len, align).as_mut());
+        }
+        let mut kept = self.bounce.lock().unwrap_or_else(|p| p.into_inner());
+        if !kept.fits(len, align) {
+            *kept = Bounce::new(len.max(64 << 10), align);
+        }
+        io(&mut kept.as_mut()[..len])
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
@@ -154,6 +172,12 @@ struct Bounce {
 }
 
 impl Bounce {
+    /// Whether `len` bytes at `align` fit (the start stays aligned as long
+    /// as the buffer is not moved, and it never is).
+    fn fits(&self, len: usize, align: usize) -> bool {
+        len <= self.len && is_aligned(self.buf[self.start..].as_ptr(), align)
+    }
+
     fn new(len: usize, align: usize) -> Bounce {
         let buf = vec![0u8; len + align];
         let start = buf.as_ptr().align_offset(align);
