@@ -4,14 +4,19 @@
 #
 #   scripts/fetch-linux.sh OUTDIR
 #
-# Leaves OUTDIR/bzImage, OUTDIR/vmlinux and OUTDIR/busybox (static). The bzImage payload is found
+# Leaves OUTDIR/bzImage, OUTDIR/vmlinux, OUTDIR/busybox (static) and
+# OUTDIR/modules/*.ko (the virtio-mmio network driver and what it needs: the
+# cloud kernel builds them as modules; a VMX/SVM host's initramfs loads
+# them). The bzImage payload is found
 # through the setup header (setup_sects at 0x1f1, payload_offset at 0x248,
 # payload_length at 0x24c) and is LZ4 in the legacy frame format.
 set -euo pipefail
 out=${1:?usage: fetch-linux.sh OUTDIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-[ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ] && [ -s "$out/busybox" ] && exit 0
+# Modules in load order (each needs only those before it).
+modules="virtio_ring virtio virtio_mmio failover net_failover virtio_net"
+[ -s "$out/vmlinux" ] && [ -s "$out/bzImage" ] && [ -s "$out/busybox" ] && [ -s "$out/modules/virtio_net.ko" ] && exit 0
 
 need() { command -v "$1" >/dev/null || { echo "fetch-linux: '$1' is missing (apt-get install $2)" >&2; exit 1; }; }
 need apt-get apt
@@ -49,6 +54,12 @@ head -c 4 vmlinux | od -An -c | grep -q 'E   L   F' || { echo "fetch-linux: deco
 apt-get download busybox-static >/dev/null 2>&1
 dpkg-deb -x busybox-static_*.deb bb
 cp bb/bin/busybox "$out/busybox"
+mkdir -p "$out/modules"
+for m in $modules; do
+  ko=$(find root/lib/modules -name "$m.ko" | head -1)
+  [ -n "$ko" ] || { echo "fetch-linux: module $m.ko not in $pkg" >&2; exit 1; }
+  cp "$ko" "$out/modules/"
+done
 cp "$bz" "$out/bzImage"
 mv vmlinux "$out/vmlinux"
 echo "fetch-linux: $pkg -> $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes)"
