@@ -159,6 +159,7 @@ impl Vm {
                 s.push('\n');
             }
         });
+        leftovers::PIDS.lock().unwrap_or_else(|p| p.into_inner()).insert(child.id());
         Vm { child, console, api_sock, started, stderr, _dir: dir }
     }
 
@@ -255,6 +256,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        leftovers::PIDS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.child.id());
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -417,6 +419,9 @@ impl Lab {
 
     /// Runs `ferry lab ARGS --name NAME` (bounded).
     pub fn lab(&self, args: &[&str]) -> std::process::Output {
+        if args.first() == Some(&"up") {
+            leftovers::LABS.lock().unwrap_or_else(|p| p.into_inner()).insert(self.name.clone());
+        }
         let mut all = vec!["lab"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--name", &self.name]);
@@ -452,6 +457,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        leftovers::LABS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.name);
         let out = self.lab(&["down"]);
         if !out.status.success() {
             eprintln!("ferry lab down --name {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
@@ -749,4 +755,50 @@ pub mod stats {
     pub fn ms3(d: std::time::Duration) -> f64 {
         round3(ms(d))
     }
+}
+
+/// What a benchmark must not leave behind when it panics. Benchmarks are
+/// built with panic = abort, so no `Drop` runs: a panic used to leave labs,
+/// agents and spinning VMs behind. [`clean_up_on_panic`] installs a hook
+/// that kills what this process started and takes its labs down.
+mod leftovers {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    /// Labs this process brought up and has not taken down.
+    pub static LABS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    /// VMM processes it started and has not reaped.
+    pub static PIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+}
+
+/// For benchmark `main`s: on a panic, after the usual message, kill every
+/// VMM this process started and every process inside its labs' namespaces
+/// (agents, the VMMs they started, pingers), then take the labs down.
+pub fn clean_up_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let kill = |pid: u32| {
+            // SAFETY: kill(2) with a PID and a signal number; no memory involved.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        };
+        if let Ok(pids) = leftovers::PIDS.try_lock() {
+            pids.iter().copied().for_each(kill);
+        }
+        let labs: Vec<String> = leftovers::LABS.try_lock().map(|l| l.iter().cloned().collect()).unwrap_or_default();
+        for lab in labs {
+            let all = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+            for ns in String::from_utf8_lossy(&all).lines().filter_map(|l| l.split_whitespace().next()) {
+                if ns.strip_prefix(lab.as_str()).is_some_and(|rest| rest.starts_with('-')) {
+                    let pids = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| o.stdout);
+                    String::from_utf8_lossy(&pids.unwrap_or_default())
+                        .lines()
+                        .filter_map(|p| p.trim().parse().ok())
+                        .for_each(kill);
+                }
+            }
+            let out = ferry_bounded(&["lab", "down", "--name", &lab], Duration::from_secs(60));
+            eprintln!("after the panic: lab {lab} down (exit {:?})", out.status.code());
+        }
+    }));
 }

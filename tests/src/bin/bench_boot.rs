@@ -21,6 +21,7 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/boot.json".into());
     if !kvm_available("bench-boot") {
         return;

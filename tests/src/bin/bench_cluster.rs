@@ -860,6 +860,7 @@ fn by_parallelism(drains: &[Value], solo: &Value) -> Vec<Value> {
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/cluster.json".into());
     if !kvm_available("bench-cluster") || !root_available("bench-cluster") {
         return;

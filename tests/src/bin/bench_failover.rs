@@ -106,6 +106,7 @@ struct Soak {
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/failover.json".into());
     if !kvm_available("bench-failover") {
         return;

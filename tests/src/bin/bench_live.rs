@@ -569,6 +569,7 @@ fn target(rows: &[Value], name: &str, mem_mib: u64, dirty_mib_s: u64, figure: &s
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/live.json".into());
     if !kvm_available("bench-live") || !root_available("bench-live") {
         return;

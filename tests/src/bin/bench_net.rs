@@ -115,6 +115,7 @@ fn udp_figures(r: &Value) -> Value {
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/net.json".into());
     if !kvm_available("bench-net") || !root_available("bench-net") {
         return;

@@ -115,6 +115,7 @@ fn one_run(lab: &Lab, dir: &Path, vm: Vm, host: &'static str, seq: usize) -> (Va
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/quick.json".into());
     if !kvm_available("bench-quick") || !root_available("bench-quick") {
         return;

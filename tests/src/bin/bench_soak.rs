@@ -80,6 +80,7 @@ struct Counts {
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/soak.json".into());
     if !kvm_available("bench-soak") || !root_available("bench-soak") {
         return;

@@ -758,6 +758,7 @@ fn migration_series(
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/storage.json".into());
     if !kvm_available("bench-storage") || !root_available("bench-storage") {
         return;
