@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vhd_open", fuzz_vhd_open),
     ("qcow2_open", fuzz_qcow2_open),
     ("virtio_blk_chain", fuzz_virtio_blk_chain),
+    ("api_request", fuzz_api_request),
 ];
 
 /// A scratch directory for this process (on tmpfs when there is one).
@@ -39,6 +40,34 @@ fn scratch() -> &'static Path {
         std::fs::create_dir_all(&dir).expect("scratch directory");
         dir
     })
+}
+
+/// The API socket's request reading (`vmm::api::http::serve_connection`:
+/// head and body limits, Content-Length, one request per connection) fed
+/// over a real socket pair, and a body decoded and validated as
+/// `vm.migrate` would (`MigrateRequest::options`: timeouts, bandwidth).
+pub fn fuzz_api_request(data: &[u8]) {
+    use std::os::unix::net::UnixStream;
+    use vmm::api::http::{serve_connection, Limits, PeerPolicy, Response};
+    // What fits in the socket's buffer, so one thread can write it all
+    // before serving (a thread per input trips libFuzzer's leak check on
+    // thread-local destructors); far above the head limit.
+    const MAX_INPUT: usize = 64 << 10;
+    let Ok((mut client, server)) = UnixStream::pair() else { return };
+    if client.write_all(&data[..data.len().min(MAX_INPUT)]).is_err() {
+        return;
+    }
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    let limits = Limits { deadline: std::time::Duration::from_millis(500), ..Limits::default() };
+    let handler = |request: vmm::api::http::Request| {
+        if let Ok(m) = serde_json::from_slice::<migrate::api::MigrateRequest>(&request.body) {
+            let _ = m.options();
+        }
+        let _ = serde_json::from_slice::<serde_json::Value>(&request.body);
+        Response::empty(204)
+    };
+    // The response goes into the client's receive buffer, unread.
+    serve_connection(server, &limits, &PeerPolicy::root_and_self(), &handler);
 }
 
 /// `migrate::wire::read_frame` over a stream, then every frame decoded as

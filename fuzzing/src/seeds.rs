@@ -115,5 +115,10 @@ pub fn all() -> Vec<Seed> {
         &[(0, &blk_header(1, 2)), (0x40, &blk_header(4, 0)), (data as usize, &[0xab; 512])],
     );
     v.push(("virtio_blk_chain", "write-flush".into(), write));
+    v.push(("api_request", "get-info".into(), b"GET /vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec()));
+    let body = br#"{"to":"tcp:10.200.77.2:7700","mode":"live","key_file":"/etc/ferry/cluster.key","timeout_s":30}"#;
+    let mut migrate = format!("PUT /vm.migrate HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    migrate.extend_from_slice(body);
+    v.push(("api_request", "put-migrate".into(), migrate));
     v
 }
