@@ -23,7 +23,8 @@
 //! 4096:0", the default), BENCH_QEMU_RUNS (3), BENCH_QEMU_VMMS
 //! ("qemu,ferry"), BENCH_QEMU_MULTIFD (0: plain precopy on one stream),
 //! BENCH_QEMU_IDLE_US (the guest's idle_us, 0 unless "default": see
-//! guest_cmdline).
+//! guest_cmdline), BENCH_QEMU_MACHINE and BENCH_QEMU_CPU (the -M and -cpu
+//! values, for trying other settings).
 
 #[path = "../live_cell.rs"]
 mod live_cell;
@@ -181,9 +182,10 @@ impl QemuGuest {
         // acpi=off: only then does microvm append virtio_mmio.device= words to
         // the kernel command line, which is how the test guest finds its NIC.
         let machine = std::env::var("BENCH_QEMU_MACHINE").unwrap_or_else(|_| "microvm,acpi=off".into());
+        // QEMU 7.2 aborts on this host writing IA32_ARCH_CAPABILITIES.
+        let cpu = std::env::var("BENCH_QEMU_CPU").unwrap_or_else(|_| "host,-arch-capabilities".into());
         cmd.args(["-name", &format!("ferry-bench-{tag}"), "-M", &machine, "-accel", "kvm"])
-            // QEMU 7.2 aborts on this host writing IA32_ARCH_CAPABILITIES.
-            .args(["-cpu", "host,-arch-capabilities", "-smp", "1", "-m", &format!("{mem_mib}M")])
+            .args(["-cpu", &cpu, "-smp", "1", "-m", &format!("{mem_mib}M")])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             // The guest drives virtio-mmio version 2 only; QEMU 7.2 offers 1.
             .args(["-global", "virtio-mmio.force-legacy=false"])
@@ -870,6 +872,15 @@ fn main() {
             "met": all_met,
         },
         "boots": boots,
+        "anchor_2026_12_01": {
+            "source": "DESIGN.md: QEMU 7.2 and Ferry on these machines, same guest and lab, 20 ms target, medians",
+            "qemu": { "1g_idle": { "total_ms": 1900, "guest_stall_ms": 5.3, "pings_lost": 1, "max_gap_ms": 24 },
+                      "1g_50": { "total_ms": 2100, "guest_stall_ms": 8.5, "pings_lost": 1 },
+                      "4g_idle": { "total_ms": 7200, "guest_stall_ms": 5.8, "pings_lost": 0, "max_gap_ms": 20 } },
+            "ferry": { "1g_idle": { "total_ms": 720, "guest_stall_ms": 4.4 },
+                       "1g_50": { "total_ms": 770, "guest_stall_ms": 6.6 },
+                       "4g_idle": { "total_ms": 6200, "guest_stall_ms": 45, "pings_lost": 4, "max_gap_ms": 99 } },
+        },
         "bench_s": round3(started.elapsed().as_secs_f64()),
         "notes": "Both VMMs in one run, one lab, the same guest, pinger and console reader (tests/src/live_cell.rs). \
                   total_ms and downtime_ms are each VMM's own figures (QEMU: query-migrate total-time and downtime; \
