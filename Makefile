@@ -13,7 +13,7 @@ export FERRY_BIN       := $(CURDIR)/$(FERRY)
 export FERRY_GUEST     := $(CURDIR)/$(GUEST)
 export FERRY_LINUX_DIR := $(CURDIR)/$(LINUX_DIR)
 
-.PHONY: all deps build guest linux test demo demo-migrate bench fuzz lint fmt clean
+.PHONY: all deps build guest linux test demo demo-migrate bench bench-qemu fuzz lint fmt clean
 
 all: build guest
 
@@ -60,6 +60,12 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-soak -- target/bench/soak.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-cluster -- target/bench/cluster.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-failover -- target/bench/failover.json
+
+## bench-qemu: Ferry against QEMU 7.2 (Debian's, -M microvm, unpacked beside the newer qemu-utils if need be) in one run: the same guest, lab, pinger and 20 ms downtime target, 1 GiB idle and at 50 MiB/s and 4 GiB idle, medians of 3; target/bench/qemu.json with the ratios (not part of `make bench`)
+bench-qemu: deps build guest
+	@mkdir -p target/bench
+	qemu=$$(scripts/install-qemu.sh | tail -1) && \
+	FERRY_QEMU=$$(realpath "$$qemu") $(CARGO) run --release -q -p ferry-e2e --bin bench-qemu -- target/bench/qemu.json
 
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, on fuzz/corpus/ (needs nightly)
 fuzz:
