@@ -27,7 +27,7 @@ build:
 
 ## guest: the bundled test guest, target/guest/ferry-guest.elf
 guest:
-	cd guest && $(CARGO) build --release
+	cd guest && CARGO_TARGET_DIR=target $(CARGO) build --release
 	@mkdir -p target/guest
 	cp guest/target/release/ferry-guest $(GUEST)
 

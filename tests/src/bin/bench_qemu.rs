@@ -775,6 +775,7 @@ fn parse_cells() -> Vec<(u64, u64)> {
 }
 
 fn main() {
+    ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/qemu.json".into());
     if !kvm_available("bench-qemu") || !root_available("bench-qemu") {
         return;
