@@ -147,6 +147,8 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
         vcpu.restore(saved)?;
         vcpus.push(vcpu);
     }
+    // After the LAPICs: an edge delivered before would be overwritten.
+    raise_pending(&vm, &state.devices.pending_irqs)?;
     let guest_cpuid = state.vcpus[0].cpuid.clone();
     let run_state = state.run_state;
     core.start(
@@ -157,6 +159,23 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
         guest_cpuid,
         Started { run_state, boot_protocol: "restored", kernel_load: 0, lifecycle: Lifecycle::Paused },
     )
+}
+
+/// Raises (an edge: up, then down) each interrupt line that was pending at
+/// the save, over the restored irqchip and LAPICs, before any vCPU runs.
+fn raise_pending(vm: &Vm, lines: &[u32]) -> Result<(), Error> {
+    for &gsi in lines {
+        if gsi >= layout::IOAPIC_PINS {
+            return Err(Error::BadState(format!("saved pending interrupt line {gsi} does not exist")));
+        }
+        for level in [true, false] {
+            vm.fd.set_irq_line(gsi, level).map_err(|e| Error::Irq(e.into()))?;
+        }
+    }
+    if !lines.is_empty() {
+        tracing::debug!("raised the interrupt lines pending at the save: {lines:?}");
+    }
+    Ok(())
 }
 
 fn check_shape(config: &VmConfig) -> Result<(), Error> {
