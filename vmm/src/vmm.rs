@@ -245,7 +245,7 @@ impl Vmm {
             pid: std::process::id(),
             pvm_host: vm::is_pvm_host(),
             tsc_khz: self.tsc_khz,
-            devices: self.virtio.iter().map(|t| lock(t).device().describe()).collect(),
+            devices: self.virtio.iter().map(|t| lock(t).describe()).collect(),
         }
     }
 
