@@ -5,6 +5,9 @@
 //! request without completion: it gives up after 5 s and says "no
 //! completion"). One destination serves notifies on its vCPU instead: the
 //! choice is the host's, and a move between the two must lose nothing.
+//! The window in which a notify is still unread at a pause is short (the
+//! vCPUs stop first), so this rarely lands in it; the event loop's unit
+//! tests (vmm devices::event_loop) check that case deterministically.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

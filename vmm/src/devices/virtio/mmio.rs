@@ -164,6 +164,12 @@ impl MmioTransport {
         d
     }
 
+    /// Signals queue `index`'s notify eventfd, as KVM would.
+    #[cfg(test)]
+    pub(crate) fn signal_notify(&self, index: usize) {
+        self.events.as_ref().expect("queue events").fds[index].write(1).expect("eventfd write");
+    }
+
     /// Looks at every ready queue once, as if the driver had notified each:
     /// after a resume, a restore or an incoming migration a notify may have
     /// been taken (or left in an eventfd) on the other side of the pause.
