@@ -96,9 +96,9 @@ pub enum VirtioNotify {
     /// The write exits to the VMM and the vCPU thread does the work before
     /// it re-enters the guest.
     // Default: the polling test guest spins on its vCPU while the device
-    // thread waits for a CPU; on this 2-core host that cut its disk
-    // throughput 3-8x (bench-net: 100-140 -> 13-31 MB/s written) for the
-    // same ping RTT (README, "Queue notifies").
+    // thread needs a second CPU; on a busy 2-core host that cut its disk
+    // writes 3-8x (bench-net), on an idle one the two were even (README,
+    // "Queue notifies").
     #[default]
     Vcpu,
 }

@@ -49,8 +49,9 @@ pub struct HostArgs {
     /// eventfd and the guest runs on; the device thread does the work: for
     /// guests that take interrupts) or `vcpu` (the notify exits to the VMM
     /// and the vCPU does the work before it re-enters the guest). `vcpu` by
-    /// default: a polling guest spins on its vCPU meanwhile, and its disk
-    /// throughput here dropped 3-8x through the device thread (README).
+    /// default: a polling guest spins on its vCPU meanwhile, so the device
+    /// thread needs another CPU; on a busy host its disk writes dropped
+    /// 3-8x that way (README).
     #[arg(long, value_name = "ioeventfd|vcpu", default_value = "vcpu", env = "FERRY_VIRTIO_NOTIFY")]
     pub virtio_notify: VirtioNotifyArg,
 }
