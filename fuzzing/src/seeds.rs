@@ -19,7 +19,7 @@ pub fn vm_state(mem_mib: u64) -> VmState {
             pit: Default::default(),
             clock: Default::default(),
         },
-        devices: DevicesState { serial: Default::default(), virtio: Vec::new() },
+        devices: DevicesState { serial: Default::default(), virtio: Vec::new(), pending_irqs: Vec::new() },
     }
 }
 

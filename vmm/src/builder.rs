@@ -17,7 +17,7 @@ use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, BootSpec};
-use crate::config::{HostConfig, MachineConfig, VmConfig, MAX_VCPUS};
+use crate::config::{HostConfig, MachineConfig, VirtioNotify, VmConfig, MAX_VCPUS};
 use crate::devices::bus::Buses;
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::disk::{Disk, HostSide};
@@ -26,7 +26,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, SerialDevice};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::blk::Block;
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW};
+use crate::devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::lifecycle::{Lifecycle, RunState};
@@ -147,6 +147,8 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
         vcpu.restore(saved)?;
         vcpus.push(vcpu);
     }
+    // After the LAPICs: an edge delivered before would be overwritten.
+    raise_pending(&vm, &state.devices.pending_irqs)?;
     let guest_cpuid = state.vcpus[0].cpuid.clone();
     let run_state = state.run_state;
     core.start(
@@ -157,6 +159,23 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
         guest_cpuid,
         Started { run_state, boot_protocol: "restored", kernel_load: 0, lifecycle: Lifecycle::Paused },
     )
+}
+
+/// Raises (an edge: up, then down) each interrupt line that was pending at
+/// the save, over the restored irqchip and LAPICs, before any vCPU runs.
+fn raise_pending(vm: &Vm, lines: &[u32]) -> Result<(), Error> {
+    for &gsi in lines {
+        if gsi >= layout::IOAPIC_PINS {
+            return Err(Error::BadState(format!("saved pending interrupt line {gsi} does not exist")));
+        }
+        for level in [true, false] {
+            vm.fd.set_irq_line(gsi, level).map_err(|e| Error::Irq(e.into()))?;
+        }
+    }
+    if !lines.is_empty() {
+        tracing::debug!("raised the interrupt lines pending at the save: {lines:?}");
+    }
+    Ok(())
 }
 
 fn check_shape(config: &VmConfig) -> Result<(), Error> {
@@ -269,7 +288,13 @@ impl Core {
             let irq = layout::VIRTIO_FIRST_IRQ + i as u32;
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Irq)?;
             vm.fd.register_irqfd(&irqfd, irq).map_err(|e| Error::Irq(e.into()))?;
+            let queues = device.queue_count();
             let mut transport = MmioTransport::new(device, ram.memory.clone(), Arc::new(Interrupt::new(irqfd)));
+            if config.host.virtio_notify == VirtioNotify::Ioeventfd {
+                let events = QueueEvents::new(Arc::downgrade(&vm.fd), base, queues).map_err(Error::EventLoop)?;
+                transport = transport.with_queue_events(events);
+            }
+            // A restore registers the ioeventfds of the queues that were ready.
             if let Some(saved) = saved {
                 transport.restore(&saved.virtio[i]).map_err(Error::BadState)?;
             }
@@ -321,7 +346,9 @@ impl Core {
     ) -> Result<Vmm, Error> {
         let tsc_khz = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()).unwrap_or(0);
         let paused = started.lifecycle.vcpus_parked();
-        let event_loop = EventLoop::start(self.virtio.clone()).map_err(Error::EventLoop)?;
+        // Started paused, a restored VM's devices touch nothing (no queue,
+        // no disk it may not own yet) until its first resume.
+        let event_loop = EventLoop::start(self.virtio.clone(), paused).map_err(Error::EventLoop)?;
         if paused {
             event_loop.pause();
         }

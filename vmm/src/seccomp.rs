@@ -138,12 +138,28 @@ const COMMON: &[&str] = &[
 const VCPU: &[&str] =
     &["fallocate", "fdatasync", "fsync", "ftruncate", "ioctl", "pread64", "preadv", "pwrite64", "pwritev", "read"];
 
-/// The event loop: epoll, the taps and its wake eventfd.
+/// The event loop: epoll, the taps and its wake eventfd, and with
+/// `--virtio-notify ioeventfd` the queues' work: virtio-blk requests (the
+/// vCPU's disk calls) and the notify eventfds.
 // epoll_ctl: a tap whose guest queue is full (or not set up yet, right
 // after a boot while traffic arrives) is taken out of epoll and put back;
-// no trace had shown it, a failover restart under pings did. write: the
-// loop's wake eventfd.
-const DEVICES: &[&str] = &["epoll_ctl", "epoll_wait", "read", "write"];
+// no trace had shown it, a failover restart under pings did; and the
+// notify eventfds are disarmed while the VM is paused. write: the loop's
+// wake eventfd.
+const DEVICES: &[&str] = &[
+    "epoll_ctl",
+    "epoll_wait",
+    "fallocate",
+    "fdatasync",
+    "fsync",
+    "ftruncate",
+    "pread64",
+    "preadv",
+    "pwrite64",
+    "pwritev",
+    "read",
+    "write",
+];
 
 /// Lease renewals: the lease file rewritten by rename, under a lock
 /// (unlink: a failed write's temporary file).

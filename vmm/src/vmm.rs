@@ -173,11 +173,15 @@ impl Vmm {
             mem_bytes: self.ram.size,
             vcpus,
             vm: VmArchState::save(&self.vm.fd).map_err(|e| Error::BadState(e.to_string()))?,
-            devices: DevicesState {
-                serial: lock(&self.serial).save(),
-                virtio: self.virtio.iter().map(|t| lock(t).save()).collect(),
-            },
+            devices: self.save_devices(),
         })
+    }
+
+    fn save_devices(&self) -> DevicesState {
+        let serial = lock(&self.serial).save();
+        let virtio: Vec<_> = self.virtio.iter().map(|t| lock(t).save()).collect();
+        let pending_irqs = DevicesState::unacknowledged_irqs(&serial, &virtio);
+        DevicesState { serial, virtio, pending_irqs }
     }
 
     pub(crate) fn start_dirty_log(&self) -> Result<DirtyLogMode, Error> {
@@ -241,7 +245,7 @@ impl Vmm {
             pid: std::process::id(),
             pvm_host: vm::is_pvm_host(),
             tsc_khz: self.tsc_khz,
-            devices: self.virtio.iter().map(|t| lock(t).device().describe()).collect(),
+            devices: self.virtio.iter().map(|t| lock(t).describe()).collect(),
         }
     }
 

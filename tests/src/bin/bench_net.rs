@@ -121,11 +121,12 @@ fn main() {
         return;
     }
     let started = Instant::now();
-    let lab = Lab::up("bn");
+    // FERRY_BENCH_LAB: another lab name, so two benches can run at once.
+    let lab = Lab::up(&std::env::var("FERRY_BENCH_LAB").unwrap_or_else(|_| "bn".into()));
     let dir = TempDir::new("bench-net");
     let disk = disk_image(dir.path(), "disk.img", 64);
     let vm = guest_on_host_a(&lab, &disk);
-    eprintln!("guest up on bn-a after {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("guest up on {} after {:.1} s", lab.netns("a"), started.elapsed().as_secs_f64());
 
     // Round trips: host a's bridge (the baseline), then the guest behind it.
     let host = icmp(&lab, Lab::SUBNET_HOST_A);

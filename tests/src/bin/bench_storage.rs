@@ -777,8 +777,9 @@ fn main() {
     let key = dir.path().join("cluster.key");
     ferry(&["keygen", "--out", key.to_str().unwrap()]).expect("ferry keygen");
     let fs = filesystem(&vol);
-    let lab = Lab::up(LAB);
-    eprintln!("lab {LAB} up after {:.1} s; volume {} on {}", started.elapsed().as_secs_f64(), vol.display(), fs);
+    // FERRY_BENCH_LAB: another lab name, so two benches can run at once.
+    let lab = Lab::up(&std::env::var("FERRY_BENCH_LAB").unwrap_or_else(|_| LAB.into()));
+    eprintln!("lab {} up after {:.1} s; volume {} on {}", lab.name, started.elapsed().as_secs_f64(), vol.display(), fs);
 
     // 1. Formats, and dd on the same filesystem.
     let dd_direct = dd_reference(dir.path(), true);

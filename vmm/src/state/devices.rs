@@ -128,4 +128,29 @@ pub struct TransportSnapshot {
 pub struct DevicesState {
     pub serial: SerialSnapshot,
     pub virtio: Vec<TransportSnapshot>,
+    /// Interrupt lines (GSIs) raised through an irqfd whose device still
+    /// shows the interrupt unacknowledged. KVM injects an irqfd from a
+    /// kernel work item, so the IOAPIC state saved beside this may not have
+    /// seen the edge yet; the restoring host raises each line once more
+    /// (a driver that already took it finds nothing new: harmless).
+    pub pending_irqs: Vec<u32>,
+}
+
+/// vm-superio's IIR bit 0: set when no interrupt is pending.
+const IIR_NONE: u8 = 1;
+
+impl DevicesState {
+    /// The lines whose device has an interrupt the guest has not
+    /// acknowledged: the serial port's (IIR) and each virtio device's
+    /// (InterruptStatus), on the lines this machine model wires them to.
+    pub fn unacknowledged_irqs(serial: &SerialSnapshot, virtio: &[TransportSnapshot]) -> Vec<u32> {
+        use crate::arch::x86_64::layout::{COM1_IRQ, VIRTIO_FIRST_IRQ};
+        let serial = (serial.interrupt_identification & IIR_NONE == 0).then_some(COM1_IRQ);
+        let virtio = virtio
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.interrupt_status != 0)
+            .map(|(i, _)| VIRTIO_FIRST_IRQ + i as u32);
+        serial.into_iter().chain(virtio).collect()
+    }
 }

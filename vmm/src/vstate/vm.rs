@@ -1,6 +1,7 @@
 //! The KVM VM: /dev/kvm, guest memory slots, in-kernel irqchip and PIT.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -56,7 +57,9 @@ pub fn is_pvm_host() -> bool {
 
 pub struct Vm {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    /// Shared (weakly) with the virtio transports, which register their
+    /// queue-notify ioeventfds when a driver gets ready.
+    pub fd: Arc<VmFd>,
     pub supported_cpuid: CpuId,
     pub dirty_log_mode: super::dirty::DirtyLogMode,
 }
@@ -73,7 +76,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
-        Ok(Vm { kvm, fd, supported_cpuid, dirty_log_mode })
+        Ok(Vm { kvm, fd: Arc::new(fd), supported_cpuid, dirty_log_mode })
     }
 
     /// Registers every region of guest memory as a KVM memory slot.

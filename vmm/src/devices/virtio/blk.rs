@@ -1,6 +1,7 @@
 //! virtio-blk: the protocol over a [`Disk`] (raw, VHD fixed or dynamic,
-//! qcow2; see csv-fs). Requests are served on the thread that notified (the
-//! vCPU), so a FLUSH returns to the guest only once the data is durable.
+//! qcow2; see csv-fs). Requests are served synchronously where the notify
+//! lands (the vCPU, or the device thread with `--virtio-notify ioeventfd`),
+//! and a FLUSH completes only once the data is durable.
 //! Who may write the disk (locks, leases, fencing) is [`crate::devices::disk`]'s
 //! business; a refused write is an I/O error to the guest.
 
@@ -42,12 +43,15 @@ pub struct Block {
     disk: Disk,
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
+    /// What the driver accepted (DRIVER_OK); FLUSH only if it took the
+    /// feature.
+    acked_features: u64,
     pub stats: BlockStats,
 }
 
 impl Block {
     pub fn new(disk: Disk) -> Block {
-        Block { id: disk_id(disk.path()), disk, buf: vec![0; CHUNK], stats: BlockStats::default() }
+        Block { id: disk_id(disk.path()), disk, buf: vec![0; CHUNK], acked_features: 0, stats: BlockStats::default() }
     }
 
     pub fn path(&self) -> &Path {
@@ -87,6 +91,8 @@ impl Block {
         let (status, written) = match kind {
             T_IN => self.read(sector, &mut writer),
             T_OUT => (self.write(sector, &mut reader), 0),
+            // A driver that did not negotiate FLUSH gets no flush semantics.
+            T_FLUSH if self.acked_features & VIRTIO_BLK_F_FLUSH == 0 => (S_UNSUPP, 0),
             T_FLUSH => (self.flush(), 0),
             T_GET_ID => {
                 let n = data_len.min(ID_BYTES);
@@ -207,6 +213,14 @@ impl VirtioDevice for Block {
 
     fn queue_count(&self) -> usize {
         1
+    }
+
+    fn activate(&mut self, acked_features: u64) {
+        self.acked_features = acked_features;
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -382,6 +396,22 @@ mod queue_tests {
         r.desc(1, DATA, 0x7fff_ffff, F_NEXT | F_WRITE, 2);
         r.desc(2, STATUS, 1, F_WRITE, 0);
         assert_eq!(r.submit(0).0, S_IOERR);
+    }
+
+    #[test]
+    fn flush_only_when_negotiated() {
+        let mut r = rig("flush");
+        r.header(T_FLUSH, 0);
+        r.desc(0, HDR, 16, F_NEXT, 1);
+        r.desc(1, STATUS, 1, F_WRITE, 0);
+        r.blk.activate(VIRTIO_F_VERSION_1);
+        assert_eq!(r.submit(0), (S_UNSUPP, 1), "FLUSH without VIRTIO_BLK_F_FLUSH");
+        assert_eq!(r.blk.stats.flushes, 0, "nothing was flushed");
+        r.blk.activate(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+        assert_eq!(r.submit(0), (S_OK, 1));
+        assert_eq!(r.blk.stats.flushes, 1);
+        r.blk.reset();
+        assert_eq!(r.submit(0).0, S_UNSUPP, "a reset forgets the negotiation");
     }
 
     #[test]

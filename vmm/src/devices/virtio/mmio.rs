@@ -2,9 +2,12 @@
 //! "modern"). One 4 KiB window per device; Linux finds it from
 //! `virtio_mmio.device=4K@<base>:<irq>` on its command line.
 
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Weak};
 
+use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VirtioDevice, QUEUE_SIZE, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
@@ -48,6 +51,58 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_FAILED: u32 = 0x80;
 
+/// One eventfd per queue that KVM signals when the driver writes that
+/// queue's index to QUEUE_NOTIFY (KVM_IOEVENTFD with the index as
+/// datamatch): the vCPU does not leave the guest, the device thread does
+/// the queue's work. Registered while the driver is up (DRIVER_OK to
+/// reset); a notify KVM does not match (none registered, another size)
+/// still reaches [`MmioTransport`] as an MMIO exit and is served there.
+pub struct QueueEvents {
+    vm: Weak<VmFd>,
+    addr: IoEventAddress,
+    fds: Vec<EventFd>,
+    registered: Vec<bool>,
+}
+
+impl QueueEvents {
+    /// Eventfds for `queues` queues of the transport at MMIO `base`.
+    pub fn new(vm: Weak<VmFd>, base: u64, queues: usize) -> std::io::Result<QueueEvents> {
+        let fds = (0..queues).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<Vec<_>, _>>()?;
+        Ok(QueueEvents {
+            vm,
+            addr: IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+            fds,
+            registered: vec![false; queues],
+        })
+    }
+
+    /// Registers the eventfd of every ready queue with KVM. One that KVM
+    /// refuses stays on the vCPU path (logged).
+    fn register(&mut self, queues: &[Queue]) {
+        let Some(vm) = self.vm.upgrade() else { return };
+        for (i, q) in queues.iter().enumerate() {
+            if !q.ready() || self.registered[i] {
+                continue;
+            }
+            match vm.register_ioevent(&self.fds[i], &self.addr, i as u32) {
+                Ok(()) => self.registered[i] = true,
+                Err(e) => tracing::warn!("virtio-mmio: no ioeventfd for queue {i} ({e}); notifies exit to the vCPU"),
+            }
+        }
+    }
+
+    fn unregister(&mut self) {
+        let Some(vm) = self.vm.upgrade() else { return };
+        for (i, fd) in self.fds.iter().enumerate() {
+            if std::mem::take(&mut self.registered[i]) {
+                if let Err(e) = vm.unregister_ioevent(fd, &self.addr, i as u32) {
+                    tracing::warn!("virtio-mmio: cannot unregister the ioeventfd of queue {i}: {e}");
+                }
+            }
+        }
+    }
+}
+
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
@@ -58,6 +113,8 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     acked_features: u64,
     queue_sel: u32,
+    /// None: every notify is an MMIO exit served on the vCPU.
+    events: Option<QueueEvents>,
 }
 
 impl MmioTransport {
@@ -73,6 +130,52 @@ impl MmioTransport {
             driver_features_sel: 0,
             acked_features: 0,
             queue_sel: 0,
+            events: None,
+        }
+    }
+
+    /// Serves notifies through `events` from now on (before any restore).
+    pub fn with_queue_events(mut self, events: QueueEvents) -> MmioTransport {
+        self.events = Some(events);
+        self
+    }
+
+    /// Each queue's notify eventfd, by queue index (none on the vCPU path).
+    pub fn notify_fds(&self) -> Vec<RawFd> {
+        self.events.as_ref().map_or_else(Vec::new, |e| e.fds.iter().map(|f| f.as_raw_fd()).collect())
+    }
+
+    /// Takes a notify of queue `index` the device thread got from its
+    /// eventfd (whose count it has read) and does the queue's work.
+    pub fn notified(&mut self, index: usize) {
+        if let Some(fd) = self.events.as_ref().and_then(|e| e.fds.get(index)) {
+            let _ = fd.read();
+        }
+        self.notify(index as u32);
+    }
+
+    /// The device for `vm.info`, with where its notifies are served
+    /// (`ioeventfd` once KVM took a queue's eventfd, else `vcpu`).
+    pub fn describe(&self) -> serde_json::Value {
+        let mut d = self.device.describe();
+        let registered = self.events.as_ref().map_or(0, |e| e.registered.iter().filter(|r| **r).count());
+        d["notify"] = serde_json::json!(if registered > 0 { "ioeventfd" } else { "vcpu" });
+        d["notify_queues"] = serde_json::json!(registered);
+        d
+    }
+
+    /// Signals queue `index`'s notify eventfd, as KVM would.
+    #[cfg(test)]
+    pub(crate) fn signal_notify(&self, index: usize) {
+        self.events.as_ref().expect("queue events").fds[index].write(1).expect("eventfd write");
+    }
+
+    /// Looks at every ready queue once, as if the driver had notified each:
+    /// after a resume, a restore or an incoming migration a notify may have
+    /// been taken (or left in an eventfd) on the other side of the pause.
+    pub fn kick_all(&mut self) {
+        for i in 0..self.queues.len() {
+            self.notify(i as u32);
         }
     }
 
@@ -129,6 +232,9 @@ impl MmioTransport {
         self.interrupt.set_status(s.interrupt_status);
         if self.driver_ok() {
             self.device.activate(self.acked_features);
+            if let Some(e) = &mut self.events {
+                e.register(&self.queues);
+            }
         }
         Ok(())
     }
@@ -162,6 +268,9 @@ impl MmioTransport {
         }
         self.interrupt.ack(u32::MAX);
         self.device.reset();
+        if let Some(e) = &mut self.events {
+            e.unregister();
+        }
     }
 
     fn set_status(&mut self, value: u32) {
@@ -188,6 +297,9 @@ impl MmioTransport {
                 value |= STATUS_FAILED;
             } else {
                 self.device.activate(self.acked_features);
+                if let Some(e) = &mut self.events {
+                    e.register(&self.queues);
+                }
             }
         }
         self.status = value;
