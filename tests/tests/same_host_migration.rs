@@ -200,3 +200,37 @@ fn without_memfd_on_either_side_memory_is_copied() {
         verified(&vm, &format!("copy leg {leg}"));
     }
 }
+
+#[test]
+fn a_restored_vm_moves_by_copy_when_mapped_and_by_memfd_when_copied() {
+    if !kvm_available("a_restored_vm_moves_by_copy_when_mapped_and_by_memfd_when_copied") {
+        return;
+    }
+    let vm = boot(256, "wss_mib=64 dirty_mib_s=20");
+    let snaps = TempDir::new("memfd-snap");
+    let snap = snaps.path().join("s");
+    let (ok, _, err) = vm.ferry(&["snapshot", "--to", snap.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    drop(vm);
+    // The default restore maps the image copy-on-write: its pages are not
+    // in a file another process could map, so a same-host move copies.
+    // `--copy-memory` gives the VM a memfd again: that one passes.
+    for (flags, memory) in [(&[][..], "copy"), (&["--copy-memory"][..], "shared-fd")] {
+        let mut args = vec![s("--from"), snap.display().to_string()];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let mut restored = Vm::launch(None, "restore", &args);
+        restored.wait_api(T);
+        restored.wait_line(T, |l| heartbeat_number(l).is_some());
+        verified(&restored, &format!("restored ({memory})"));
+        let dir = TempDir::new("memfd");
+        let (dest, to) = receiver(&dir, &[]);
+        let before = last_heartbeat(&restored).unwrap();
+        let (ok, f, err) = migrate(&restored, &to, &[]);
+        assert!(ok, "{err}");
+        assert_eq!(f["memory"], memory, "{f}");
+        assert_eq!(restored.wait_exit(T).code(), Some(0));
+        dest.wait_api(T);
+        heartbeat_goes_on(&dest, before, &format!("moved ({memory})"));
+        verified(&dest, &format!("moved ({memory})"));
+    }
+}

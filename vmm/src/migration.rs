@@ -180,13 +180,14 @@ impl MemorySource for GuestRam {
         self.size
     }
     fn scan(&self, f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
-        memory::scan(&self.memfd, self.size, f)
+        GuestRam::scan(self, f)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         GuestRam::read_at(self, offset, buf)
     }
     fn shareable_file(&self) -> Option<&std::fs::File> {
-        Some(&self.memfd)
+        // An image mapping's pages live in this process, not in the file.
+        (!self.image).then_some(&self.memfd)
     }
 }
 
