@@ -133,8 +133,7 @@ pub fn fuzz_snapshot_load(data: &[u8]) {
     let state = dir.join(vmm::snapshot::STATE_FILE);
     for bytes in [data.to_vec(), state_with_header(data.get(24..).unwrap_or(data))] {
         std::fs::write(&state, &bytes).expect("state.bin");
-        let _ = vmm::snapshot::load(&dir, vmm::snapshot::MemoryLoad::Map);
-        let _ = vmm::snapshot::load(&dir, vmm::snapshot::MemoryLoad::Copy);
+        let _ = vmm::snapshot::load(&dir);
     }
 }
 

@@ -288,7 +288,7 @@ impl Destination for FakeDestination {
     fn offer(&self) -> Result<HostOffer, VmError> {
         Ok(HostOffer { cpuid: Vec::new(), tsc_khz: 0, tsc_scaling: false })
     }
-    fn check_backends(&self, _req: &Requirements, _shared_memory: bool) -> Vec<String> {
+    fn check_backends(&self, _req: &Requirements) -> Vec<String> {
         if self.refuse {
             vec!["tap vm0 does not exist on this host".into()]
         } else {
@@ -362,7 +362,6 @@ fn destination(
             cpu: CpuPolicy::default(),
             commit_oracle: None,
             records: crate::secure::Records::Sealed,
-            share_memory: true,
         };
         destination::attempt(stream, &dest, &policy, &AtomicBool::new(false)).map_err(|e| e.to_string())
     })

@@ -26,22 +26,13 @@ pub enum Error {
     Memfd(std::io::Error),
     #[error("cannot map guest memory: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
-    #[error("the passed guest memory file is {got} bytes, the VM needs {want}")]
-    SharedSize { got: u64, want: u64 },
-    #[error("cannot map the memory image: {0}")]
-    Image(String),
 }
 
 /// Guest RAM and the memfd behind it (kept for sharing with a later process).
 pub struct GuestRam {
     pub memory: GuestMemory,
-    /// The memory file: a memfd, or (`image`) a snapshot's memory image.
     pub memfd: File,
     pub size: u64,
-    /// Guest RAM is `memfd`, a memory image, mapped copy-on-write (a lazy
-    /// restore): the guest's writes are in this process only, so memory is
-    /// read through the mapping and never shared by descriptor.
-    pub image: bool,
 }
 
 /// MemAvailable from /proc/meminfo, in MiB.
@@ -79,21 +70,7 @@ pub fn create(mem_mib: u64) -> Result<GuestRam, Error> {
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let memfd = unsafe { File::from_raw_fd(fd) };
     memfd.set_len(size).map_err(Error::Memfd)?;
-    map(memfd, size)
-}
 
-/// Guest RAM on a memory file another VMM process on this host passed
-/// (a same-host migration): mapped shared, so both see the same pages and
-/// nothing is copied. Its size must be exactly the VM's.
-pub fn from_memfd(memfd: File, size: u64) -> Result<GuestRam, Error> {
-    let got = memfd.metadata().map_err(Error::Memfd)?.len();
-    if got != size || size < MIN_MEM_MIB * MIB {
-        return Err(Error::SharedSize { got, want: size });
-    }
-    map(memfd, size)
-}
-
-fn map(memfd: File, size: u64) -> Result<GuestRam, Error> {
     let mut offset = 0u64;
     let mut ranges = Vec::new();
     for (start, len) in layout::ram_ranges(size) {
@@ -102,40 +79,7 @@ fn map(memfd: File, size: u64) -> Result<GuestRam, Error> {
         offset += len;
     }
     let memory = GuestMemoryMmap::from_ranges_with_files(ranges)?;
-    Ok(GuestRam { memory, memfd, size, image: false })
-}
-
-/// Guest RAM that is `image` (a snapshot's memory file, `size` bytes)
-/// mapped privately, copy-on-write, as Firecracker restores: nothing is
-/// read up front, a page comes from the page cache when the guest (or the
-/// VMM) first touches it, and writes never reach the file. The file must
-/// not change while the VM runs (a new snapshot is written aside and
-/// renamed over, which is safe: this mapping keeps the old inode).
-pub fn map_image(image: File, size: u64) -> Result<GuestRam, Error> {
-    use vm_memory::bitmap::NewBitmap;
-    use vm_memory::mmap::MmapRegionBuilder;
-    use vm_memory::GuestRegionMmap;
-    let got = image.metadata().map_err(Error::Memfd)?.len();
-    if got != size || size < MIN_MEM_MIB * MIB {
-        return Err(Error::SharedSize { got, want: size });
-    }
-    let mut offset = 0u64;
-    let mut regions = Vec::new();
-    for (start, len) in layout::ram_ranges(size) {
-        let file = image.try_clone().map_err(Error::Memfd)?;
-        let region = MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
-            .with_file_offset(FileOffset::new(file, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| Error::Image(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(start))
-            .ok_or_else(|| Error::Image(format!("region at {start:#x} overflows")))?;
-        regions.push(region);
-        offset += len;
-    }
-    let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Image(e.to_string()))?;
-    Ok(GuestRam { memory, memfd: image, size, image: true })
+    Ok(GuestRam { memory, memfd, size })
 }
 
 #[cfg(test)]
@@ -194,29 +138,17 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
 /// image) in order, handing `f` runs of zero pages and runs of data pages.
 /// Holes are skipped without reading (SEEK_DATA/SEEK_HOLE), so untouched
 /// guest memory costs nothing.
-pub fn scan(file: &File, size: u64, f: impl FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
-    use std::os::unix::fs::FileExt;
-    let next_data = |pos| -> std::io::Result<(u64, u64)> {
-        let data = seek(file, pos, libc::SEEK_DATA)?.unwrap_or(size).min(size);
-        let hole = if data < size { seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size) } else { size };
-        Ok((data, hole))
-    };
-    scan_by(size, next_data, |buf, at| file.read_exact_at(buf, at), f)
-}
-
-/// [`scan`] over any memory: `next_data(pos)` names the next run that may
-/// hold data (start, end; everything else is zero), `read` reads it.
-fn scan_by(
+pub fn scan(
+    file: &File,
     size: u64,
-    mut next_data: impl FnMut(u64) -> std::io::Result<(u64, u64)>,
-    mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
     mut f: impl FnMut(Extent<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<ScanStats> {
+    use std::os::unix::fs::FileExt;
     let mut stats = ScanStats::default();
     let mut buf = vec![0u8; SCAN_CHUNK];
     let mut pos = 0u64;
     while pos < size {
-        let (data, hole) = next_data(pos)?;
+        let data = seek(file, pos, libc::SEEK_DATA)?.unwrap_or(size).min(size);
         if data > pos {
             stats.pages_zero += (data - pos).div_ceil(PAGE_SIZE);
             f(Extent::Zero { offset: pos, len: data - pos })?;
@@ -224,11 +156,12 @@ fn scan_by(
         if data >= size {
             break;
         }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
         let mut at = data & !(PAGE_SIZE - 1);
         while at < hole {
             let n = ((hole - at) as usize).min(SCAN_CHUNK).next_multiple_of(PAGE_SIZE as usize);
             let n = n.min((size - at) as usize);
-            read(&mut buf[..n], at)?;
+            file.read_exact_at(&mut buf[..n], at)?;
             // Split the chunk into runs of zero and data pages.
             let mut run_start = 0usize;
             let mut run_zero = None;
@@ -261,45 +194,6 @@ fn scan_by(
     Ok(stats)
 }
 
-/// Threads that load a memory image at most (the host's cores permitting).
-const LOAD_THREADS: usize = 4;
-/// What one loader thread takes at a time.
-const LOAD_PIECE: u64 = 16 << 20;
-
-/// Reads `len` bytes at `offset` of `file` into guest memory at `host`
-/// (the mapping of that same offset of the memory file).
-fn fill(file: &File, host: usize, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: [host, host + len) lies inside one region of the guest
-    // mapping (`load_pieces`), which outlives this call; madvise only
-    // allocates its pages. Failure (an older kernel) leaves faulting.
-    unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_POPULATE_WRITE) };
-    let mut done = 0u64;
-    while done < len {
-        // SAFETY: the destination is that same mapped range, written by
-        // nobody else now (no vCPU runs yet and pieces do not overlap).
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                (host + done as usize) as *mut libc::c_void,
-                (len - done) as usize,
-                (offset + done) as libc::off_t,
-            )
-        };
-        match n {
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "memory image ends early")),
-            n if n < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => done += n as u64,
-        }
-    }
-    Ok(())
-}
-
 fn emit(
     f: &mut impl FnMut(Extent<'_>) -> std::io::Result<()>,
     zero: bool,
@@ -320,21 +214,14 @@ impl GuestRam {
         use std::os::unix::fs::FileExt;
         file.set_len(0)?;
         file.set_len(self.size)?;
-        self.scan(|e| match e {
+        scan(&self.memfd, self.size, |e| match e {
             Extent::Data { offset, bytes } => file.write_all_at(bytes, offset),
             Extent::Zero { .. } => Ok(()),
         })
     }
 
-    /// Fills guest RAM from a sparse image written by `save_to`. Only its
-    /// data extents are read (SEEK_DATA/SEEK_HOLE: holes are zero pages,
-    /// and stay holes here), each straight into the guest mapping: one copy
-    /// and no zero check (`save_to` left no zero page outside a hole, and
-    /// one that is there is still right). The pages are allocated in bulk
-    /// first (MADV_POPULATE_WRITE) instead of one fault each, and the work
-    /// is shared by a few threads. Nothing runs in the guest yet.
+    /// Fills guest RAM from a sparse image written by `save_to`.
     pub fn load_from(&self, file: &File) -> std::io::Result<ScanStats> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
         let len = file.metadata()?.len();
         if len != self.size {
             return Err(std::io::Error::new(
@@ -342,97 +229,10 @@ impl GuestRam {
                 format!("memory image is {len} bytes, the VM has {} bytes of RAM", self.size),
             ));
         }
-        let pieces = self.load_pieces(file)?;
-        let data: u64 = pieces.iter().map(|p| p.2).sum();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, LOAD_THREADS);
-        let threads = threads.min(pieces.len()).max(1);
-        let next = AtomicUsize::new(0);
-        let work = || -> std::io::Result<()> {
-            loop {
-                let Some(&(host, offset, len)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return Ok(());
-                };
-                fill(file, host, offset, len)?;
-            }
-        };
-        std::thread::scope(|s| {
-            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-            let mine = work();
-            helpers
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("loader panicked"))))
-                .fold(mine, |a, b| a.and(b))
-        })?;
-        let pages_data = data / PAGE_SIZE;
-        Ok(ScanStats { pages_data, pages_zero: self.size / PAGE_SIZE - pages_data })
-    }
-
-    /// The image's data extents as pieces of at most `LOAD_PIECE` bytes,
-    /// each inside one mapped region: (host address, offset, length).
-    fn load_pieces(&self, file: &File) -> std::io::Result<Vec<(usize, u64, u64)>> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-        let mut regions = Vec::new();
-        for r in self.memory.iter() {
-            let start = r.file_offset().map_or(0, |f| f.start());
-            let host = r.get_host_address(MemoryRegionAddress(0)).map_err(std::io::Error::other)?;
-            regions.push((start, r.len(), host as usize));
-        }
-        let mut pieces = Vec::new();
-        let mut pos = 0u64;
-        while pos < self.size {
-            let Some(data) = seek(file, pos, libc::SEEK_DATA)?.filter(|d| *d < self.size) else { break };
-            let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(self.size).min(self.size);
-            let (mut at, end) = (data & !(PAGE_SIZE - 1), hole.next_multiple_of(PAGE_SIZE).min(self.size));
-            while at < end {
-                let &(start, len, host) = regions
-                    .iter()
-                    .find(|(start, len, _)| (*start..start + len).contains(&at))
-                    .ok_or_else(|| std::io::Error::other(format!("offset {at:#x} is in no mapped region")))?;
-                let n = (end - at).min(start + len - at).min(LOAD_PIECE);
-                pieces.push((host + (at - start) as usize, at, n));
-                at += n;
-            }
-            pos = end.max(pos + PAGE_SIZE);
-        }
-        Ok(pieces)
-    }
-
-    /// [`scan`] of guest RAM. An image mapping is read whole, through the
-    /// mapping: the guest's writes are there, not in the file.
-    pub fn scan(&self, f: impl FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
-        if self.image {
-            scan_by(self.size, |pos| Ok((pos, self.size)), |buf, at| self.read_at(at, buf), f)
-        } else {
-            scan(&self.memfd, self.size, f)
-        }
-    }
-
-    /// Guest address of memory-file offset `offset` (RAM below the MMIO
-    /// hole first, then the rest), and how much from there is contiguous.
-    fn guest_address(&self, offset: u64) -> (GuestAddress, u64) {
-        let mut base = 0u64;
-        for (start, len) in layout::ram_ranges(self.size) {
-            if offset < base + len {
-                return (GuestAddress(start + offset - base), base + len - offset);
-            }
-            base += len;
-        }
-        (GuestAddress(u64::MAX), 0)
-    }
-
-    /// Reads or writes the mapping (an image's RAM) at memory-file offsets.
-    fn mapped(&self, mut offset: u64, len: usize, mut op: impl FnMut(GuestAddress, usize, usize) -> bool) -> bool {
-        let mut done = 0usize;
-        while done < len {
-            let (gpa, run) = self.guest_address(offset);
-            let n = (len - done).min(run as usize);
-            if n == 0 || !op(gpa, done, n) {
-                return false;
-            }
-            done += n;
-            offset += n as u64;
-        }
-        true
+        scan(file, self.size, |e| match e {
+            Extent::Data { offset, bytes } => self.write_at(offset, bytes),
+            Extent::Zero { .. } => Ok(()),
+        })
     }
 
     /// Makes a range of guest RAM zero again by punching it out of the
@@ -447,16 +247,6 @@ impl GuestRam {
                     format!("zero range {offset:#x}+{len:#x} is outside guest memory ({:#x} bytes)", self.size),
                 ))
             }
-        }
-        if self.image {
-            let zeros = vec![0u8; (len as usize).min(SCAN_CHUNK)];
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(zeros.len() as u64) as usize;
-                self.write_at(offset + at, &zeros[..n])?;
-                at += n as u64;
-            }
-            return Ok(());
         }
         // SAFETY: fallocate on our memfd within its size.
         let r = unsafe {
@@ -477,16 +267,7 @@ impl GuestRam {
     /// range-checked.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        use vm_memory::Bytes;
         match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.size && self.image => {
-                let len = buf.len();
-                if self.mapped(offset, len, |gpa, at, n| self.memory.read_slice(&mut buf[at..at + n], gpa).is_ok()) {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(format!("cannot read guest memory at offset {offset:#x}")))
-                }
-            }
             Some(end) if end <= self.size => self.memfd.read_exact_at(buf, offset),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -499,17 +280,7 @@ impl GuestRam {
     /// the range: a peer or a file can name any offset.
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        use vm_memory::Bytes;
         match offset.checked_add(bytes.len() as u64) {
-            Some(end) if end <= self.size && self.image => {
-                if self
-                    .mapped(offset, bytes.len(), |gpa, at, n| self.memory.write_slice(&bytes[at..at + n], gpa).is_ok())
-                {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(format!("cannot write guest memory at offset {offset:#x}")))
-                }
-            }
             Some(end) if end <= self.size => self.memfd.write_all_at(bytes, offset),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -555,29 +326,6 @@ mod scan_tests {
         copy.memfd.read_exact_at(&mut b, 0).unwrap();
         assert!(a == b);
         assert!(copy.write_at(ram.size - 1, &[0, 0]).is_err(), "writes past the end are refused");
-
-        // The same image mapped copy-on-write: the same bytes, writes stay
-        // in the mapping (the file is untouched), and a scan sees them.
-        let mapped = map_image(std::fs::File::open(dir.join("m")).unwrap(), ram.size).unwrap();
-        let mut c = vec![0u8; ram.size as usize];
-        mapped.read_at(0, &mut c).unwrap();
-        assert!(a == c, "the mapping reads as the image");
-        mapped.write_at(0x3000, &[1u8; 4096]).unwrap();
-        mapped.zero_range(0x5000, 4096).unwrap();
-        let mut page = [0u8; 4096];
-        img.read_exact_at(&mut page, 0x3000).unwrap();
-        assert_eq!(page, [7u8; 4096], "the image file is never written");
-        let mut data = Vec::new();
-        let stats = mapped
-            .scan(|e| {
-                if let Extent::Data { offset, bytes } = e {
-                    data.push((offset, bytes.len(), bytes[0]));
-                }
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(data, vec![(0x3000, 4096, 1), (0x6000, 4096, 9), (16 << 20, 4096, 0)]);
-        assert_eq!(stats.pages_data, 3);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -195,8 +195,6 @@ const API: &[&str] = &[
     "rename",
     "rseq",
     "seccomp",
-    // A same-host move passes the guest memory's memfd (SCM_RIGHTS).
-    "sendmsg",
     "sendto",
     "set_robust_list",
     "setsockopt",
@@ -237,8 +235,6 @@ const MIGRATION: &[&str] = &[
     "read",
     "readlink",
     "recvfrom",
-    // A same-host move: the source's memfd arrives in SCM_RIGHTS.
-    "recvmsg",
     "rseq",
     "rt_sigaction",
     "seccomp",
@@ -248,9 +244,6 @@ const MIGRATION: &[&str] = &[
     "shutdown",
     "socket",
     "statx",
-    // A received VM dropped before the commit (refused, aborted) stops
-    // its vCPU threads, kicking any still inside KVM_RUN.
-    "tgkill",
 ];
 
 struct Compiled {

@@ -66,34 +66,14 @@ pub(crate) fn save(vmm: &Vmm, before: Lifecycle, dir: &Path) -> Result<SnapshotR
     })
 }
 
-/// How a restore takes a snapshot's memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemoryLoad {
-    /// Map the image copy-on-write: nothing read before the VM runs (the
-    /// default; the image must not change while the VM runs).
-    Map,
-    /// Copy the image into the VM's own memfd first: slower, and the VM's
-    /// memory can later move to another process on this host by
-    /// descriptor.
-    Copy,
-}
-
-/// Reads a snapshot: its state, and guest RAM from its memory image.
-pub fn load(dir: &Path, how: MemoryLoad) -> Result<(VmState, GuestRam), Error> {
+/// Reads a snapshot: its state, and guest RAM filled from its memory image.
+pub fn load(dir: &Path) -> Result<(VmState, GuestRam), Error> {
     let state_path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&state_path).map_err(|source| Error::Read { path: state_path.clone(), source })?;
     let state = VmState::decode(&bytes).map_err(|source| Error::State { path: state_path, source })?;
     let mem_path = dir.join(MEMORY_FILE);
     let file = std::fs::File::open(&mem_path).map_err(|source| Error::Read { path: mem_path.clone(), source })?;
-    let t = Instant::now();
-    let ram = match how {
-        MemoryLoad::Map => memory::map_image(file, state.mem_bytes)?,
-        MemoryLoad::Copy => {
-            let ram = memory::create(state.mem_bytes >> 20)?;
-            ram.load_from(&file).map_err(|source| Error::Memory { path: mem_path, source })?;
-            ram
-        }
-    };
-    tracing::info!(?how, "snapshot memory ready in {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
+    let ram = memory::create(state.mem_bytes >> 20)?;
+    ram.load_from(&file).map_err(|source| Error::Memory { path: mem_path, source })?;
     Ok((state, ram))
 }

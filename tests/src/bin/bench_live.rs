@@ -25,11 +25,6 @@
 //! Medians per cell, the raw runs, the single-stream TCP throughput from
 //! host a to host b (the ceiling round 0 is compared with), QEMU 7.2's
 //! published figures and the targets.
-//!
-//! Same-host rows (`same_host`): idle 1 GiB and 4 GiB guests (no NIC, no
-//! lab) moved between two VMM processes over `unix:`, by passing the
-//! memory's memfd (`shared-fd`) and by copying it (`--no-memfd`), in turn.
-//! `bench-live OUT --only same-host` runs just those.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -573,193 +568,10 @@ fn target(rows: &[Value], name: &str, mem_mib: u64, dirty_mib_s: u64, figure: &s
     })
 }
 
-/// Same-host moves: these sizes, idle, half of memory the working set.
-const SAME_HOST_MEM_MIB: [u64; 2] = [1024, 4096];
-const SAME_HOST_MODES: [&str; 2] = ["shared-fd", "copy"];
-
-/// Boots the test guest on this host without a NIC (same-host moves).
-fn boot_local(dir: &Path, mem_mib: u64) -> Result<Guest, String> {
-    let serial = dir.join(format!("local-boot-{mem_mib}.log"));
-    let args: Vec<String> = vec![
-        "--kernel".into(),
-        guest_elf().display().to_string(),
-        "--mem-mib".into(),
-        mem_mib.to_string(),
-        "--cmdline".into(),
-        format!("heartbeat_ms={HEARTBEAT_MS} wss_mib={} dirty_mib_s=0", mem_mib / 2),
-        "--serial".into(),
-        format!("file:{}", serial.display()),
-    ];
-    let g = Guest { vm: Vm::launch(None, "run", &args), serial, host: "local" };
-    let (i, _) = g.wait_line_from(0, BOOT_T, |l| l.starts_with("workload ready"))?;
-    g.wait_line_from(i + 1, T, |l| heartbeat_number(l).is_some())?;
-    Ok(g)
-}
-
-/// One same-host move of `src` over `unix:` (`mode`: shared-fd or copy).
-fn same_host_once(dir: &Path, src: Guest, seq: usize, mode: &str) -> (Value, Option<Guest>) {
-    let serial = dir.join(format!("local-receive-{seq}.log"));
-    let sock = dir.join(format!("local-{seq}.sock"));
-    let endpoint = format!("unix:{}", sock.display());
-    let key = cluster_key().display().to_string();
-    let args: Vec<String> = vec![
-        "--listen".into(),
-        endpoint.clone(),
-        "--key-file".into(),
-        key.clone(),
-        "--serial".into(),
-        format!("file:{}", serial.display()),
-    ];
-    let mut record = json!({ "seq": seq, "memory_asked": mode });
-    let dst = Guest { vm: Vm::launch(None, "receive", &args), serial, host: "local" };
-    let deadline = Instant::now() + T;
-    while !dst.vm.stderr().contains("waiting for a migration") {
-        if !process_running(dst.vm.pid()) || Instant::now() >= deadline {
-            record["ok"] = json!(false);
-            record["error"] = json!(format!("ferry receive did not start: {}", dst.vm.stderr().trim()));
-            return (record, Some(src));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut migrate = Command::new(ferry_bin());
-    migrate.args(["migrate", "--mode", "live", "--json", "--key-file", &key, "--to", &endpoint, "--api-sock"]);
-    migrate.arg(&src.vm.api_sock);
-    if mode == "copy" {
-        migrate.arg("--no-memfd");
-    }
-    let t = Instant::now();
-    let out = run_bounded(&mut migrate, MIGRATE_T);
-    record["migrate_wall_ms"] = json!(ms3(t.elapsed()));
-    let figures = out.and_then(|o| {
-        if o.status.success() {
-            serde_json::from_slice::<Value>(&o.stdout).map_err(|e| format!("ferry migrate printed no JSON: {e}"))
-        } else {
-            Err(format!("ferry migrate failed: {}", String::from_utf8_lossy(&o.stderr).trim()))
-        }
-    });
-    match figures {
-        Ok(f) => {
-            for k in ["memory", "total_ms", "downtime_ms", "bytes_sent", "pages_sent", "restore_ms", "rounds"] {
-                record[k] = f[k].clone();
-            }
-            record["ok"] = json!(true);
-            record["source_exited"] = json!(src.retire(Duration::from_secs(5)));
-            match dst.wait_line_from(0, Duration::from_secs(10), |l| heartbeat_number(l).is_some()) {
-                Ok((_, line)) => {
-                    record["guest_stall_ms"] = json!(field(&line, "max_stall_us").map(|us| us as f64 / 1000.0));
-                }
-                Err(e) => record["stall_error"] = json!(e),
-            }
-            (record, Some(dst))
-        }
-        Err(e) => {
-            record["ok"] = json!(false);
-            record["error"] = json!(e);
-            if src.answers() {
-                drop(dst);
-                (record, Some(src))
-            } else {
-                (record, dst.answers().then_some(dst))
-            }
-        }
-    }
-}
-
-/// The same-host rows: per size, RUNS moves per mode, the modes in turn.
-fn same_host(dir: &Path) -> Value {
-    let mut rows = Vec::new();
-    let mut seq = 0;
-    for mem_mib in SAME_HOST_MEM_MIB {
-        let mut current = match boot_local(dir, mem_mib) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                rows.push(json!({ "mem_mib": mem_mib, "errors": [format!("boot failed: {e}")] }));
-                continue;
-            }
-        };
-        std::thread::sleep(SETTLE);
-        let mut runs: Vec<Value> = Vec::new();
-        for _ in 0..RUNS {
-            for mode in SAME_HOST_MODES {
-                let Some(g) = current.take() else { break };
-                let (r, g) = same_host_once(dir, g, seq, mode);
-                seq += 1;
-                eprintln!(
-                    "same host {mem_mib} MiB idle, {mode}: ok={} memory={} total={} downtime={} bytes={} stall={}{}",
-                    r["ok"],
-                    r["memory"],
-                    r["total_ms"],
-                    r["downtime_ms"],
-                    r["bytes_sent"],
-                    r["guest_stall_ms"],
-                    r.get("error").map(|e| format!(" error: {e}")).unwrap_or_default()
-                );
-                runs.push(r);
-                current = g;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-        let verify = current.as_ref().map(|g| g.command("verify", "verify", Duration::from_secs(120)));
-        for mode in SAME_HOST_MODES {
-            let ok: Vec<&Value> = runs.iter().filter(|r| r["ok"] == true && r["memory_asked"] == mode).collect();
-            let med = |k: &str| median(&ok.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>()).map(round3);
-            rows.push(json!({
-                "mem_mib": mem_mib,
-                "dirty_mib_s": 0,
-                "memory": mode,
-                "migrations": runs.iter().filter(|r| r["memory_asked"] == mode).count(),
-                "migrations_ok": ok.len(),
-                "total_ms": med("total_ms"),
-                "downtime_ms": med("downtime_ms"),
-                "restore_ms": med("restore_ms"),
-                "bytes_sent": med("bytes_sent"),
-                "guest_stall_ms": med("guest_stall_ms"),
-                "verify": match &verify {
-                    Some(Ok(line)) => json!(line),
-                    Some(Err(e)) => json!(format!("error: {e}")),
-                    None => json!("the VM was lost"),
-                },
-                "runs": runs.iter().filter(|r| r["memory_asked"] == mode).collect::<Vec<_>>(),
-            }));
-        }
-    }
-    let cell = |mem: u64, k: &str| {
-        rows.iter().find(|r| r["mem_mib"] == mem && r["memory"] == "shared-fd").and_then(|r| r[k].as_f64())
-    };
-    let targets = vec![
-        json!({ "name": "same host 4 GiB idle, shared-fd: downtime", "limit": "<= 10 ms",
-                "value": cell(4096, "downtime_ms"), "met": cell(4096, "downtime_ms").is_some_and(|v| v <= 10.0) }),
-        json!({ "name": "same host 4 GiB idle, shared-fd: total", "limit": "<= 100 ms",
-                "value": cell(4096, "total_ms"), "met": cell(4096, "total_ms").is_some_and(|v| v <= 100.0) }),
-    ];
-    json!({
-        "cells": rows,
-        "targets": targets,
-        "notes": "Two VMM processes on this host, no NIC, `ferry migrate --mode live` over unix: to `ferry receive`; \
-                  shared-fd passes the guest memory's memfd (SCM_RIGHTS) and the destination maps it, copy is \
-                  `--no-memfd` (pre-copy over the Unix socket, encrypted). Modes alternate on one guest; \
-                  medians of the successful runs. guest_stall_ms: max_stall_us of the first heartbeat on the \
-                  destination.",
-    })
-}
-
 fn main() {
     ferry_e2e::clean_up_on_panic();
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/live.json".into());
     if !kvm_available("bench-live") || !root_available("bench-live") {
-        return;
-    }
-    if std::env::args().skip(2).collect::<Vec<_>>() == ["--only", "same-host"] {
-        let dir = ferry_e2e::TempDir::new("bench-live");
-        ferry_e2e::pin_ferry_binary(dir.path());
-        let report =
-            json!({ "bench": "live", "pvm_host": ferry_e2e::is_pvm_host(), "same_host": same_host(dir.path()) });
-        let text = serde_json::to_string_pretty(&report).unwrap();
-        if let Some(d) = Path::new(&out).parent() {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        std::fs::write(&out, &text).unwrap();
-        println!("{text}");
         return;
     }
     let started = Instant::now();
@@ -889,7 +701,6 @@ fn main() {
         }
     }
     drop(lab);
-    let same_host = same_host(dir.path());
 
     let round0_ratio_min = rows.iter().filter_map(|r| r["round0_vs_ceiling"].as_f64()).reduce(f64::min);
     let mut targets = vec![
@@ -924,7 +735,6 @@ fn main() {
         "cells": rows,
         "round0_vs_ceiling_min": round0_ratio_min,
         "encryption": encryption,
-        "same_host": same_host,
         "boots": boots,
         "verify": verifies,
         "qemu_7_2": {

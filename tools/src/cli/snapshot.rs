@@ -48,24 +48,12 @@ pub struct RestoreArgs {
     /// A snapshot of a paused VM comes back paused anyway.
     #[arg(long)]
     paused: bool,
-    /// Copy the snapshot's memory into the VM's own memory before it runs,
-    /// instead of mapping the memory file copy-on-write (the default: the
-    /// VM starts at once and pages come from the file as they are first
-    /// touched). Copying is slower (the whole image is read first) but
-    /// leaves the VM independent of the file, and its memory can later
-    /// move to another Ferry process on this host by descriptor (same-host
-    /// moves of a mapped VM copy). Without it, do not change the memory
-    /// file in place while the VM runs (a new snapshot into the same
-    /// directory is fine: it is written aside and renamed over).
-    #[arg(long)]
-    copy_memory: bool,
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     crate::signals::block();
     args.host.confine()?;
-    let how = if args.copy_memory { vmm::snapshot::MemoryLoad::Copy } else { vmm::snapshot::MemoryLoad::Map };
-    let (state, ram) = vmm::snapshot::load(&args.from, how)?;
+    let (state, ram) = vmm::snapshot::load(&args.from)?;
     let macs: Vec<_> = state.machine.nics.iter().map(|n| n.mac).collect();
     let host = args.host.host_config(taps_for(&args.net, &macs)?, false);
     let run = state.run_state == RunState::Running && !args.paused;
