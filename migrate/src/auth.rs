@@ -31,13 +31,17 @@ impl Key {
     /// Refused if other users may read it or anyone but its owner may
     /// write it, as ssh refuses a private key.
     pub fn load(path: &Path) -> Result<Key, Error> {
+        use std::io::Read;
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
-        let mode = meta.permissions().mode() & 0o7777;
+        let read_err = |source| Error::Read { path: path.to_owned(), source };
+        // One open: the mode checked is the mode of the file read.
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
         if mode & 0o026 != 0 {
             return Err(Error::Exposed { path: path.to_owned(), mode });
         }
-        let raw = std::fs::read(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw).map_err(read_err)?;
         let text = String::from_utf8_lossy(&raw);
         let trimmed = text.trim();
         let bytes =

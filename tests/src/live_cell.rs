@@ -2,9 +2,8 @@
 //! guest: the pinger around the move, the guest's own stall from its serial
 //! console, medians per cell. Used by bench-qemu for Ferry and QEMU alike.
 //!
-//! The console reader, the pinger and the cell medians are copied from
-//! bench_live.rs (not moved: bench-live stays as it is while other branches
-//! edit it); the rules are the same, so the figures compare with live.json.
+//! bench-live uses the same constants, console reader, pinger and
+//! expectation, so the figures compare with live.json.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -111,16 +110,16 @@ pub fn start_ping(lab: &Lab, duration_ms: u64) -> std::thread::JoinHandle<Result
 
 /// How long the next migration of this size and rate is expected to take,
 /// from earlier ones of the same VMM (generous when there is little to go
-/// on: the pinger must outlast the migration).
-pub fn expected_ms(history: &[(u64, u64, f64)], mem_mib: u64, dirty_mib_s: u64) -> u64 {
+/// on: the pinger must outlast the migration); `first_guess_ms` for a size
+/// never moved before.
+pub fn expected_ms(history: &[(u64, u64, f64)], mem_mib: u64, dirty_mib_s: u64, first_guess_ms: f64) -> u64 {
     let max = |f: &dyn Fn(&(u64, u64, f64)) -> bool| history.iter().filter(|h| f(h)).map(|h| h.2).reduce(f64::max);
     let ms = if let Some(m) = max(&|h| h.0 == mem_mib && h.1 == dirty_mib_s) {
         m * 1.5 + 500.0
     } else if let Some(m) = max(&|h| h.0 == mem_mib) {
         m * 2.0 + 1000.0
     } else {
-        // QEMU took 25 s for 4 GiB on a busy day here.
-        2000.0 + mem_mib as f64 * 6.0
+        first_guess_ms
     };
     (ms as u64).min(120_000)
 }

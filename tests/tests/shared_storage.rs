@@ -46,6 +46,16 @@ fn boot(lab: &Lab, host: &str, vol: &str, extra: &[&str]) -> Vm {
     Vm::launch(Some(&lab.netns(host)), "run", &args)
 }
 
+/// The disk's owner on host a with a 1.5 s lease, up and having written
+/// pattern `seed` at sector 0 (64 sectors).
+fn writing_owner(lab: &Lab, vol: &str, seed: u8) -> Vm {
+    let vm = boot(lab, "a", vol, &["--lease-ttl-ms", "1500"]);
+    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let w = command(&vm, &format!("disk-write 0 64 {seed}"), "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{w}");
+    vm
+}
+
 fn receiver(lab: &Lab, host: &str, port: u16) -> Vm {
     let ip = Lab::host_ip(host);
     let vm = Vm::launch(
@@ -137,10 +147,7 @@ fn a_hung_owner_is_fenced_and_its_disk_taken_over() {
     let dir = TempDir::new("csv-fence");
     let vol = volume_with_disk(dir.path(), "d0", "raw");
     let lab = Lab::up("s2");
-    let old = boot(&lab, "a", &vol, &["--lease-ttl-ms", "1500"]);
-    old.wait_line(T, |l| heartbeat_number(l).is_some());
-    let w = command(&old, "disk-write 0 64 7", "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "{w}");
+    let old = writing_owner(&lab, &vol, 7);
 
     // While the owner renews, nobody else gets the disk, takeover or not.
     let guest = ferry_e2e::guest_elf();
@@ -198,10 +205,7 @@ fn a_forced_release_fences_the_running_owner() {
     let dir = TempDir::new("csv-force");
     let vol = volume_with_disk(dir.path(), "d0", "raw");
     let lab = Lab::up("s5");
-    let vm = boot(&lab, "a", &vol, &["--lease-ttl-ms", "1500"]);
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
-    let w = command(&vm, "disk-write 0 64 3", "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "{w}");
+    let vm = writing_owner(&lab, &vol, 3);
     let epoch = lease(&vol, "d0")["epoch"].as_u64().unwrap().to_string();
     let out =
         run_ferry(&["disk", "lease", "release", "--force", "--volume", &vol, "--host", "a", "--epoch", &epoch, "d0"]);

@@ -101,9 +101,10 @@ fn renew_loop(store: Arc<dyn LeaseStore>, shared: Arc<(Mutex<State>, Condvar)>) 
     let (lock, cv) = &*shared;
     let period = Duration::from_millis((store.ttl().as_millis() as u64 / 3).max(1));
     let mut st = lock.lock().unwrap();
-    // The first renewal at once: it marks the record kept, so an operator's
-    // release by hand is refused from the start (see `apply_by_hand`).
-    let mut wait = Duration::ZERO;
+    // A lease not yet marked kept is renewed at once, so an operator's
+    // release by hand is refused from the start (see `apply_by_hand`); an
+    // adopted one is kept already (no second write in the switchover).
+    let mut wait = if st.lease.kept { period } else { Duration::ZERO };
     loop {
         st = cv.wait_timeout(st, wait).unwrap().0;
         wait = period;

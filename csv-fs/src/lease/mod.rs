@@ -77,6 +77,9 @@ pub struct Lease {
     pub epoch: u64,
     pub expires_unix_ms: u64,
     pub ttl_ms: u64,
+    /// The record was already marked [`LeaseRecord::kept`] when granted.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 impl Lease {
@@ -87,6 +90,7 @@ impl Lease {
             epoch: r.epoch,
             expires_unix_ms: r.expires_unix_ms,
             ttl_ms: r.ttl_ms,
+            kept: r.kept,
         }
     }
 }
@@ -301,15 +305,15 @@ pub trait LeaseStore: Send + Sync {
     }
 
     /// The lease `host` holds on `disk` according to the store, renewed at
-    /// once: how a migration destination picks up what the source handed
-    /// it. The wait for the commit may have used up most of the TTL the
+    /// once (as its keeper would: the record is marked kept): how a
+    /// migration destination picks up what the source handed it. The wait for the commit may have used up most of the TTL the
     /// handoff granted, or all of it; renewing is safe even then, because
     /// the renewal compares the epoch, which any takeover would have raised.
     fn adopt(&self, disk: &str, host: &str) -> Result<Lease> {
         check_name("disk", disk)?;
         let r = self.read(disk)?;
         match &r {
-            Some(r) if r.owner.as_deref() == Some(host) => self.renew(&Lease::from_record(r)),
+            Some(r) if r.owner.as_deref() == Some(host) => self.keep(&Lease::from_record(r)),
             _ => Err(Error::NotOwner { disk: disk.to_owned(), host: host.to_owned(), owner: r.and_then(|r| r.owner) }),
         }
     }

@@ -39,26 +39,23 @@ use ferry_e2e::{
 };
 use serde_json::{json, Value};
 
+#[path = "../live_cell.rs"]
+#[allow(dead_code)] // bench-qemu uses the rest
+mod live_cell;
+use live_cell::{
+    expected_ms, guest_cmdline, start_ping, Console, GUEST_IP, GUEST_MAC, HEARTBEAT_MS, MIN_PING_TAIL_MS, PING_FIGURES,
+    PING_LEAD_MS, PING_TAIL_MS, TAP,
+};
+
 const LAB: &str = "bl";
-const GUEST_IP: &str = "10.200.77.10";
-const GUEST_MAC: &str = "52:54:00:c0:ff:ee";
-const TAP: &str = "vm0";
 const MEM_MIB: [u64; 3] = [256, 1024, 4096];
 const DIRTY_MIB_S: [u64; 3] = [0, 50, 200];
 const RUNS: usize = 3;
 /// Attempts per cell at most: a run whose pinger stopped before the
 /// migration ended is repeated (kept in the raw runs, not counted).
 const MAX_ATTEMPTS: usize = RUNS + 2;
-/// A run counts when the pinger ran at least this long past the migration.
-const MIN_PING_TAIL_MS: f64 = 200.0;
-const HEARTBEAT_MS: u64 = 200;
 /// `ferry migrate`'s default, stated here for the report.
 const DOWNTIME_TARGET_MS: u64 = 20;
-const PING_INTERVAL_MS: u64 = 10;
-/// The pinger starts this long before the migration ...
-const PING_LEAD_MS: u64 = 300;
-/// ... and is meant to run this long past it.
-const PING_TAIL_MS: u64 = 500;
 /// Receivers listen on PORT_BASE + the migration's sequence number.
 const PORT_BASE: u16 = 7800;
 const TCP_PORT: u16 = 7790;
@@ -74,7 +71,6 @@ const MIGRATE_T: Duration = Duration::from_secs(180);
 /// The figures taken per migration (from `ferry migrate` or `ferry ping`)
 /// and reported as medians per cell.
 const MIGRATE_FIGURES: [&str; 6] = ["total_ms", "downtime_ms", "rounds", "bytes_sent", "round0_mib_s", "throttle_pct"];
-const PING_FIGURES: [&str; 3] = ["pings_sent", "pings_lost", "max_gap_ms"];
 /// The guest moved plain and encrypted in turn, this many times each, to
 /// price encryption.
 const ENCRYPTION_PAIRS: usize = 4;
@@ -84,44 +80,29 @@ const ENCRYPTION_MEM_MIB: u64 = 1024;
 /// serial console goes to a file.
 struct Guest {
     vm: Vm,
-    serial: PathBuf,
-    host: &'static str,
+    console: Console,
 }
 
 impl Guest {
-    /// Complete console lines so far (a line still being written is left out).
-    fn lines(&self) -> Vec<String> {
-        let bytes = std::fs::read(&self.serial).unwrap_or_default();
-        let text = String::from_utf8_lossy(&bytes);
-        let mut lines: Vec<String> = text.split('\n').map(|l| l.trim_end_matches('\r').to_owned()).collect();
-        lines.pop();
-        lines
+    fn new(vm: Vm, serial: PathBuf, host: &'static str) -> Guest {
+        Guest { vm, console: Console { path: serial, host } }
     }
 
-    /// Waits for a console line at index >= `from` that satisfies `pred`.
+    fn lines(&self) -> Vec<String> {
+        self.console.lines()
+    }
+
+    /// Waits for a console line at index >= `from` that satisfies `pred`
+    /// (naming the VMM's stderr if it does not come).
     fn wait_line_from(
         &self,
         from: usize,
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(usize, String), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let lines = self.lines();
-            if let Some((i, l)) = lines.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
-                return Ok((i, l.clone()));
-            }
-            if Instant::now() >= deadline {
-                let tail: Vec<_> = lines.iter().rev().take(10).rev().cloned().collect();
-                return Err(format!(
-                    "timed out after {timeout:?} on host {}'s console; tail:\n{}\nstderr:\n{}",
-                    self.host,
-                    tail.join("\n"),
-                    self.vm.stderr().trim()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.console
+            .wait_line_from(from, timeout, || Ok(()), pred)
+            .map_err(|e| format!("{e}\nstderr:\n{}", self.vm.stderr().trim()))
     }
 
     /// Types `cmd` on the console and waits for the line starting with `prefix`.
@@ -129,7 +110,7 @@ impl Guest {
         let from = self.lines().len();
         let (ok, _, err) = self.vm.ferry(&["console", cmd]);
         if !ok {
-            return Err(format!("ferry console {cmd:?} on host {}: {}", self.host, err.trim()));
+            return Err(format!("ferry console {cmd:?} on host {}: {}", self.console.host, err.trim()));
         }
         self.wait_line_from(from, timeout, |l| l.starts_with(prefix)).map(|(_, l)| l)
     }
@@ -160,14 +141,14 @@ fn boot(lab: &Lab, dir: &Path, mem_mib: u64, dirty_mib_s: u64) -> Result<(Guest,
         "--mem-mib".into(),
         mem_mib.to_string(),
         "--cmdline".into(),
-        format!("heartbeat_ms={HEARTBEAT_MS} wss_mib={} dirty_mib_s={dirty_mib_s} ip={GUEST_IP}", mem_mib / 2),
+        guest_cmdline(mem_mib, dirty_mib_s, None),
         "--net".into(),
         format!("tap={TAP},mac={GUEST_MAC}"),
         "--serial".into(),
         format!("file:{}", serial.display()),
     ];
     let started = Instant::now();
-    let g = Guest { vm: Vm::launch(Some(&lab.netns("a")), "run", &args), serial, host: "a" };
+    let g = Guest::new(Vm::launch(Some(&lab.netns("a")), "run", &args), serial, "a");
     let (i, ready) = g.wait_line_from(0, BOOT_T, |l| l.starts_with("workload ready"))?;
     let ready_ms = ms3(started.elapsed());
     g.wait_line_from(i + 1, T, |l| heartbeat_number(l).is_some())?;
@@ -191,7 +172,7 @@ fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize, pl
     if plain {
         args.push("--no-encryption".into());
     }
-    let g = Guest { vm: Vm::launch(Some(&lab.netns(host)), "receive", &args), serial, host };
+    let g = Guest::new(Vm::launch(Some(&lab.netns(host)), "receive", &args), serial, host);
     let deadline = Instant::now() + T;
     while !g.vm.stderr().contains("waiting for a migration") {
         if !process_running(g.vm.pid()) || Instant::now() >= deadline {
@@ -203,35 +184,9 @@ fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize, pl
     Ok(g)
 }
 
-/// `ferry ping` from the client to the guest for `duration_ms`, on a thread.
-fn start_ping(lab: &Lab, duration_ms: u64) -> std::thread::JoinHandle<Result<Value, String>> {
-    let ns = lab.netns("client");
-    std::thread::spawn(move || {
-        let interval = PING_INTERVAL_MS.to_string();
-        let duration = duration_ms.to_string();
-        let args =
-            ["ping", "--netns", &ns, "--target", GUEST_IP, "--interval-ms", &interval, "--duration-ms", &duration];
-        let out = run_bounded(Command::new(ferry_bin()).args(args), Duration::from_millis(duration_ms + 30_000))?;
-        if !out.status.success() {
-            return Err(format!("ferry ping failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("ferry ping printed no JSON: {e}"))
-    })
-}
-
-/// How long the next migration of this size and rate is expected to take,
-/// from the ones before it (generous when there is little to go on: the
-/// pinger must outlast the migration).
-fn expected_ms(history: &[(u64, u64, f64)], mem_mib: u64, dirty_mib_s: u64) -> u64 {
-    let max = |f: &dyn Fn(&(u64, u64, f64)) -> bool| history.iter().filter(|h| f(h)).map(|h| h.2).reduce(f64::max);
-    let ms = if let Some(m) = max(&|h| h.0 == mem_mib && h.1 == dirty_mib_s) {
-        m * 1.5 + 500.0
-    } else if let Some(m) = max(&|h| h.0 == mem_mib) {
-        m * 2.0 + 1000.0
-    } else {
-        1000.0 + mem_mib as f64 * 2.0
-    };
-    (ms as u64).min(120_000)
+/// Before a size has moved once: the pinger must outlast the migration.
+fn first_guess_ms(mem_mib: u64) -> f64 {
+    1000.0 + mem_mib as f64 * 2.0
 }
 
 /// What one migration did, and where the VM runs afterwards.
@@ -244,7 +199,7 @@ struct Moved {
 /// Moves the VM in `src` to the other host, measuring it from the client
 /// (`plain`: with `--no-encryption` on both ends).
 fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, plain: bool) -> Moved {
-    let (from, to) = (src.host, Lab::other_host(src.host));
+    let (from, to) = (src.console.host, Lab::other_host(src.console.host));
     let port = PORT_BASE + seq as u16;
     let mut record = json!({ "seq": seq, "from": from, "to": to, "encrypted": !plain });
     let dst = match receiver(lab, dir, to, port, seq, plain) {
@@ -257,7 +212,7 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, p
     };
     let ping_ms = PING_LEAD_MS + expect_ms + PING_TAIL_MS;
     let src_from = src.lines().len();
-    let src_serial = src.serial.clone();
+    let src_serial = src.console.path.clone();
     let t_ping = Instant::now();
     let ping = start_ping(lab, ping_ms);
     std::thread::sleep(Duration::from_millis(PING_LEAD_MS));
@@ -360,7 +315,7 @@ fn encryption_pairs(
         let Some(g) = current.take() else { break };
         // P E E P P E E P: each mode goes both ways (a->b and b->a alike).
         let plain = matches!(i % 4, 0 | 3);
-        let expect = expected_ms(history, ENCRYPTION_MEM_MIB, 0);
+        let expect = expected_ms(history, ENCRYPTION_MEM_MIB, 0, first_guess_ms(ENCRYPTION_MEM_MIB));
         let moved = migrate_once(lab, dir, g, *seq, expect, plain);
         *seq += 1;
         let r = &moved.record;
@@ -636,7 +591,7 @@ fn main() {
                     break;
                 }
                 let Some(g) = current.take() else { break };
-                let expect = expected_ms(&history, mem_mib, rate);
+                let expect = expected_ms(&history, mem_mib, rate, first_guess_ms(mem_mib));
                 let mut moved = migrate_once(&lab, dir.path(), g, seq, expect, false);
                 seq += 1;
                 // A failure counts (with its error); a success counts if the
@@ -691,9 +646,9 @@ fn main() {
             eprintln!("{mem_mib} MiB: {v:?}");
             verifies.push(match v {
                 Ok(line) => {
-                    json!({ "mem_mib": mem_mib, "host": g.host, "ok": line.starts_with("verify ok"), "line": line })
+                    json!({ "mem_mib": mem_mib, "host": g.console.host, "ok": line.starts_with("verify ok"), "line": line })
                 }
-                Err(e) => json!({ "mem_mib": mem_mib, "host": g.host, "ok": false, "error": e }),
+                Err(e) => json!({ "mem_mib": mem_mib, "host": g.console.host, "ok": false, "error": e }),
             });
             drop(g);
         } else {

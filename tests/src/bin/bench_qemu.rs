@@ -651,7 +651,8 @@ fn run_size(
                 break;
             }
             let Some(g) = current.take() else { break };
-            let expect = expected_ms(&history, mem_mib, rate);
+            // QEMU took 25 s for 4 GiB on a busy day here.
+            let expect = expected_ms(&history, mem_mib, rate, 2000.0 + mem_mib as f64 * 6.0);
             let (mut record, next) = match g {
                 Guest::Qemu(q) => qemu_move(ctx, q, *seq, expect, mem_mib),
                 Guest::Ferry(f) => ferry_move(ctx, f, *seq, expect),

@@ -274,7 +274,14 @@ fn store(volume: &Volume, ttl_ms: u64) -> Arc<dyn LeaseStore> {
 }
 
 fn held(h: &Held) -> Lease {
-    Lease { disk: h.holder.name.clone(), host: h.holder.host.clone(), epoch: h.epoch, expires_unix_ms: 0, ttl_ms: 0 }
+    Lease {
+        disk: h.holder.name.clone(),
+        host: h.holder.host.clone(),
+        epoch: h.epoch,
+        expires_unix_ms: 0,
+        ttl_ms: 0,
+        kept: false,
+    }
 }
 
 fn print_lease(lease: &Lease) -> anyhow::Result<()> {
