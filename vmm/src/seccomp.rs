@@ -244,6 +244,9 @@ const MIGRATION: &[&str] = &[
     "shutdown",
     "socket",
     "statx",
+    // A received VM dropped before the commit (refused, aborted) stops
+    // its vCPU threads, kicking any still inside KVM_RUN.
+    "tgkill",
 ];
 
 struct Compiled {
