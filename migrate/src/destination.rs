@@ -60,12 +60,35 @@ pub struct Policy {
 /// preflight, a source that aborts or vanishes): nothing of it ever ran,
 /// and one bad connection must not end the wait for the real one. Neither
 /// does an `accept` error.
-pub fn receive<D: Destination + 'static>(listener: &Listener, dest: Arc<D>, policy: Arc<Policy>) -> Arc<D::Vm> {
+///
+/// Once `stop` is raised the wait ends with `None`, unless an attempt has
+/// already restored a VM and may be about to get its commit: that attempt
+/// is let finish (a VM committed here must not be dropped), and a VM it
+/// brings is returned all the same. Stopping claims the receiver, so no
+/// attempt can start restoring (and send `Ready`) after the decision.
+pub fn receive<D: Destination + 'static>(
+    listener: &Listener,
+    dest: Arc<D>,
+    policy: Arc<Policy>,
+    stop: &AtomicBool,
+) -> Option<Arc<D::Vm>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let taken = Arc::new(AtomicBool::new(false));
+    let mut stopping = false;
     loop {
         if let Ok(vm) = rx.try_recv() {
-            return vm;
+            return Some(vm);
+        }
+        if stop.load(Ordering::SeqCst) {
+            if taken.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return None;
+            }
+            if !stopping {
+                stopping = true;
+                eprintln!("ferry: asked to stop while a VM is being received; finishing that first");
+            }
+            std::thread::sleep(ACCEPT_POLL);
+            continue;
         }
         let stream = match listener.accept_timeout(ACCEPT_POLL) {
             Ok(Some(s)) => s,

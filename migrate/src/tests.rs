@@ -357,13 +357,7 @@ fn destination(
     let listener = Listener::bind(&sock.endpoint()).unwrap();
     std::thread::spawn(move || {
         let stream = listener.accept().map_err(|e| e.to_string())?;
-        let policy = DestPolicy {
-            key: key(),
-            cpu: CpuPolicy::default(),
-            commit_oracle: None,
-            records: crate::secure::Records::Sealed,
-        };
-        destination::attempt(stream, &dest, &policy, &AtomicBool::new(false)).map_err(|e| e.to_string())
+        destination::attempt(stream, &dest, &dest_policy(), &AtomicBool::new(false)).map_err(|e| e.to_string())
     })
 }
 
@@ -556,11 +550,9 @@ fn a_destination_lost_after_commit_leaves_the_source_retired_never_running() {
     assert!(vm.state().next(Action::Resume).is_err());
 }
 
-#[test]
-fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
-    let sock = Sock::new("source-gone");
-    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
-    // A source that commits and vanishes without waiting for Resumed.
+/// A source by hand: handshake, one page of 7s and the state, up to the
+/// destination's `Ready`.
+fn source_until_ready(sock: &Sock) -> Duplex {
     let stream = crate::transport::connect(&sock.endpoint(), Duration::from_secs(5)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut s = Duplex::new(crate::secure::connect(stream, &key(), deadline).unwrap());
@@ -586,6 +578,15 @@ fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
     wire::write_frame(&mut s, Kind::State, &serde_json::to_vec(&RunState::Running).unwrap()).unwrap();
     s.flush().unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::Ready);
+    s
+}
+
+#[test]
+fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
+    let sock = Sock::new("source-gone");
+    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    // A source that commits and vanishes without waiting for Resumed.
+    let mut s = source_until_ready(&sock);
     wire::write_frame(&mut s, Kind::Commit, &[]).unwrap();
     s.flush().unwrap();
     drop(s);
@@ -641,4 +642,45 @@ fn an_exposed_key_file_is_refused() {
         assert!(Key::load(&p).is_ok(), "mode {mode:o}");
     }
     let _ = std::fs::remove_file(&p);
+}
+
+fn dest_policy() -> DestPolicy {
+    DestPolicy { key: key(), cpu: CpuPolicy::default(), commit_oracle: None, records: crate::secure::Records::Sealed }
+}
+
+/// A receiver asked to stop while it only waits ends at once, with no VM.
+#[test]
+fn a_waiting_receiver_stops_when_asked() {
+    let sock = Sock::new("stop-idle");
+    let listener = Listener::bind(&sock.endpoint()).unwrap();
+    let stop = AtomicBool::new(true);
+    let dest = Arc::new(FakeDestination { refuse: false, fail_restore: false });
+    let started = std::time::Instant::now();
+    assert!(destination::receive(&listener, dest, Arc::new(dest_policy()), &stop).is_none());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Asked to stop after it sent `Ready`, a receiver does not walk away from
+/// a VM the source may be committing: it waits for the verdict and keeps
+/// the committed VM.
+#[test]
+fn a_stop_after_ready_waits_for_the_commit_and_keeps_the_vm() {
+    let sock = Sock::new("stop-ready");
+    let listener = Listener::bind(&sock.endpoint()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let dest = Arc::new(FakeDestination { refuse: false, fail_restore: false });
+            destination::receive(&listener, dest, Arc::new(dest_policy()), &stop)
+        })
+    };
+    let mut s = source_until_ready(&sock);
+    stop.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!receiver.is_finished(), "the receiver waits for the verdict");
+    wire::write_frame(&mut s, Kind::Commit, &[]).unwrap();
+    s.flush().unwrap();
+    let vm = receiver.join().unwrap().expect("the committed VM is returned");
+    assert!(vm.running.load(Ordering::SeqCst));
 }

@@ -376,6 +376,9 @@ fn a_cut_between_ready_and_a_refused_commit_leaves_the_vm_and_its_disk_on_the_so
     assert!(!dest.api_sock.exists(), "the destination never ran the VM");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+    // A receiver still waiting stops on SIGTERM, as a service should.
     dest.signal(libc::SIGTERM);
-    let _ = dest.wait_exit(T);
+    let status = dest.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status:?} {}", dest.stderr());
+    dest.wait_stderr(T, "stopped by a signal; no VM was received");
 }

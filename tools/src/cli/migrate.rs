@@ -251,8 +251,15 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
         commit_oracle: args.commit_oracle.clone(),
         records: if args.no_encryption { migrate::secure::Records::Plain } else { migrate::secure::Records::Sealed },
     };
-    let vmm = migrate::destination::receive(&listener, dest, std::sync::Arc::new(policy));
+    let stop = crate::signals::stop_flag();
+    let Some(vmm) = migrate::destination::receive(&listener, dest, std::sync::Arc::new(policy), &stop) else {
+        eprintln!("ferry: stopped by a signal; no VM was received");
+        return Ok(0);
+    };
     drop(listener);
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("ferry: the stop signal came while this VM was being received; it runs (signal again to stop it)");
+    }
     eprintln!("ferry: VM received and {}", vmm.lifecycle().name().to_lowercase());
     serve(vmm, args.host.api_sock.as_deref(), Some(migrate::api::ApiMigrator::new()))
 }
