@@ -152,3 +152,52 @@ fn damaged_snapshots_are_refused_by_name() {
     assert!(restore_err(b"#!/bin/sh\n").contains("not a Ferry VM state"));
     let _ = field("", "");
 }
+
+/// A snapshot that cannot be written (its directory sits under a file)
+/// fails with the reason and leaves the VM running, not parked; a second
+/// snapshot into a used directory replaces the pair whole (its restore
+/// continues from the second).
+#[test]
+fn a_failed_snapshot_leaves_the_vm_running_and_a_new_one_replaces_the_pair() {
+    if !kvm_available("a_failed_snapshot_leaves_the_vm_running_and_a_new_one_replaces_the_pair") {
+        return;
+    }
+    let dir = TempDir::new("snap4");
+    let snap = dir.path().join("s");
+    let guest = ferry_e2e::guest_elf();
+    let vm = Vm::spawn(&[
+        s("--kernel"),
+        guest.display().to_string(),
+        s("--cmdline"),
+        s("heartbeat_ms=50"),
+        s("--mem-mib"),
+        s("32"),
+    ]);
+    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let bad = blocker.join("snap");
+    let out =
+        ferry_e2e::run_ferry(&["snapshot", "--api-sock", vm.api_sock.to_str().unwrap(), "--to", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write snapshot"), "{err}");
+    assert_eq!(vm.info()["state"], "Running", "a failed snapshot gives the VM back running");
+    let n = vm.lines().len();
+    vm.wait_line_from(n, T, |l| heartbeat_number(l).is_some());
+
+    vm.control(&["snapshot", "--to", snap.to_str().unwrap()]);
+    let first = last_heartbeat(&vm).unwrap();
+    vm.control(&["resume"]);
+    let n = vm.lines().len();
+    vm.wait_line_from(n, T, |l| heartbeat_number(l).is_some_and(|h| h > first + 3));
+    vm.control(&["snapshot", "--to", snap.to_str().unwrap()]);
+    let second = last_heartbeat(&vm).unwrap();
+    vm.control(&["shutdown"]);
+    assert!(second > first + 3);
+    let leftovers: Vec<_> = std::fs::read_dir(&snap).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "only state.bin and memory.bin remain: {leftovers:?}");
+    let restored = Vm::launch(None, "restore", &[s("--from"), snap.display().to_string()]);
+    let (_, hb) = restored.wait_line_from(0, T, |l| heartbeat_number(l).is_some());
+    assert_eq!(heartbeat_number(&hb), Some(second + 1), "the second snapshot's state, with its memory");
+}

@@ -101,6 +101,11 @@ mod tests {
     fn refuses_absurd_sizes() {
         assert!(matches!(create(1), Err(Error::TooSmall(1))));
         assert!(matches!(create(1 << 40), Err(Error::TooLarge { .. })));
+        // Sizes whose byte count wraps u64 (mem_mib << 20) are refused too,
+        // not taken as the small size they wrap to.
+        for mib in [1u64 << 44, (1 << 44) + 64, u64::MAX] {
+            assert!(matches!(create(mib), Err(Error::TooLarge { .. })), "{mib} MiB");
+        }
     }
 }
 

@@ -19,7 +19,7 @@ pub const MAGIC: &[u8; 8] = b"FERRYVM\0";
 /// 2: the machine config alone (no host choices) and the run state.
 /// 3: the interrupt lines pending at the save (`DevicesState::pending_irqs`).
 pub const FORMAT_VERSION: u32 = 3;
-const HEADER_LEN: usize = 8 + 4 + 8 + 4;
+pub const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// No VM state comes near this; a larger length is corruption.
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 
