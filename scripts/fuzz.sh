@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-60}
 jobs=${FUZZ_JOBS:-1}
-targets=${FUZZ_TARGETS:-"wire_frames vm_state snapshot_load vhd_open qcow2_open virtio_blk_chain api_request"}
+targets=${FUZZ_TARGETS:-"wire_frames vm_state snapshot_load vhd_open qcow2_open virtio_blk_chain api_request destination_stream virtio_queue_restore"}
 
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     echo "make fuzz: no nightly Rust toolchain (cargo-fuzz needs one); install it with" >&2

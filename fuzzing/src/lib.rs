@@ -29,6 +29,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_open", fuzz_qcow2_open),
     ("virtio_blk_chain", fuzz_virtio_blk_chain),
     ("api_request", fuzz_api_request),
+    ("destination_stream", fuzz_destination_stream),
+    ("virtio_queue_restore", fuzz_virtio_queue_restore),
 ];
 
 /// A scratch directory for this process (on tmpfs when there is one).
@@ -187,6 +189,10 @@ pub fn fuzz_qcow2_open(data: &[u8]) {
 }
 
 pub use blk::fuzz_virtio_blk_chain;
+pub use dest::{destination_outcome, fuzz_destination_stream};
+pub use queue::{fuzz_virtio_queue_restore, queue_restore_outcome};
 
 mod blk;
+mod dest;
+mod queue;
 pub mod seeds;

@@ -91,6 +91,100 @@ fn blk_header(kind: u32, sector: u64) -> [u8; 16] {
     h
 }
 
+/// A whole quick migration of a 16 MiB, one-vCPU guest as the source
+/// sends it after the handshake, ending with `last` (Commit or Abort).
+fn destination_stream(check_only: bool, last: Option<Kind>) -> Vec<u8> {
+    let mut s = Vec::new();
+    let requirements = Requirements {
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        nics: Vec::new(),
+        disks: Vec::new(),
+        guest_cpuid: Vec::new(),
+        tsc_khz: 0,
+    };
+    let hello = Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        mode: Mode::Quick,
+        requirements,
+        check_only,
+        switchover_timeout_ms: 1000,
+    };
+    wire::send(&mut s, Kind::Hello, &hello).unwrap();
+    if check_only {
+        return s;
+    }
+    wire::write_frame(&mut s, Kind::MemData, &wire::mem_data_payload(0x10000, &[7; 4096])).unwrap();
+    wire::send(&mut s, Kind::MemZero, &ZeroRange { offset: 0x20000, len: 0x3000 }).unwrap();
+    let mut state = vm_state(16);
+    state.machine.mem_mib = 16;
+    state.machine.vcpus = 1;
+    state.vcpus.push(vcpu_state());
+    wire::write_frame(&mut s, Kind::State, &state.encode().unwrap()).unwrap();
+    match last {
+        Some(Kind::Abort) => wire::send(&mut s, Kind::Abort, &Reason { reason: "seed".into() }).unwrap(),
+        Some(kind) => wire::write_frame(&mut s, kind, &[]).unwrap(),
+        None => {}
+    }
+    s
+}
+
+fn vcpu_state() -> vmm::state::vcpu::VcpuState {
+    vmm::state::vcpu::VcpuState {
+        id: 0,
+        cpuid: Vec::new(),
+        mp_state: Default::default(),
+        regs: Default::default(),
+        sregs: Default::default(),
+        xsave: Default::default(),
+        xcrs: Default::default(),
+        debugregs: Default::default(),
+        lapic: Default::default(),
+        msrs: Vec::new(),
+        vcpu_events: Default::default(),
+        tsc_khz: 0,
+    }
+}
+
+/// A queue-restore input (see `queue::fuzz_virtio_queue_restore`): a
+/// driver-ready virtio-blk with one ready queue whose rings hold a read of
+/// sector 0, then register reads.
+fn queue_restore(ready: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&15u32.to_le_bytes()); // ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
+    out.extend_from_slice(&(1u64 << 32).to_le_bytes()); // VIRTIO_F_VERSION_1
+    out.extend_from_slice(&[0u8; 16]); // feature selectors, queue_sel, interrupt status
+    out.push(u8::from(ready));
+    for v in [256u16, 16, 0, 0] {
+        out.extend_from_slice(&v.to_le_bytes()); // max size, size, next avail, next used
+    }
+    for ring in [0u64, 0x100, 0x200] {
+        out.extend_from_slice(&ring.to_le_bytes()); // descriptors, avail, used (window offsets)
+    }
+    const WINDOW: u64 = 0x1000;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    let mut chunk = vec![0u8; 0x3001];
+    let descs =
+        [(WINDOW + 0x1000, 16u32, NEXT, 1u16), (WINDOW + 0x2000, 512, NEXT | WRITE, 2), (WINDOW + 0x3000, 1, WRITE, 0)];
+    for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
+        let at = i * 16;
+        chunk[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+        chunk[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        chunk[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
+        chunk[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
+    }
+    chunk[0x102..0x104].copy_from_slice(&1u16.to_le_bytes()); // avail idx 1, ring[0] = head 0
+    chunk[0x1000..0x1010].copy_from_slice(&blk_header(0, 0));
+    out.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
+    out.extend_from_slice(&chunk);
+    for (offset, value) in [(0x070u16, 1u32), (0x060, 1), (0x044, 1)] {
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    out
+}
+
 pub fn all() -> Vec<Seed> {
     let mut v: Vec<Seed> = Vec::new();
     v.push(("wire_frames", "stream".into(), frames()));
@@ -120,5 +214,10 @@ pub fn all() -> Vec<Seed> {
     let mut migrate = format!("PUT /vm.migrate HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
     migrate.extend_from_slice(body);
     v.push(("api_request", "put-migrate".into(), migrate));
+    v.push(("destination_stream", "check-only".into(), destination_stream(true, None)));
+    v.push(("destination_stream", "commit".into(), destination_stream(false, Some(Kind::Commit))));
+    v.push(("destination_stream", "abort".into(), destination_stream(false, Some(Kind::Abort))));
+    v.push(("virtio_queue_restore", "blk-read".into(), queue_restore(true)));
+    v.push(("virtio_queue_restore", "not-ready".into(), queue_restore(false)));
     v
 }

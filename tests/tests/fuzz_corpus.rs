@@ -46,6 +46,20 @@ fn seeds_are_valid_inputs() {
                 }
                 assert_eq!(n, 5, "{name}");
             }
+            "destination_stream" => {
+                let outcome = ferry_fuzz::destination_outcome(&bytes);
+                match name.as_str() {
+                    "check-only" => assert_eq!(outcome, Ok(false), "{name}"),
+                    "commit" => assert_eq!(outcome, Ok(true), "{name}: a VM committed"),
+                    _ => assert!(outcome.as_ref().is_err_and(|e| e.contains("source aborted")), "{name}: {outcome:?}"),
+                }
+            }
+            "virtio_queue_restore" => {
+                let (restored, used) = ferry_fuzz::queue_restore_outcome(&bytes);
+                assert!(restored, "{name}: the saved transport is taken");
+                let served = if name == "blk-read" { 1 } else { 0 };
+                assert_eq!(used, served, "{name}: requests served after the restore");
+            }
             _ => {}
         }
     }

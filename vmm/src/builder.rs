@@ -134,7 +134,8 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
     let config = VmConfig { machine: state.machine.clone(), host };
     check_shape(&config)?;
     let devices = open_backends(&config, how.standby)?;
-    check_restorable(&config.machine, &state, &ram, &devices)?;
+    let here: Vec<BackendSnapshot> = devices.iter().map(|d| d.identity()).collect();
+    check_restorable(&config.machine, &state, ram.size, &here)?;
     let vm = match how.vm {
         Some(vm) => vm,
         None => prepare(&config.host, &ram)?,
@@ -163,11 +164,9 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
 
 /// Raises (an edge: up, then down) each interrupt line that was pending at
 /// the save, over the restored irqchip and LAPICs, before any vCPU runs.
+/// The lines were checked by [`check_restorable`].
 fn raise_pending(vm: &Vm, lines: &[u32]) -> Result<(), Error> {
     for &gsi in lines {
-        if gsi >= layout::IOAPIC_PINS {
-            return Err(Error::BadState(format!("saved pending interrupt line {gsi} does not exist")));
-        }
         for level in [true, false] {
             vm.fd.set_irq_line(gsi, level).map_err(|e| Error::Irq(e.into()))?;
         }
@@ -213,37 +212,42 @@ fn open_backends(config: &VmConfig, standby: bool) -> Result<Vec<Box<dyn VirtioD
     Ok(devices)
 }
 
-/// Checks that saved state fits this machine, its memory and its backends.
-fn check_restorable(
+/// Checks, before anything is built, that saved state fits this machine,
+/// `ram_size` bytes of memory and the backends this host opened (`here`,
+/// in device order): what a tampered or foreign state must not get past.
+pub fn check_restorable(
     machine: &MachineConfig,
     state: &VmState,
-    ram: &GuestRam,
-    devices: &[Box<dyn VirtioDevice>],
+    ram_size: u64,
+    here: &[BackendSnapshot],
 ) -> Result<(), Error> {
     let bad = |m: String| Err(Error::BadState(m));
-    if state.mem_bytes != ram.size || machine.mem_bytes() != ram.size {
-        return bad(format!("saved memory is {} bytes, this VM has {}", state.mem_bytes, ram.size));
+    if state.mem_bytes != ram_size || machine.mem_bytes() != ram_size {
+        return bad(format!("saved memory is {} bytes, this VM has {ram_size}", state.mem_bytes));
     }
     if state.vcpus.len() != usize::from(machine.vcpus) || state.vcpus.is_empty() {
         return bad(format!("state has {} vCPUs, the machine {}", state.vcpus.len(), machine.vcpus));
     }
-    if state.devices.virtio.len() != devices.len() {
+    if state.devices.virtio.len() != here.len() {
         return bad(format!(
             "state has {} virtio devices, this host opened {}",
             state.devices.virtio.len(),
-            devices.len()
+            here.len()
         ));
     }
-    for (saved, here) in state.devices.virtio.iter().zip(devices) {
-        match (&saved.backend, here.identity()) {
-            (BackendSnapshot::Net { mac, .. }, BackendSnapshot::Net { mac: m, .. }) if *mac == m => {}
+    for (saved, here) in state.devices.virtio.iter().zip(here) {
+        match (&saved.backend, here) {
+            (BackendSnapshot::Net { mac, .. }, BackendSnapshot::Net { mac: m, .. }) if mac == m => {}
             (BackendSnapshot::Block { sectors, .. }, BackendSnapshot::Block { sectors: s, path, .. })
-                if *sectors == s =>
+                if sectors == s =>
             {
                 tracing::debug!("disk {} matches the saved size", path.display());
             }
             (a, b) => return bad(format!("saved device {a:?} does not match {b:?} on this host")),
         }
+    }
+    if let Some(gsi) = state.devices.pending_irqs.iter().find(|&&g| g >= layout::IOAPIC_PINS) {
+        return bad(format!("saved pending interrupt line {gsi} does not exist"));
     }
     Ok(())
 }

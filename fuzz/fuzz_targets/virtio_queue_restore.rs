@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_fuzz::fuzz_virtio_queue_restore(data));
