@@ -72,8 +72,10 @@ fn a_silent_cut_during_round_0_leaves_the_vm_on_the_source() {
         return;
     }
     let lab = Lab::up_with_taps("fi1");
-    let vm = ferry_e2e::boot_in_lab(&lab, "a", 512, "wss_mib=256 dirty_mib_s=0");
-    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7870, &["--net", "tap=vm0"]);
+    let dir = TempDir::new("fi1");
+    let vol = volume_with_disk(&dir);
+    let vm = boot_with_disk(&lab, &vol, 512, "wss_mib=256 dirty_mib_s=0", 1);
+    let dest = receiver_with_disks(&lab, &dir, 7870, &[]);
     let migration = ferry_e2e::migrate_in_lab_background(
         &lab,
         "a",
@@ -88,6 +90,8 @@ fn a_silent_cut_during_round_0_leaves_the_vm_on_the_source() {
     lab.ok(&["heal", "b"]);
     assert!(!ok, "a cut link fails the migration");
     still_runs(&vm, "after a silent cut in round 0");
+    disk_intact(&vm, 1, "after a silent cut in round 0");
+    assert_eq!(lease_owner(&vol), "a", "the disk never left host a");
     assert!(!dest.api_sock.exists(), "the destination never ran the VM");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
@@ -99,9 +103,10 @@ fn a_lost_resumed_after_the_commit_leaves_the_vm_running_on_the_destination_only
         return;
     }
     let lab = Lab::up_with_taps("fi2");
-    let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
-    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7871, &["--net", "tap=vm0"]);
-    let dir = TempDir::new("gate");
+    let dir = TempDir::new("fi2");
+    let vol = volume_with_disk(&dir);
+    let mut vm = boot_with_disk(&lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 2);
+    let dest = receiver_with_disks(&lab, &dir, 7871, &[]);
     let b = lab.netns("b");
     let (gate_path, gate_thread) = gate(&dir, move || {
         // From now on nothing host b sends reaches host a: the commit gets
@@ -126,6 +131,8 @@ fn a_lost_resumed_after_the_commit_leaves_the_vm_running_on_the_destination_only
     assert!(vm.stderr().contains("stopped here") || vm.stderr().contains("outcome unknown"), "{}", vm.stderr());
     dest.wait_api(T);
     still_runs(&dest, "the destination took the commit");
+    disk_intact(&dest, 2, "on the destination after a lost Resumed");
+    assert_eq!(lease_owner(&vol), "b", "the disk is host b's");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "the guest answers from host b: {ping}");
 }
@@ -136,10 +143,11 @@ fn the_destination_killed_after_ready_leaves_the_vm_running_on_the_source() {
         return;
     }
     let lab = Lab::up_with_taps("fi3");
-    let vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
-    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7872, &["--net", "tap=vm0"]);
+    let dir = TempDir::new("fi3");
+    let vol = volume_with_disk(&dir);
+    let vm = boot_with_disk(&lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 3);
+    let dest = receiver_with_disks(&lab, &dir, 7872, &[]);
     let dest_pid = dest.pid() as i32;
-    let dir = TempDir::new("gate");
     let (gate_path, gate_thread) = gate(&dir, move || {
         // SAFETY: kill(2) on a child process of this test, by pid.
         unsafe { libc::kill(dest_pid, libc::SIGKILL) };
@@ -158,6 +166,8 @@ fn the_destination_killed_after_ready_leaves_the_vm_running_on_the_source() {
     assert!(!ok, "the destination is gone");
     assert!(!err.contains("outcome unknown"), "a commit that never left is not uncertain: {err}");
     still_runs(&vm, "the destination died after Ready, before the commit");
+    disk_intact(&vm, 3, "on the source after the destination died");
+    assert_eq!(lease_owner(&vol), "a", "the disk handed over at Ready is host a's again");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "{ping}");
     drop(dest);
@@ -169,10 +179,11 @@ fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destina
         return;
     }
     let lab = Lab::up_with_taps("fi4");
-    let mut vm = ferry_e2e::boot_in_lab(&lab, "a", 128, "wss_mib=32 dirty_mib_s=8");
-    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7873, &["--net", "tap=vm0"]);
+    let dir = TempDir::new("fi4");
+    let vol = volume_with_disk(&dir);
+    let mut vm = boot_with_disk(&lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 4);
+    let dest = receiver_with_disks(&lab, &dir, 7873, &[]);
     let source_pid = vm.pid() as i32;
-    let dir = TempDir::new("gate");
     let (gate_path, gate_thread) = gate(&dir, move || {
         // Kill the source a moment after the gate lets it commit.
         std::thread::spawn(move || {
@@ -187,6 +198,8 @@ fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destina
     vm.wait_exit(T);
     dest.wait_api(T);
     still_runs(&dest, "the destination had the commit when the source died");
+    disk_intact(&dest, 4, "on the destination after the source died");
+    assert_eq!(lease_owner(&vol), "b", "the disk is host b's");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "the guest answers from host b: {ping}");
 }
@@ -215,6 +228,14 @@ fn boot_with_disk(lab: &Lab, vol: &str, mem_mib: u32, cmdline: &str, seed: u32) 
     vm
 }
 
+/// `ferry receive` on lab host b with tap vm0, allowed the disks under `dir`.
+fn receiver_with_disks(lab: &Lab, dir: &TempDir, port: u16, extra: &[&str]) -> Vm {
+    let allow = dir.path().display().to_string();
+    let mut args = vec!["--net", "tap=vm0", "--allow-disks", &allow];
+    args.extend_from_slice(extra);
+    ferry_e2e::receiver_in_lab(lab, "b", port, &args)
+}
+
 /// The VM's disk still holds pattern `seed` and takes new writes.
 fn disk_intact(vm: &Vm, seed: u32, why: &str) {
     let v = command(vm, &format!("disk-verify 0 512 {seed}"), "disk-verify", T);
@@ -240,8 +261,7 @@ fn a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source() 
     let dir = TempDir::new("fi5");
     let vol = volume_with_disk(&dir);
     let vm = boot_with_disk(&lab, &vol, 256, "wss_mib=128 dirty_mib_s=40", 5);
-    let allow = dir.path().display().to_string();
-    let dest = ferry_e2e::receiver_in_lab(&lab, "b", 7875, &["--net", "tap=vm0", "--allow-disks", &allow]);
+    let dest = receiver_with_disks(&lab, &dir, 7875, &[]);
     // Dirtying nearly as fast as the capped link drains, with a downtime
     // target it cannot meet: round after round, until the cut.
     let migration = ferry_e2e::migrate_in_lab_background(
@@ -308,14 +328,8 @@ fn cut_between_ready_and_commit(lab: &Lab, dir: &TempDir, port: u16, committed: 
     let vm = boot_with_disk(lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 9);
     let oracle_path = dir.path().join("oracle.sock");
     let oracle_thread = oracle(oracle_path.clone(), committed);
-    let allow = dir.path().display().to_string();
     let oracle_arg = oracle_path.display().to_string();
-    let dest = ferry_e2e::receiver_in_lab(
-        lab,
-        "b",
-        port,
-        &["--net", "tap=vm0", "--allow-disks", &allow, "--commit-oracle", &oracle_arg],
-    );
+    let dest = receiver_with_disks(lab, dir, port, &["--commit-oracle", &oracle_arg]);
     // The gate cuts the link before it answers, so whatever the source
     // sends next is lost.
     let lab_name = lab.name.clone();
