@@ -95,6 +95,7 @@ impl ReceivedVm for FuzzVm {
     fn acquire_backends(&self) -> Result<(), VmError> {
         Ok(())
     }
+    fn hold(&self, _why: String) {}
     fn resume(&self) -> Result<(), VmError> {
         Ok(())
     }

@@ -343,11 +343,11 @@ fn wait_for_commit(stream: &mut Duplex, wait: Duration) -> Result<(), Error> {
 /// source. A failure leaves the VM paused here, never dropped.
 fn run_after_commit(vm: &dyn ReceivedVm) {
     if let Err(e) = acquire_with_retry(vm) {
-        tracing::error!("after the commit the disks could not be taken ({e}); the VM stays paused here");
         eprintln!(
             "ferry: MIGRATION NEEDS ATTENTION: the VM is committed to this host but its disks could not be taken \
-             ({e}); it stays paused here (resume it once the disks are free)"
+             ({e}); it stays paused here (`ferry resume` takes them once they are free, then runs it)"
         );
+        vm.hold(format!("committed here by a migration, but its disks could not be taken: {e}"));
         return;
     }
     if vm.saved_run_state() == RunState::Paused {

@@ -262,14 +262,18 @@ impl MigratableVm for FakeVm {
 }
 
 /// A receiving host that builds fake VMs.
+#[derive(Default)]
 struct FakeDestination {
     refuse: bool,
     fail_restore: bool,
+    /// The disks cannot be taken after the commit.
+    fail_acquire: bool,
 }
 
 struct FakeIncoming {
     mem: FakeMem,
     fail_restore: bool,
+    fail_acquire: bool,
 }
 
 struct FakeReceived {
@@ -277,6 +281,8 @@ struct FakeReceived {
     run_state: RunState,
     acquired: AtomicBool,
     running: AtomicBool,
+    fail_acquire: bool,
+    held: Mutex<Option<String>>,
 }
 
 impl Destination for FakeDestination {
@@ -296,7 +302,11 @@ impl Destination for FakeDestination {
         }
     }
     fn prepare(&self, req: &Requirements) -> Result<FakeIncoming, VmError> {
-        Ok(FakeIncoming { mem: FakeMem::new(req.mem_bytes / PAGE_SIZE), fail_restore: self.fail_restore })
+        Ok(FakeIncoming {
+            mem: FakeMem::new(req.mem_bytes / PAGE_SIZE),
+            fail_restore: self.fail_restore,
+            fail_acquire: self.fail_acquire,
+        })
     }
 }
 
@@ -315,6 +325,8 @@ impl IncomingVm for FakeIncoming {
             run_state,
             acquired: AtomicBool::new(false),
             running: AtomicBool::new(false),
+            fail_acquire: self.fail_acquire,
+            held: Mutex::new(None),
         }))
     }
 }
@@ -324,8 +336,14 @@ impl ReceivedVm for FakeReceived {
         self.run_state
     }
     fn acquire_backends(&self) -> Result<(), VmError> {
+        if self.fail_acquire {
+            return Err(VmError::BadState("disk d0: another host holds it".into()));
+        }
         self.acquired.store(true, Ordering::SeqCst);
         Ok(())
+    }
+    fn hold(&self, why: String) {
+        *self.held.lock().unwrap() = Some(why);
     }
     fn resume(&self) -> Result<(), VmError> {
         self.running.store(true, Ordering::SeqCst);
@@ -381,7 +399,7 @@ fn a_live_migration_of_a_dirtying_guest_moves_every_byte_and_retires_the_source(
     let vm = FakeVm::new(Lifecycle::Running, None);
     let dirtier = vm.dirty_from_a_thread(4, 256);
     let sock = Sock::new("live");
-    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let dest = destination(&sock, FakeDestination::default());
     let figures = run(&vm, &sock, &options(Mode::Live)).expect("migration succeeds");
     let received = dest.join().unwrap().unwrap().expect("a VM arrived");
     vm.stop.store(true, Ordering::Relaxed);
@@ -398,7 +416,7 @@ fn a_live_migration_of_a_dirtying_guest_moves_every_byte_and_retires_the_source(
 fn a_paused_vm_arrives_paused() {
     let vm = FakeVm::new(Lifecycle::Paused, None);
     let sock = Sock::new("paused");
-    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let dest = destination(&sock, FakeDestination::default());
     run(&vm, &sock, &options(Mode::Live)).expect("migration succeeds");
     let received = dest.join().unwrap().unwrap().unwrap();
     assert_eq!(received.saved_run_state(), RunState::Paused);
@@ -414,7 +432,7 @@ fn a_guest_that_never_converges_is_cancelled_by_policy_or_forced() {
         let vm = FakeVm::new(Lifecycle::Running, None);
         vm.always_dirty.store(true, Ordering::SeqCst);
         let sock = Sock::new("converge");
-        let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+        let dest = destination(&sock, FakeDestination::default());
         let mut opts = options(Mode::Live);
         opts.downtime_ms = 0.001;
         opts.max_rounds = 4;
@@ -443,7 +461,7 @@ fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
     let vm = FakeVm::new(Lifecycle::Running, None);
     vm.always_dirty.store(true, Ordering::SeqCst);
     let sock = Sock::new("throttle");
-    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let dest = destination(&sock, FakeDestination::default());
     let mut opts = options(Mode::Live);
     opts.downtime_ms = 0.001;
     // Enough rounds that the throttle thread (20 ms slices) runs while the
@@ -460,8 +478,8 @@ fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
 fn every_failure_before_commit_gives_the_vm_back_as_it_was() {
     // Destination-side failures.
     for (tag, dest, expect) in [
-        ("refuse", FakeDestination { refuse: true, fail_restore: false }, "tap vm0 does not exist"),
-        ("restore", FakeDestination { refuse: false, fail_restore: true }, "injected restore failure"),
+        ("refuse", FakeDestination { refuse: true, ..Default::default() }, "tap vm0 does not exist"),
+        ("restore", FakeDestination { fail_restore: true, ..Default::default() }, "injected restore failure"),
     ] {
         let vm = FakeVm::new(Lifecycle::Running, None);
         let sock = Sock::new(tag);
@@ -476,7 +494,7 @@ fn every_failure_before_commit_gives_the_vm_back_as_it_was() {
         for before in [Lifecycle::Running, Lifecycle::Paused] {
             let vm = FakeVm::new(before, Some(step));
             let sock = Sock::new(step);
-            let d = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+            let d = destination(&sock, FakeDestination::default());
             let e = run(&vm, &sock, &options(Mode::Quick));
             let paused_skips_pause = step == "pause" && before == Lifecycle::Paused;
             if paused_skips_pause {
@@ -584,7 +602,7 @@ fn source_until_ready(sock: &Sock) -> Duplex {
 #[test]
 fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
     let sock = Sock::new("source-gone");
-    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let dest = destination(&sock, FakeDestination::default());
     // A source that commits and vanishes without waiting for Resumed.
     let mut s = source_until_ready(&sock);
     wire::write_frame(&mut s, Kind::Commit, &[]).unwrap();
@@ -602,7 +620,7 @@ fn a_cancel_request_stops_the_migration_before_its_commit() {
     let vm = FakeVm::new(Lifecycle::Running, None);
     let dirtier = vm.dirty_from_a_thread(400, PAGES);
     let sock = Sock::new("cancel");
-    let dest = destination(&sock, FakeDestination { refuse: false, fail_restore: false });
+    let dest = destination(&sock, FakeDestination::default());
     let mut opts = options(Mode::Live);
     // 2 MiB of data at 1 MiB/s: the cancel lands in round 0.
     opts.max_bandwidth_mib_s = Some(1.0);
@@ -654,7 +672,7 @@ fn a_waiting_receiver_stops_when_asked() {
     let sock = Sock::new("stop-idle");
     let listener = Listener::bind(&sock.endpoint()).unwrap();
     let stop = AtomicBool::new(true);
-    let dest = Arc::new(FakeDestination { refuse: false, fail_restore: false });
+    let dest = Arc::new(FakeDestination::default());
     let started = std::time::Instant::now();
     assert!(destination::receive(&listener, dest, Arc::new(dest_policy()), &stop).is_none());
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -671,7 +689,7 @@ fn a_stop_after_ready_waits_for_the_commit_and_keeps_the_vm() {
     let receiver = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let dest = Arc::new(FakeDestination { refuse: false, fail_restore: false });
+            let dest = Arc::new(FakeDestination::default());
             destination::receive(&listener, dest, Arc::new(dest_policy()), &stop)
         })
     };
@@ -683,4 +701,19 @@ fn a_stop_after_ready_waits_for_the_commit_and_keeps_the_vm() {
     s.flush().unwrap();
     let vm = receiver.join().unwrap().expect("the committed VM is returned");
     assert!(vm.running.load(Ordering::SeqCst));
+}
+
+/// A VM committed here whose disks cannot be taken is kept, paused and
+/// held with the reason (what `vm.info` shows), never dropped or run.
+#[test]
+fn a_committed_vm_whose_disks_cannot_be_taken_stays_here_paused_and_held() {
+    let sock = Sock::new("held");
+    let dest = destination(&sock, FakeDestination { fail_acquire: true, ..Default::default() });
+    let mut s = source_until_ready(&sock);
+    wire::write_frame(&mut s, Kind::Commit, &[]).unwrap();
+    s.flush().unwrap();
+    let vm = dest.join().unwrap().unwrap().expect("the committed VM is kept");
+    assert!(!vm.running.load(Ordering::SeqCst), "it does not run without its disks");
+    let held = vm.held.lock().unwrap().clone().expect("held for an operator");
+    assert!(held.contains("another host holds it"), "{held}");
 }

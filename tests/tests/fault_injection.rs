@@ -396,3 +396,60 @@ fn a_cut_between_ready_and_a_refused_commit_leaves_the_vm_and_its_disk_on_the_so
     assert!(status.success(), "{status:?} {}", dest.stderr());
     dest.wait_stderr(T, "stopped by a signal; no VM was received");
 }
+
+/// Hands disk d0 of `vol` from `from` (at the epoch the record shows) to
+/// `to`, by hand and with --force, as an operator or a runaway host could.
+fn hand_disk(vol: &str, from: &str, to: &str) {
+    let epoch = ferry_e2e::cluster::disk_lease(vol, "d0")["epoch"].as_u64().expect("a lease").to_string();
+    let out = run_ferry(&[
+        "disk", "lease", "handoff", "--volume", vol, "--host", from, "--epoch", &epoch, "--to", to, "--force", "d0",
+    ]);
+    assert!(out.status.success(), "handoff {from} -> {to}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The disk is taken from the destination between Ready and Commit (handed
+/// to a host c behind its back): the committed VM must not be dropped nor
+/// run without its disk. It stays paused on b, `vm.info` says why, a
+/// resume is refused while c holds the disk, and once c gives it back a
+/// resume takes it and runs the guest with its disk intact.
+#[test]
+fn a_committed_vm_whose_disk_was_taken_waits_paused_on_the_destination_for_it() {
+    if !kvm_available("a_committed_vm_whose_disk_was_taken_waits_paused_on_the_destination_for_it") {
+        return;
+    }
+    let lab = Lab::up_with_taps("fi8");
+    let dir = TempDir::new("fi8");
+    let vol = volume_with_disk(&dir);
+    let mut vm = boot_with_disk(&lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 8);
+    let dest = receiver_with_disks(&lab, &dir, 7878, &[]);
+    let vol_for_gate = vol.clone();
+    let (gate_path, gate_thread) = gate(&dir, move || hand_disk(&vol_for_gate, "b", "c"));
+    let gate_arg = gate_path.display().to_string();
+    let (ok, _, err) = ferry_e2e::migrate_in_lab(
+        &lab,
+        "a",
+        &vm,
+        "tcp:10.200.77.2:7878",
+        &["--mode", "quick", "--commit-gate", &gate_arg],
+    );
+    gate_thread.join().unwrap();
+    assert!(ok, "the move committed: {err}");
+    vm.wait_exit(T);
+    dest.wait_api(T);
+    dest.wait_stderr(T, "MIGRATION NEEDS ATTENTION");
+    let info = dest.info();
+    assert_eq!(info["state"], "Paused", "no disk, no running: {info}");
+    assert!(info["held"].as_str().is_some_and(|h| h.contains("disks could not be taken")), "{info}");
+    let out = run_ferry(&["resume", "--api-sock", dest.api_sock.to_str().unwrap()]);
+    assert!(!out.status.success(), "a resume while host c holds the disk is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still cannot be taken"), "{out:?}");
+    assert_eq!(dest.info()["state"], "Paused");
+    hand_disk(&vol, "c", "b");
+    dest.control(&["resume"]);
+    let info = dest.info();
+    assert_eq!(info["state"], "Running", "{info}");
+    assert!(info.get("held").is_none(), "{info}");
+    still_runs(&dest, "resumed once its disk was back");
+    disk_intact(&dest, 8, "on the destination after its disk came back");
+    assert_eq!(lease_owner(&vol), "b");
+}

@@ -380,6 +380,7 @@ impl Core {
             events_rx: Mutex::new(self.events_rx),
             started: Instant::now(),
             restored_run_state: started.run_state,
+            held: Mutex::new(None),
         })
     }
 }

@@ -151,6 +151,9 @@ pub trait ReceivedVm: Send + Sync {
     fn saved_run_state(&self) -> RunState;
     /// Takes the disks the source handed over.
     fn acquire_backends(&self) -> Result<(), Error>;
+    /// Keeps the VM paused for an operator, saying why (API and log): a
+    /// committed VM whose disks could not be taken. Its resume takes them.
+    fn hold(&self, why: String);
     fn resume(&self) -> Result<(), Error>;
     /// RARP on every tap; how many NICs announced.
     fn announce(&self) -> Result<usize, Error>;
@@ -334,12 +337,11 @@ impl ReceivedVm for Vmm {
     }
 
     fn acquire_backends(&self) -> Result<(), Error> {
-        for t in &self.virtio {
-            if let Some(b) = lock(t).device_mut().backend_mut() {
-                b.acquire()?;
-            }
-        }
-        Ok(())
+        Vmm::acquire_backends(self)
+    }
+
+    fn hold(&self, why: String) {
+        Vmm::hold(self, why)
     }
 
     fn resume(&self) -> Result<(), Error> {

@@ -68,6 +68,8 @@ pub enum Error {
     Dirty(dirty::Error),
     #[error("cannot restore: {0}")]
     BadState(String),
+    #[error("the VM is held paused: {0}")]
+    Held(String),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::Error),
 }
@@ -93,6 +95,9 @@ pub struct Vmm {
     pub(crate) started: Instant,
     /// The run state the saved image had (a booted VM: running).
     pub(crate) restored_run_state: RunState,
+    /// Why the VM is held paused for an operator (a migration committed
+    /// here whose disks could not be taken); `resume` takes them first.
+    pub(crate) held: Mutex<Option<String>>,
 }
 
 impl Vmm {
@@ -140,8 +145,16 @@ impl Vmm {
         })
     }
 
+    /// Runs the VM again. A VM held for its disks ([`Vmm::hold`]) takes
+    /// them first, and stays paused (with why) if it still cannot.
     pub fn resume(&self) -> Result<(), Error> {
         self.act(Action::Resume, |v, _| {
+            let mut held = lock(&v.held);
+            if held.is_some() {
+                v.acquire_backends().map_err(|e| Error::Held(format!("its disks still cannot be taken: {e}")))?;
+                tracing::info!("the disks are taken; the VM held for them may run");
+                *held = None;
+            }
             v.unpark();
             Ok(())
         })
@@ -198,6 +211,23 @@ impl Vmm {
         dirty::set_logging(&self.vm.fd, &self.ram.memory, false).map_err(Error::Dirty)
     }
 
+    /// Takes every disk (after a migration's commit, or a hold).
+    pub(crate) fn acquire_backends(&self) -> Result<(), Error> {
+        for t in &self.virtio {
+            if let Some(b) = lock(t).device_mut().backend_mut() {
+                b.acquire()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds the VM paused for an operator ([`VmInfo::held`]); `resume`
+    /// takes the disks first.
+    pub fn hold(&self, why: String) {
+        tracing::error!("the VM is held paused: {why}");
+        *lock(&self.held) = Some(why);
+    }
+
     /// Flushes every disk.
     pub(crate) fn flush_backends(&self) -> Result<(), Error> {
         for t in &self.virtio {
@@ -246,6 +276,7 @@ impl Vmm {
             pvm_host: vm::is_pvm_host(),
             tsc_khz: self.tsc_khz,
             devices: self.virtio.iter().map(|t| lock(t).describe()).collect(),
+            held: lock(&self.held).clone(),
         }
     }
 

@@ -52,6 +52,11 @@ pub struct VmInfo {
     /// The guest's TSC frequency as KVM runs it (0 if unknown).
     pub tsc_khz: u32,
     pub devices: Vec<serde_json::Value>,
+    /// Why the VM is held paused for an operator, if it is (a migration
+    /// committed here whose disks could not be taken: `vm.resume` takes
+    /// them first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// What `vm.snapshot` reports.

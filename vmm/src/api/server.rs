@@ -37,7 +37,7 @@ impl ApiError {
 impl From<vmm::Error> for ApiError {
     fn from(e: vmm::Error) -> ApiError {
         match e {
-            vmm::Error::Lifecycle(_) => ApiError::conflict(e),
+            vmm::Error::Lifecycle(_) | vmm::Error::Held(_) => ApiError::conflict(e),
             other => ApiError::failed(other),
         }
     }

@@ -367,10 +367,12 @@ impl Backend for Disk {
     }
 
     /// Adopts the lease the source handed this host (or takes the local
-    /// lock) and re-reads the image.
+    /// lock) and re-reads the image. A disk already held (an earlier call
+    /// that took some disks and failed on another) is left as it is.
     fn acquire(&mut self) -> Result<(), BackendError> {
         let disk = self.path.clone();
         match &mut self.fence {
+            Some(fence) if fence.keeper.is_some() => return Ok(()),
             Some(fence) => {
                 if !self.readonly {
                     let lease = fence
