@@ -118,6 +118,12 @@ impl Vm {
     /// Starts `ferry SUBCOMMAND ARGS --api-sock ...`, inside network
     /// namespace `netns` if given (a lab host).
     pub fn launch(netns: Option<&str>, subcommand: &str, args: &[String]) -> Vm {
+        Vm::launch_with_env(netns, subcommand, args, &[])
+    }
+
+    /// [`Vm::launch`] with extra environment variables (the VMM's test
+    /// hooks, e.g. `FERRY_TEST_FAIL_HANDOFF`).
+    pub fn launch_with_env(netns: Option<&str>, subcommand: &str, args: &[String], env: &[(&str, &str)]) -> Vm {
         let dir = TempDir::new("vm");
         let api_sock = dir.path().join("api.sock");
         let started = Instant::now();
@@ -129,6 +135,7 @@ impl Vm {
             }
             None => Command::new(ferry_bin()),
         };
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .arg(subcommand)
             .args(args)

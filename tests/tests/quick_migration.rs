@@ -178,7 +178,7 @@ fn fake_destination(fail_at: &'static str) -> (u16, std::thread::JoinHandle<()>)
                 c.flush().unwrap();
             }
             "state" => {}
-            "bad-host-id" => {
+            "bad-host-id" | "handoff-fails" => {
                 wire::write_frame(&mut c, Kind::Ready, &[]).unwrap();
                 c.flush().unwrap();
                 let verdict = wire::read_frame(&mut c).unwrap();
@@ -389,5 +389,67 @@ fn a_failed_disk_handoff_gives_every_disk_back_and_the_guest_keeps_writing() {
     let w = command(&vm, "disk-write 0 64 777", "disk-write", T);
     assert!(w.starts_with("disk-write ok"), "the guest still writes its disk: {w}");
     let v = command(&vm, "disk-verify 0 64 777", "disk-verify", T);
+    assert!(v.starts_with("disk-verify ok"), "{v}");
+}
+
+/// The handoff of the second disk fails after the first was handed over
+/// (the VMM's FERRY_TEST_FAIL_HANDOFF makes d1's lease write fail as a
+/// full volume would): all or nothing, the first disk comes back under the
+/// source's lease at a higher epoch with its keeper running, and the guest
+/// writes it.
+#[test]
+fn a_handoff_failing_on_the_second_disk_takes_the_first_back() {
+    if !kvm_available("a_handoff_failing_on_the_second_disk_takes_the_first_back") {
+        return;
+    }
+    let dir = TempDir::new("handoff2");
+    let vol = dir.path().join("vol");
+    let vol_s = vol.display().to_string();
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(ferry_e2e::run_ferry(&["volume", "create", &vol_s]));
+    for d in ["d0", "d1"] {
+        ok(ferry_e2e::run_ferry(&["disk", "create", "--volume", &vol_s, "--format", "raw", "--size", "16M", d]));
+    }
+    let guest = ferry_e2e::guest_elf();
+    let args = [
+        s("--kernel"),
+        guest.display().to_string(),
+        s("--cmdline"),
+        s("heartbeat_ms=100"),
+        s("--mem-mib"),
+        s("64"),
+        s("--disk"),
+        format!("csv:{vol_s}/disks/d0"),
+        s("--disk"),
+        format!("csv:{vol_s}/disks/d1"),
+        s("--host-id"),
+        s("a"),
+        s("--lease-ttl-ms"),
+        s("1500"),
+    ];
+    let vm = Vm::launch_with_env(None, "run", &args, &[("FERRY_TEST_FAIL_HANDOFF", "d1")]);
+    vm.wait_line(T, |l| heartbeat_number(l).is_some());
+    let lease = |disk: &str| -> serde_json::Value {
+        let out = ferry_e2e::run_ferry(&["disk", "lease", "show", "--volume", &vol_s, disk]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let before = lease("d0")["epoch"].as_u64().unwrap();
+    let (port, t) = fake_destination("handoff-fails");
+    let (migrated, _, err) = migrate_quick(&vm, &format!("tcp:127.0.0.1:{port}"));
+    t.join().unwrap();
+    assert!(!migrated, "the migration fails");
+    assert!(err.contains("d1") && err.contains("full"), "the failing disk is named: {err}");
+    assert_still_running(&vm, "a handoff that failed on the second disk");
+    // d0 went to the destination and came back: a's, two epochs on (the
+    // handoff, then the take-back), and still a's after several TTLs.
+    std::thread::sleep(Duration::from_millis(3500));
+    let d0 = lease("d0");
+    assert_eq!(d0["owner"], "a", "{d0}");
+    assert!(d0["epoch"].as_u64().unwrap() >= before + 2, "handed over and taken back: {before} -> {d0}");
+    assert_eq!(lease("d1")["owner"], "a");
+    // The guest drives its first disk, the one that went and came back.
+    let w = command(&vm, "disk-write 0 64 31", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "d0 takes writes: {w}");
+    let v = command(&vm, "disk-verify 0 64 31", "disk-verify", T);
     assert!(v.starts_with("disk-verify ok"), "{v}");
 }

@@ -333,7 +333,11 @@ impl Backend for Disk {
                     disk: disk.clone(),
                     why: format!("lease lost before handoff: {why}"),
                 })?;
-            match fence.store.handoff(&lease, to_host) {
+            let handed = match injected_handoff_failure(&fence.disk) {
+                Some(e) => Err(e),
+                None => fence.store.handoff(&lease, to_host),
+            };
+            match handed {
                 Ok(handed) => fence.handed = Some(handed),
                 Err(source) => {
                     // Still ours at the old epoch: keep renewing it.
@@ -418,6 +422,18 @@ impl Drop for Disk {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Failure injection for the end-to-end tests (`FERRY_TEST_FAIL_HANDOFF=NAME`):
+/// the handoff of shared disk NAME fails as a full volume would fail it,
+/// after any disk before it was handed over. No real failure can be timed
+/// to land between two disks' handoffs inside a switchover.
+fn injected_handoff_failure(disk: &str) -> Option<csv_fs::Error> {
+    let name = std::env::var("FERRY_TEST_FAIL_HANDOFF").ok()?;
+    (name == disk).then(|| csv_fs::Error::VolumeFull {
+        path: PathBuf::from(format!("leases/{disk} (FERRY_TEST_FAIL_HANDOFF)")),
+        what: "the lease record",
+    })
 }
 
 #[cfg(test)]
