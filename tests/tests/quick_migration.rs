@@ -453,3 +453,62 @@ fn a_handoff_failing_on_the_second_disk_takes_the_first_back() {
     let v = command(&vm, "disk-verify 0 64 31", "disk-verify", T);
     assert!(v.starts_with("disk-verify ok"), "{v}");
 }
+
+/// The destination decides where disks come from: its preflight refuses,
+/// by name and with the VM left running on the source, a disk outside
+/// the places it allows, a different file at the same path, an image of
+/// another size than the guest's, and a host id no lease can name.
+#[test]
+fn the_preflight_refuses_disks_and_hosts_the_destination_cannot_vouch_for() {
+    if !kvm_available("the_preflight_refuses_disks_and_hosts_the_destination_cannot_vouch_for") {
+        return;
+    }
+    let dir = TempDir::new("preflight-disks");
+    let disk = disk_image(dir.path(), "disk.img", 16);
+    let vm = source_vm("heartbeat_ms=100", 64, &[s("--disk"), disk.display().to_string()]);
+    let elsewhere = TempDir::new("preflight-elsewhere");
+    let key = cluster_key();
+    let check = |port: u16, allow: &std::path::Path, host_id: &str| -> String {
+        let endpoint = format!("tcp:127.0.0.1:{port}");
+        let dest = Vm::launch(
+            None,
+            "receive",
+            &[
+                s("--listen"),
+                endpoint.clone(),
+                s("--key-file"),
+                key.display().to_string(),
+                s("--allow-disks"),
+                allow.display().to_string(),
+                s("--host-id"),
+                host_id.to_owned(),
+            ],
+        );
+        dest.wait_stderr(T, "waiting for a migration");
+        let (ok, _, err) =
+            vm.ferry(&["migrate", "--check-only", "--key-file", key.to_str().unwrap(), "--to", &endpoint]);
+        assert!(!ok, "the preflight refuses");
+        assert_still_running(&vm, "a refused preflight");
+        assert!(!dest.api_sock.exists(), "nothing ran on the destination");
+        err
+    };
+    let err = check(7791, elsewhere.path(), "b");
+    assert!(err.contains("outside the places this host allows disks from"), "{err}");
+
+    // Another file now sits at the disk's path (the guest keeps its own).
+    let kept = dir.path().join("disk.img.guests");
+    std::fs::rename(&disk, &kept).unwrap();
+    disk_image(dir.path(), "disk.img", 16);
+    let err = check(7792, dir.path(), "b");
+    assert!(err.contains("is a different image"), "{err}");
+
+    // The guest's own file, grown behind its back.
+    std::fs::rename(&kept, &disk).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(32 << 20).unwrap();
+    let err = check(7793, dir.path(), "b");
+    assert!(err.contains("bytes here, the guest's is 16777216 bytes"), "{err}");
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(16 << 20).unwrap();
+
+    let err = check(7794, dir.path(), "no/such/host");
+    assert!(err.contains("this host's id cannot name a lease holder"), "{err}");
+}
