@@ -724,7 +724,65 @@ impl Vm {
     }
 }
 
-/// Small statistics the benchmarks share.
+// ---------------------------------------------------------------------------
+// A guest with a shared-volume disk moving between lab hosts.
+
+/// How long a disk command on the guest console may take.
+const DISK_WAIT: Duration = Duration::from_secs(60);
+
+/// A volume under `dir` with a 32 MiB raw disk `d0`; returns the volume path.
+pub fn volume_with_disk(dir: &TempDir) -> String {
+    let vol = dir.path().join("vol").display().to_string();
+    let out = run_ferry(&["volume", "create", &vol]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_ferry(&["disk", "create", "--volume", &vol, "--format", "raw", "--size", "32M", "d0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    vol
+}
+
+pub fn lease_owner(vol: &str) -> serde_json::Value {
+    crate::cluster::disk_lease(vol, "d0")["owner"].clone()
+}
+
+/// The test guest on lab host a with disk d0 of `vol`, host id a, the
+/// pattern `seed` written on its first 512 sectors.
+pub fn boot_with_disk(lab: &Lab, vol: &str, mem_mib: u32, cmdline: &str, seed: u32) -> Vm {
+    let disk = format!("csv:{vol}/disks/d0");
+    let vm = crate::boot_in_lab_with(lab, "a", mem_mib, cmdline, &["--disk", &disk, "--host-id", "a"]);
+    let w = command(&vm, &format!("disk-write 0 512 {seed}"), "disk-write", DISK_WAIT);
+    assert!(w.starts_with("disk-write ok"), "{w}");
+    vm
+}
+
+/// `ferry receive` on lab host b with tap vm0, allowed the disks under `dir`.
+pub fn receiver_with_disks(lab: &Lab, dir: &TempDir, port: u16, extra: &[&str]) -> Vm {
+    let allow = dir.path().display().to_string();
+    let mut args = vec!["--net", "tap=vm0", "--allow-disks", &allow];
+    args.extend_from_slice(extra);
+    crate::receiver_in_lab(lab, "b", port, &args)
+}
+
+/// The VM's disk still holds pattern `seed` and takes new writes.
+pub fn disk_intact(vm: &Vm, seed: u32, why: &str) {
+    let v = command(vm, &format!("disk-verify 0 512 {seed}"), "disk-verify", DISK_WAIT);
+    assert!(v.starts_with("disk-verify ok"), "{why}: {v}");
+    let w = command(vm, "disk-write 1024 64 77", "disk-write", DISK_WAIT);
+    assert!(w.starts_with("disk-write ok"), "{why}: the disk takes writes: {w}\n{}", vm.stderr());
+}
+
+/// Runs `f` on a new thread inside network namespace `netns` (threads it
+/// starts inherit it): a relay or service that lives on a lab host.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: setns on a valid namespace fd; only this thread moves.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns into {}", path.display());
+        f()
+    })
+}
+
 pub mod cluster;
 
 /// Milliseconds since the Unix epoch (as records and leases count them).

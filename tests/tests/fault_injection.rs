@@ -13,7 +13,10 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::{command, heartbeat_number, kvm_available, last_heartbeat, run_ferry, Lab, TempDir, Vm};
+use ferry_e2e::{
+    boot_with_disk, command, disk_intact, heartbeat_number, kvm_available, last_heartbeat, lease_owner,
+    receiver_with_disks, run_ferry, volume_with_disk, Lab, TempDir, Vm,
+};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -202,46 +205,6 @@ fn the_source_killed_right_after_its_commit_leaves_the_vm_running_on_the_destina
     assert_eq!(lease_owner(&vol), "b", "the disk is host b's");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
     assert_eq!(ping["pings_lost"], 0, "the guest answers from host b: {ping}");
-}
-
-/// A volume under `dir` with a 32 MiB raw disk `d0`; returns the volume path.
-fn volume_with_disk(dir: &TempDir) -> String {
-    let vol = dir.path().join("vol").display().to_string();
-    let out = run_ferry(&["volume", "create", &vol]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = run_ferry(&["disk", "create", "--volume", &vol, "--format", "raw", "--size", "32M", "d0"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    vol
-}
-
-fn lease_owner(vol: &str) -> Value {
-    ferry_e2e::cluster::disk_lease(vol, "d0")["owner"].clone()
-}
-
-/// The test guest on lab host a with disk d0 of `vol`, host id a, the
-/// pattern `seed` written on its first 512 sectors.
-fn boot_with_disk(lab: &Lab, vol: &str, mem_mib: u32, cmdline: &str, seed: u32) -> Vm {
-    let disk = format!("csv:{vol}/disks/d0");
-    let vm = ferry_e2e::boot_in_lab_with(lab, "a", mem_mib, cmdline, &["--disk", &disk, "--host-id", "a"]);
-    let w = command(&vm, &format!("disk-write 0 512 {seed}"), "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "{w}");
-    vm
-}
-
-/// `ferry receive` on lab host b with tap vm0, allowed the disks under `dir`.
-fn receiver_with_disks(lab: &Lab, dir: &TempDir, port: u16, extra: &[&str]) -> Vm {
-    let allow = dir.path().display().to_string();
-    let mut args = vec!["--net", "tap=vm0", "--allow-disks", &allow];
-    args.extend_from_slice(extra);
-    ferry_e2e::receiver_in_lab(lab, "b", port, &args)
-}
-
-/// The VM's disk still holds pattern `seed` and takes new writes.
-fn disk_intact(vm: &Vm, seed: u32, why: &str) {
-    let v = command(vm, &format!("disk-verify 0 512 {seed}"), "disk-verify", T);
-    assert!(v.starts_with("disk-verify ok"), "{why}: {v}");
-    let w = command(vm, "disk-write 1024 64 77", "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "{why}: the disk takes writes: {w}\n{}", vm.stderr());
 }
 
 /// The migration's progress as the source's API reports it.

@@ -1,15 +1,20 @@
-//! A migration through a man in the middle: a TCP relay between the source
-//! and `ferry receive` that forwards the handshake untouched and then
-//! rewrites, injects or replays bytes. Every attempt must be refused, with
-//! the VM still running (and intact) on the source and nothing kept on the
-//! destination.
+//! A migration through a man in the middle on the lab: a TCP relay on a
+//! third machine of the fabric (the client namespace) between the source on
+//! host a and `ferry receive` on host b, that forwards the handshake
+//! untouched and then rewrites, injects or replays bytes. Every attempt
+//! must be refused, with the VM still running (memory verified, its
+//! shared-volume disk's pattern intact and still under host a's lease) on
+//! the source and nothing kept on the destination.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, s, Vm};
+use ferry_e2e::{
+    boot_with_disk, command, disk_intact, kvm_available, lease_owner, receiver_with_disks, volume_with_disk, Lab,
+    TempDir, Vm,
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -17,32 +22,20 @@ const T: Duration = Duration::from_secs(60);
 /// ephemeral key, tag): what the relay forwards before it starts meddling.
 const HANDSHAKE_BYTES: usize = 2 + 32 + 16;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+/// Where the destination listens, and where the relay does (the client
+/// namespace's address on the fabric).
+const DEST_PORT: u16 = 7880;
+const RELAY_PORT: u16 = 7881;
 
-fn source_vm() -> Vm {
-    let guest = ferry_e2e::guest_elf();
-    let vm = Vm::spawn(&[
-        s("--kernel"),
-        guest.display().to_string(),
-        s("--cmdline"),
-        s("heartbeat_ms=100 wss_mib=16 dirty_mib_s=8"),
-        s("--mem-mib"),
-        s("64"),
-    ]);
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
-    vm
-}
-
-fn receiver(port: u16) -> Vm {
-    let vm = Vm::launch(
-        None,
-        "receive",
-        &[s("--listen"), format!("tcp:127.0.0.1:{port}"), s("--key-file"), cluster_key().display().to_string()],
-    );
-    vm.wait_stderr(T, "waiting for a migration");
-    vm
+/// A lab with the guest (disk d0, pattern `seed`) on host a and a receiver
+/// on host b.
+fn setup(tag: &str, seed: u32) -> (Lab, TempDir, String, Vm, Vm) {
+    let lab = Lab::up_with_taps(tag);
+    let dir = TempDir::new(tag);
+    let vol = volume_with_disk(&dir);
+    let vm = boot_with_disk(&lab, &vol, 64, "wss_mib=16 dirty_mib_s=8", seed);
+    let dest = receiver_with_disks(&lab, &dir, DEST_PORT, &[]);
+    (lab, dir, vol, vm, dest)
 }
 
 /// What the relay does to the source's bytes.
@@ -56,16 +49,18 @@ enum Meddle {
     None,
 }
 
-/// A relay from a fresh local port to `upstream`, for one connection.
-/// Returns its port and the source→destination bytes it saw.
-fn relay(upstream: u16, meddle: Meddle) -> (u16, Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// A relay on the lab's client machine, from its RELAY_PORT to the
+/// receiver on host b, for one connection. Returns the source→destination
+/// bytes it saw, once it listens.
+fn relay(lab: &Lab, meddle: Meddle) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let recorded = seen.clone();
-    let t = std::thread::spawn(move || {
+    let (listening, ready) = std::sync::mpsc::channel();
+    let t = ferry_e2e::in_netns(&lab.netns("client"), move || {
+        let listener = TcpListener::bind((Lab::SUBNET_CLIENT, RELAY_PORT)).unwrap();
+        listening.send(()).unwrap();
         let (client, _) = listener.accept().unwrap();
-        let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+        let server = TcpStream::connect((Lab::SUBNET_HOST_B, DEST_PORT)).unwrap();
         for s in [&client, &server] {
             s.set_read_timeout(Some(T)).unwrap();
         }
@@ -117,23 +112,25 @@ fn relay(upstream: u16, meddle: Meddle) -> (u16, Arc<Mutex<Vec<u8>>>, std::threa
         let _ = s_write.shutdown(std::net::Shutdown::Write);
         let _ = back.join();
     });
-    (port, seen, t)
+    ready.recv_timeout(T).expect("the relay listens");
+    (seen, t)
 }
 
-fn migrate_quick(vm: &Vm, port: u16, extra: &[&str]) -> (bool, String) {
-    let key = cluster_key();
-    let mut args = vec!["migrate", "--mode", "quick", "--key-file", key.to_str().unwrap()];
-    let to = format!("tcp:127.0.0.1:{port}");
-    args.extend(["--to", &to]);
+/// A quick migration from host a through the relay.
+fn migrate_through_relay(lab: &Lab, vm: &Vm, extra: &[&str]) -> (bool, String) {
+    let to = format!("tcp:{}:{RELAY_PORT}", Lab::SUBNET_CLIENT);
+    let mut args = vec!["--mode", "quick"];
     args.extend_from_slice(extra);
-    let (ok, _, err) = vm.ferry(&args);
+    let (ok, _, err) = ferry_e2e::migrate_in_lab(lab, "a", vm, &to, &args);
     (ok, err)
 }
 
-fn assert_refused_and_intact(vm: &Vm, dest: &Vm, what: &str) {
+fn assert_refused_and_intact(vm: &Vm, dest: &Vm, vol: &str, seed: u32, what: &str) {
     assert_eq!(vm.info()["state"], "Running", "{what}: the VM keeps running on the source");
     let v = command(vm, "verify", "verify", T);
     assert!(v.starts_with("verify ok"), "{what}: {v}");
+    disk_intact(vm, seed, what);
+    assert_eq!(lease_owner(vol), "a", "{what}: the disk stays host a's");
     dest.wait_stderr(T, "nothing kept");
     assert!(!dest.api_sock.exists(), "{what}: no VM ever ran on the destination");
 }
@@ -143,16 +140,14 @@ fn a_relay_that_rewrites_one_memory_byte_is_refused_and_the_vm_stays_on_the_sour
     if !kvm_available("a_relay_that_rewrites_one_memory_byte_is_refused_and_the_vm_stays_on_the_source") {
         return;
     }
-    let vm = source_vm();
-    let port = free_port();
-    let dest = receiver(port);
+    let (lab, _dir, vol, vm, dest) = setup("hn1", 11);
     // Well past the handshake and the hello: inside guest memory.
-    let (relay_port, _, t) = relay(port, Meddle::Flip(300_000));
-    let (ok, err) = migrate_quick(&vm, relay_port, &[]);
+    let (_, t) = relay(&lab, Meddle::Flip(300_000));
+    let (ok, err) = migrate_through_relay(&lab, &vm, &[]);
     t.join().unwrap();
     assert!(!ok, "a rewritten byte must fail the migration");
     eprintln!("source saw: {err}");
-    assert_refused_and_intact(&vm, &dest, "rewritten byte");
+    assert_refused_and_intact(&vm, &dest, &vol, 11, "rewritten byte");
     assert!(
         dest.stderr().contains("tamper") || dest.stderr().contains("invalid") || dest.stderr().contains("secure"),
         "the destination names the tampering: {}",
@@ -165,14 +160,12 @@ fn a_frame_injected_after_the_handshake_is_refused() {
     if !kvm_available("a_frame_injected_after_the_handshake_is_refused") {
         return;
     }
-    let vm = source_vm();
-    let port = free_port();
-    let dest = receiver(port);
-    let (relay_port, _, t) = relay(port, Meddle::Inject);
-    let (ok, _) = migrate_quick(&vm, relay_port, &[]);
+    let (lab, _dir, vol, vm, dest) = setup("hn2", 12);
+    let (_, t) = relay(&lab, Meddle::Inject);
+    let (ok, _) = migrate_through_relay(&lab, &vm, &[]);
     t.join().unwrap();
     assert!(!ok, "an injected record must fail the migration");
-    assert_refused_and_intact(&vm, &dest, "injected record");
+    assert_refused_and_intact(&vm, &dest, &vol, 12, "injected record");
 }
 
 #[test]
@@ -180,24 +173,27 @@ fn a_replayed_recorded_stream_is_refused() {
     if !kvm_available("a_replayed_recorded_stream_is_refused") {
         return;
     }
-    let vm = source_vm();
-    let port = free_port();
-    let dest = receiver(port);
+    let (lab, _dir, vol, vm, dest) = setup("hn3", 13);
     // Record a real (check-only) session through an honest relay...
-    let (relay_port, seen, t) = relay(port, Meddle::None);
-    let (ok, err) = migrate_quick(&vm, relay_port, &["--check-only"]);
+    let (seen, t) = relay(&lab, Meddle::None);
+    let (ok, err) = migrate_through_relay(&lab, &vm, &["--check-only"]);
     t.join().unwrap();
     assert!(ok, "the honest relay changes nothing: {err}");
     dest.wait_stderr(T, "preflight passed");
-    // ...then play it back to the receiver as a new connection.
+    // ...then play it back to the receiver as a new connection, from the
+    // relay's machine.
     let recorded = seen.lock().unwrap().clone();
     assert!(recorded.len() > HANDSHAKE_BYTES, "something was recorded");
-    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.write_all(&recorded).unwrap();
-    let _ = c.shutdown(std::net::Shutdown::Write);
-    let mut sink = Vec::new();
-    let _ = c.read_to_end(&mut sink);
+    ferry_e2e::in_netns(&lab.netns("client"), move || {
+        let mut c = TcpStream::connect((Lab::SUBNET_HOST_B, DEST_PORT)).unwrap();
+        c.write_all(&recorded).unwrap();
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+    })
+    .join()
+    .unwrap();
     dest.wait_stderr(T, "nothing kept");
     assert!(!dest.api_sock.exists(), "the replay never ran a VM");
-    assert_eq!(vm.info()["state"], "Running");
+    assert_refused_and_intact(&vm, &dest, &vol, 13, "replayed stream");
 }
