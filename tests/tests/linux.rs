@@ -93,6 +93,10 @@ fn linux_vmlinux_boots_through_the_64bit_protocol() {
                 s("2"),
                 s("--net"),
                 s(LAB_GUEST_NIC),
+                // An interrupt-driven guest: queue notifies on the device
+                // thread, interrupts by irqfd.
+                s("--virtio-notify"),
+                s("ioeventfd"),
                 s("--cmdline"),
                 format!("console=ttyS0 panic=-1 rdinit=/init ferry_ip={LAB_GUEST_IP}/24"),
             ],
@@ -103,6 +107,7 @@ fn linux_vmlinux_boots_through_the_64bit_protocol() {
         vm.wait_line(BOOT, |l| l.contains("ferry-initramfs: shell ready"));
         let r = lab.ping_from_client(LAB_GUEST_IP, &["--count", "20", "--wait-reply-ms", "10000"]);
         assert_eq!(r["pings_lost"], 0, "Linux answers over virtio-net: {r}");
+        assert_eq!(vm.info()["devices"][0]["notify"], "ioeventfd", "Linux's notifies went to the device thread");
     }
 }
 
