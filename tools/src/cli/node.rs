@@ -108,6 +108,16 @@ enum NodeCommand {
         #[command(flatten)]
         etcd: super::vm::EtcdArgs,
     },
+    /// The agent's runner of a command the cluster asked for (an update's):
+    /// runs DIR/command by `sh -c`, its output in DIR/output, its end in
+    /// DIR/status.json. Not for direct use.
+    #[command(hide = true)]
+    CommandRunner {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "SECS")]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Args)]
@@ -191,6 +201,9 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 moving::resume(&c, &node, failback, p, set.failback_window, Duration::from_secs(timeout_secs), json)
                     .await
             })
+        }
+        NodeCommand::CommandRunner { dir, timeout_secs } => {
+            agent::node_command::runner_main(&dir, Duration::from_secs(timeout_secs))
         }
         NodeCommand::Run(a) => {
             if a.lease_ttl_ms < 1000 {
