@@ -31,8 +31,11 @@ loop stops running for the lease TTL minus the fencing margin (2.4 s at the
 default 3 s): stuck in a syscall or deadlocked; waiting on etcd is not a
 hang. One agent leads
 the cluster and restarts a down node's VMs elsewhere once their disk leases
-have expired (plus 500 ms). The cluster update (`ferry cluster update`) can
-ask the agent to restart itself: it runs the same path and arguments again.
+have expired (plus 500 ms). The cluster update (`ferry cluster update`)
+asks the agent to run its command on the node (as the agent's user: whoever
+can write the cluster's etcd keys can run commands here) and then to restart
+itself: it runs the same path and arguments again. At each start the agent
+stores its health checks for the update to wait on.
 
 Under systemd (KillMode=process: stopping or restarting the unit must not
 take the VMs with it):
