@@ -10,6 +10,7 @@
 //! - a command failing on b (which runs VMs) stops the run with b paused
 //!   and empty, its output in the report, and a and c untouched;
 //! - `--max-failed-nodes 1` goes on past a failure on a;
+//! - a command past `--command-timeout` is killed and fails its node;
 //! - an update that breaks c's binary fails c's health wait within
 //!   `--health-timeout`, and with c down the next run is refused (quorum).
 //!
@@ -57,6 +58,16 @@ fn home(i: usize) -> &'static str {
 fn exe_inode(pid: u32) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| m.ino()).unwrap_or(0)
+}
+
+/// How many processes run exactly `cmdline` (arguments joined by spaces).
+fn processes_running(cmdline: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).trim_end_matches('\0').replace('\0', " ") == cmdline)
+        .count()
 }
 
 fn node_state(s: &Value, id: &str) -> String {
@@ -326,6 +337,29 @@ fn an_update_runs_node_by_node_restarts_agents_and_brings_vms_home() {
     assert_eq!(node_state(&cl.status(), "a"), "Paused");
     cl.cli_ok(&["node", "resume", "a", "--failback", "immediate"]);
     assert_eq!(owners(), homes);
+
+    // A command past --command-timeout is killed with what it started, and
+    // its node fails.
+    let out = cl.cli(&[
+        "cluster",
+        "update",
+        "--nodes",
+        "c",
+        "--run",
+        "echo started; sleep 29.7",
+        "--command-timeout",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = node_report(&r, "c");
+    assert_eq!(c["error"], "the update command ran past 1 s and was killed", "{c:#}");
+    assert_eq!((c["command_state"].as_str(), c["command_output"].as_str()), (Some("timed_out"), Some("started\n")));
+    assert!(c["update_ms"].as_f64().unwrap() < 10_000.0, "{c:#}");
+    assert_eq!(processes_running("sleep 29.7"), 0, "the command's sleep was killed too");
+    assert_eq!(node_state(&cl.status(), "c"), "Paused");
+    cl.cli_ok(&["node", "resume", "c"]);
 
     // An update that breaks c's binary: c's agent cannot come back, and the
     // run fails c within --health-timeout, c paused and empty.
