@@ -59,9 +59,9 @@ fn runs_dir(state_dir: &Path) -> PathBuf {
 pub async fn serve(c: Cluster, s: Settings) {
     loop {
         if let Err(e) = serve_requests(&c, &s).await {
-            tracing::warn!("node commands: {e:#}; watching again");
+            tracing::warn!("node commands: {e:#}; watching again in 5 s");
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -70,7 +70,17 @@ async fn serve_requests(c: &Cluster, s: &Settings) -> anyhow::Result<()> {
     let mut watch = c.store().watch_prefix(&c.keys().command_request(&s.node), 0).await?;
     let mut last: Option<String> = None;
     loop {
-        if let Some(req) = c.command_request(&s.node).await? {
+        let req = match c.command_request(&s.node).await {
+            Ok(r) => r,
+            // Written by a newer Ferry, or garbage: not for this agent; the
+            // next request replaces it.
+            Err(e @ (cluster::Error::Decode { .. } | cluster::Error::FormatVersion { .. })) => {
+                tracing::warn!("node commands: ignoring a request this agent cannot read: {e}");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(req) = req {
             if last.as_ref() != Some(&req.value.run) {
                 last = Some(req.value.run.clone());
                 handle(c, s, &req.value).await?;
