@@ -652,7 +652,12 @@ async fn run_on_node(
             }
             let other = c.command_result(node).await?.map(|r| r.value).filter(|r| !ours(r));
             match other.filter(|o| o.state == CommandState::Running) {
-                Some(o) => bail!("node {node}'s agent is still running the command of run {} (started at {} ms); try again once it has ended", o.run, o.started_unix_ms),
+                Some(o) => bail!(
+                    "node {node}'s agent is still running the command of run {} (started {:.0} s ago); try again \
+                     once it has ended",
+                    o.run,
+                    cluster::records::unix_ms().saturating_sub(o.started_unix_ms) as f64 / 1000.0
+                ),
                 None => bail!(
                     "node {node}'s agent did not take it up within {START_LIMIT:?} (is the agent running, and a \
                      Ferry whose agents run update commands?)"
