@@ -7,6 +7,10 @@
 //! /ferry/<cluster>/nodes/<id>/restart         a request that the node's agent restart itself
 //! /ferry/<cluster>/update/lock                the running `cluster update`, under its lease
 //! /ferry/<cluster>/update/progress            UpdateProgress: the last update's plan and progress
+//! /ferry/<cluster>/commands/<id>/request      CommandRequest: a command for the node's agent to run (an update's)
+//! /ferry/<cluster>/commands/<id>/result       CommandResult: how the node's agent runs or ran it
+//! /ferry/<cluster>/commands/<id>/output/<seq> CommandOutput: its output as the agent streams it
+//! /ferry/<cluster>/health/<id>                NodeHealth: the checks the node's agent ran when it started
 //! /ferry/<cluster>/vms/<name>                 VmRecord (machine config, preferred owners)
 //! /ferry/<cluster>/vms/<name>/owner           Owner {node, epoch}
 //! /ferry/<cluster>/vms/<name>/history/<seq>   HistoryEntry, seq zero-padded to 20 digits
@@ -73,6 +77,10 @@ pub enum ClusterKey {
     NodeRestart(String),
     UpdateLock,
     UpdateProgress,
+    CommandRequest(String),
+    CommandResult(String),
+    CommandOutput(String, u64),
+    NodeHealth(String),
 }
 
 /// The keys of one cluster.
@@ -163,6 +171,34 @@ impl Keys {
         format!("{}update/progress", self.prefix)
     }
 
+    /// `commands/<id>/`: a node's command request, result and output.
+    /// Not under `nodes/`, whose watchers (the leader) need not wake for
+    /// every chunk of output.
+    pub fn commands_prefix(&self, id: &str) -> String {
+        format!("{}commands/{id}/", self.prefix)
+    }
+
+    pub fn command_request(&self, id: &str) -> String {
+        format!("{}commands/{id}/request", self.prefix)
+    }
+
+    pub fn command_result(&self, id: &str) -> String {
+        format!("{}commands/{id}/result", self.prefix)
+    }
+
+    pub fn command_output_prefix(&self, id: &str) -> String {
+        format!("{}commands/{id}/output/", self.prefix)
+    }
+
+    /// Zero-padded, so keys sort in sequence order.
+    pub fn command_output(&self, id: &str, seq: u64) -> String {
+        format!("{}commands/{id}/output/{seq:020}", self.prefix)
+    }
+
+    pub fn node_health(&self, id: &str) -> String {
+        format!("{}health/{id}", self.prefix)
+    }
+
     pub fn events_prefix(&self) -> String {
         format!("{}events/", self.prefix)
     }
@@ -201,6 +237,12 @@ impl Keys {
             ["nodes", id, "restart"] if name_ok(id) => Some(ClusterKey::NodeRestart((*id).to_owned())),
             ["update", "lock"] => Some(ClusterKey::UpdateLock),
             ["update", "progress"] => Some(ClusterKey::UpdateProgress),
+            ["commands", id, "request"] if name_ok(id) => Some(ClusterKey::CommandRequest((*id).to_owned())),
+            ["commands", id, "result"] if name_ok(id) => Some(ClusterKey::CommandResult((*id).to_owned())),
+            ["commands", id, "output", seq] if name_ok(id) && seq.len() == 20 => {
+                Some(ClusterKey::CommandOutput((*id).to_owned(), seq.parse().ok()?))
+            }
+            ["health", id] if name_ok(id) => Some(ClusterKey::NodeHealth((*id).to_owned())),
             _ => None,
         }
     }
@@ -305,6 +347,13 @@ mod tests {
         assert_eq!(k.parse(&k.event(42)), Some(ClusterKey::Event(42)));
         assert_eq!(k.parse(&k.node_restart("a")), Some(ClusterKey::NodeRestart("a".into())));
         assert_eq!(k.parse(&k.update_lock()), Some(ClusterKey::UpdateLock));
+        assert_eq!(k.parse(&k.command_request("a")), Some(ClusterKey::CommandRequest("a".into())));
+        assert_eq!(k.parse(&k.command_result("a")), Some(ClusterKey::CommandResult("a".into())));
+        assert_eq!(k.parse(&k.command_output("a", 3)), Some(ClusterKey::CommandOutput("a".into(), 3)));
+        assert!(k.command_output("a", 3).starts_with(&k.command_output_prefix("a")));
+        assert!(k.command_result("a").starts_with(&k.commands_prefix("a")));
+        assert!(!k.command_request("ab").starts_with(&k.commands_prefix("a")));
+        assert_eq!(k.parse(&k.node_health("a")), Some(ClusterKey::NodeHealth("a".into())));
         assert_eq!(k.parse("/ferry/c1/cluster/x"), None);
         assert_eq!(Keys::new("c11").unwrap().parse(&k.cluster()), None);
     }

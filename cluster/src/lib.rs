@@ -12,7 +12,10 @@
 //! - [`watch`]: [`Watch`], a prefix's changes pushed by etcd.
 //! - [`election`]: the leader, by a leased key created only if absent.
 //! - [`moves`]: a VM's move between nodes, committed by one transaction.
+//! - [`commands`]: commands a node's agent runs for the cluster, and the
+//!   health it reports when it starts.
 
+pub mod commands;
 pub mod election;
 pub mod error;
 pub mod keys;
@@ -23,6 +26,7 @@ pub mod records;
 pub mod store;
 pub mod watch;
 
+pub use commands::{CommandOutput, CommandRequest, CommandResult, CommandState, HealthCheck, NodeHealth};
 pub use election::{Leadership, LeadershipLost};
 pub use error::{Error, Failure, Result};
 pub use keys::{ClusterKey, Keys};

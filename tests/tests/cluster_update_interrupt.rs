@@ -3,7 +3,10 @@
 //! (as a terminal sends it) while node a's command runs; the run finishes
 //! node a (command, agent restart, failback), stops before b, releases its
 //! lock and records "interrupted", and a rerun goes on from b. Node a's
-//! command prints 1 MiB on the way, more than a pipe holds.
+//! command prints 1 MiB on the way, streamed through etcd to the
+//! terminal. During the rerun, b's agent is killed (-9) while b's command
+//! runs and a new one started: the command runs on, once, and the new
+//! agent records its end.
 //! Needs root, KVM and etcd; fails without them unless FERRY_NO_KVM=1.
 
 use std::os::unix::process::CommandExt;
@@ -28,7 +31,7 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
     assert!(run_ferry(&["volume", "create", &vol]).status.success());
     let cl = ClusterLab::up("upi", "a,b,c", "upi", dir.path());
     let _reaper = VmmReaper(cl.states.clone());
-    let agents: Vec<Agent> = ["a", "b", "c"].iter().map(|n| Agent::start(&cl, n, &[])).collect();
+    let mut agents: Vec<Agent> = ["a", "b", "c"].iter().map(|n| Agent::start(&cl, n, &[])).collect();
     cl.wait_nodes_up(3);
     let guest = ferry_e2e::guest_elf().display().to_string();
     for i in 0..VMS {
@@ -58,17 +61,8 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
         m = markers.display()
     );
     let report = dir.path().join("report");
-    let mut update = cl.cli_command(&[
-        "cluster",
-        "update",
-        "--run",
-        &cmd,
-        "--lab",
-        &cl.lab.name,
-        "--report",
-        report.to_str().unwrap(),
-        "--json",
-    ]);
+    let mut update =
+        cl.cli_command(&["cluster", "update", "--run", &cmd, "--report", report.to_str().unwrap(), "--json"]);
     // Its own process group, as a shell gives a foreground job: the SIGINT
     // below reaches whatever ferry started in that group too.
     let child = update
@@ -117,7 +111,7 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
         v
     };
     assert_eq!((a["node"].as_str(), a["ok"].as_bool()), (Some("a"), Some(true)), "{a_short:#}");
-    // Not killed by the SIGINT: the command is in its own process group.
+    // Not killed by the SIGINT: node a's agent runs it, in its own process group.
     assert_eq!(a["command_status"], 0, "{a_short:#}");
     assert_eq!(a["command_output_bytes"], 1048576 + "unpacked\n".len() as u64);
     let kept = a["command_output"].as_str().unwrap();
@@ -152,9 +146,21 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
     assert_eq!((p["state"].as_str(), p["current"].is_null()), (Some("interrupted"), true), "{p:#}");
     assert_eq!(p["done"], serde_json::json!(["a"]), "{p:#}");
 
-    // A rerun of the same update goes on from b.
-    let cmd = format!("echo $FERRY_NODE >> {m}", m = markers.display());
-    let out = cl.cli(&["cluster", "update", "--run", &cmd, "--lab", &cl.lab.name, "--json"]);
+    // A rerun of the same update goes on from b. b's agent dies (-9) while
+    // b's command runs; a new agent follows the run to its end.
+    let cmd = format!(
+        "echo $FERRY_NODE >> {m}; if [ $FERRY_NODE = b ]; then echo before; sleep 3; echo after; fi",
+        m = markers.display()
+    );
+    let rerun = cl.cli_spawn(&["cluster", "update", "--run", &cmd, "--json"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&markers).unwrap_or_default() != "a\nb\n" {
+        assert!(Instant::now() < deadline, "node b's command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agents[1].kill9();
+    agents[1] = Agent::start(&cl, "b", &[]);
+    let out = rerun.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains(&format!("resuming update {} after 1 node(s): a", r["id"].as_str().unwrap())), "{stderr}");
@@ -162,7 +168,15 @@ fn ctrl_c_stops_the_update_after_the_current_node_and_a_rerun_goes_on() {
     assert_eq!((r2["id"].as_str(), r2["state"].as_str()), (r["id"].as_str(), Some("finished")), "{r2:#}");
     let updated: Vec<&str> = r2["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
     assert_eq!(updated, ["b", "c"]);
-    assert_eq!(std::fs::read_to_string(&markers).unwrap(), "a\nb\nc\n");
+    let b = &r2["nodes"][0];
+    assert_eq!(
+        (b["command_state"].as_str(), b["command_output"].as_str()),
+        (Some("exited"), Some("before\nafter\n")),
+        "{b:#}"
+    );
+    assert!(stderr.contains("  b| before\n") && stderr.contains("  b| after\n"), "{stderr}");
+    assert!(agents[1].log().contains("was started by an earlier agent; following it"), "{}", agents[1].log());
+    assert_eq!(std::fs::read_to_string(&markers).unwrap(), "a\nb\nc\n", "b's command ran once");
     assert_eq!(cl.status()["update"]["progress"]["state"], "finished");
     eprintln!("whole test: {:?}", t0.elapsed());
 }

@@ -20,9 +20,13 @@
 //! - Has a [`watchdog`]: if its main task stops running (stuck in a
 //!   syscall, deadlocked), the watchdog thread kills its VMMs and ends
 //!   the agent (exit 4).
+//! - Runs the commands the cluster asks of the node ([`node_command`]:
+//!   an update's command) and reports its [`health`] when it starts.
 
+pub mod health;
 pub mod leader;
 pub mod moves;
+pub mod node_command;
 pub mod offers;
 pub mod process;
 pub mod spec;
@@ -380,6 +384,7 @@ impl Agent {
         }
         self.publish().await;
         self.campaign();
+        self.serve_cluster_requests();
         // A restart asked before this agent started is done by starting.
         let restart_key = self.cluster.keys().node_restart(self.me());
         let _ = self.cluster.store().delete(&restart_key).await;
@@ -471,6 +476,27 @@ impl Agent {
         use std::os::unix::process::CommandExt;
         let e = std::process::Command::new(exe).args(args).exec();
         eprintln!("ferry node: cannot restart {}: {e}; this agent goes on", exe.display());
+    }
+
+    /// Reports this start's health checks and serves the commands the
+    /// cluster asks of this node, each in its own task (see [`health`],
+    /// [`node_command`]).
+    fn serve_cluster_requests(&self) {
+        let h = health::Settings {
+            node: self.cfg.node_id.clone(),
+            kvm_device: self.cfg.kvm_device.clone(),
+            vm_bridge: self.cfg.vm_bridge.clone(),
+            key_file: self.cfg.key_file.clone(),
+            volume: self.cfg.witness.clone(),
+            registered_unix_ms: self.record.registered_unix_ms,
+        };
+        tokio::spawn(health::publish(self.cluster.clone(), h));
+        let s = node_command::Settings {
+            node: self.cfg.node_id.clone(),
+            cluster: self.cfg.cluster.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+        };
+        tokio::spawn(node_command::serve(self.cluster.clone(), s));
     }
 
     /// Starts campaigning for the leadership under the current node lease.

@@ -12,7 +12,7 @@ mod ping;
 mod run;
 mod snapshot;
 mod update;
-mod validate;
+pub(crate) mod validate;
 mod vm;
 mod volume;
 

@@ -31,8 +31,11 @@ loop stops running for the lease TTL minus the fencing margin (2.4 s at the
 default 3 s): stuck in a syscall or deadlocked; waiting on etcd is not a
 hang. One agent leads
 the cluster and restarts a down node's VMs elsewhere once their disk leases
-have expired (plus 500 ms). The cluster update (`ferry cluster update`) can
-ask the agent to restart itself: it runs the same path and arguments again.
+have expired (plus 500 ms). The cluster update (`ferry cluster update`)
+asks the agent to run its command on the node (as the agent's user: whoever
+can write the cluster's etcd keys can run commands here) and then to restart
+itself: it runs the same path and arguments again. At each start the agent
+stores its health checks for the update to wait on.
 
 Under systemd (KillMode=process: stopping or restarting the unit must not
 take the VMs with it):
@@ -107,6 +110,16 @@ enum NodeCommand {
         json: bool,
         #[command(flatten)]
         etcd: super::vm::EtcdArgs,
+    },
+    /// The agent's runner of a command the cluster asked for (an update's):
+    /// runs DIR/command by `sh -c`, its output in DIR/output, its end in
+    /// DIR/status.json. Not for direct use.
+    #[command(hide = true)]
+    CommandRunner {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "SECS")]
+        timeout_secs: u64,
     },
 }
 
@@ -191,6 +204,9 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 moving::resume(&c, &node, failback, p, set.failback_window, Duration::from_secs(timeout_secs), json)
                     .await
             })
+        }
+        NodeCommand::CommandRunner { dir, timeout_secs } => {
+            agent::node_command::runner_main(&dir, Duration::from_secs(timeout_secs))
         }
         NodeCommand::Run(a) => {
             if a.lease_ttl_ms < 1000 {

@@ -202,6 +202,50 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
     Ok(if v.ok { 0 } else { 1 })
 }
 
+/// Free memory a host needs (VMs moving here need room).
+pub const MIN_FREE_MIB: u64 = 1024;
+
+/// The checks of one host's own facts ([`host_facts`]): KVM, dirty
+/// logging, memory. `ferry validate` runs them on each host's probe; a
+/// node's agent on its own facts when it starts.
+pub fn host_checks(h: &str, v: &Value) -> Vec<Check> {
+    let mut r = Report { checks: Vec::new() };
+    let kvm_ok = v["kvm"]["ok"].as_bool().unwrap_or(false);
+    r.add(
+        "kvm",
+        h,
+        kvm_ok,
+        format!(
+            "/dev/kvm: {} ({})",
+            v["kvm"]["detail"].as_str().unwrap_or("?"),
+            v["kvm"]["flavour"].as_str().unwrap_or("?")
+        ),
+        "load kvm_intel, kvm_amd or kvm_pvm and make /dev/kvm accessible",
+    );
+    let caps = &v["kvm"]["caps"];
+    let dirty =
+        caps["manual_dirty_log_protect2"].as_bool().unwrap_or(false) || caps["dirty_log"].as_bool().unwrap_or(false);
+    r.add(
+        "dirty-logging",
+        h,
+        kvm_ok && dirty,
+        format!(
+            "manual_dirty_log_protect2={} dirty_log_ring={} tsc_control={}",
+            caps["manual_dirty_log_protect2"], caps["dirty_log_ring"], caps["tsc_control"]
+        ),
+        "live migration needs KVM dirty logging: use a newer kernel",
+    );
+    let free = v["mem_available_mib"].as_u64().unwrap_or(0);
+    r.add(
+        "memory",
+        h,
+        free >= MIN_FREE_MIB,
+        format!("{free} MiB available"),
+        "free memory or add RAM: VMs moving here need room",
+    );
+    r.checks
+}
+
 /// Runs every check on `args`' hosts (bounded in time: each probe has a
 /// timeout) and returns the report; prints nothing.
 pub fn run_checks(args: &Target) -> Validation {
@@ -224,39 +268,7 @@ pub fn run_checks(args: &Target) -> Validation {
             Ok(v) => {
                 let after = now_ms();
                 r.add("reachable", h, true, format!("probe answered in {:.0} ms", after - before), "");
-                let kvm_ok = v["kvm"]["ok"].as_bool().unwrap_or(false);
-                r.add(
-                    "kvm",
-                    h,
-                    kvm_ok,
-                    format!(
-                        "/dev/kvm: {} ({})",
-                        v["kvm"]["detail"].as_str().unwrap_or("?"),
-                        v["kvm"]["flavour"].as_str().unwrap_or("?")
-                    ),
-                    "load kvm_intel, kvm_amd or kvm_pvm and make /dev/kvm accessible",
-                );
-                let caps = &v["kvm"]["caps"];
-                let dirty = caps["manual_dirty_log_protect2"].as_bool().unwrap_or(false)
-                    || caps["dirty_log"].as_bool().unwrap_or(false);
-                r.add(
-                    "dirty-logging",
-                    h,
-                    kvm_ok && dirty,
-                    format!(
-                        "manual_dirty_log_protect2={} dirty_log_ring={} tsc_control={}",
-                        caps["manual_dirty_log_protect2"], caps["dirty_log_ring"], caps["tsc_control"]
-                    ),
-                    "live migration needs KVM dirty logging: use a newer kernel",
-                );
-                let free = v["mem_available_mib"].as_u64().unwrap_or(0);
-                r.add(
-                    "memory",
-                    h,
-                    free >= 1024,
-                    format!("{free} MiB available"),
-                    "free memory or add RAM: VMs moving here need room",
-                );
+                r.checks.extend(host_checks(h, &v));
                 let skew = v["realtime_ms"].as_f64().unwrap_or(0.0) - (before + after) / 2.0;
                 r.add(
                     "clock",
@@ -574,13 +586,16 @@ pub fn probe_main(args: ProbeArgs) -> anyhow::Result<i32> {
         let f = open_lock(&v)?;
         json!({ "held_elsewhere": !ofd_lock(&f) })
     } else {
-        host_facts()
+        host_facts(Path::new(vmm::vstate::vm::DEFAULT_KVM_DEVICE))
     };
     println!("{out}");
     Ok(0)
 }
 
-fn host_facts() -> Value {
+/// What `ferry validate` learns about the host it runs on (KVM through
+/// `kvm_device`, CPU profile, memory, clock, MTU); a node's agent checks
+/// the same facts when it starts (`crate::agent::health`).
+pub fn host_facts(kvm_device: &Path) -> Value {
     let flavour = if Path::new("/sys/module/kvm_pvm").exists() {
         "pvm"
     } else if Path::new("/sys/module/kvm_intel").exists() {
@@ -590,7 +605,7 @@ fn host_facts() -> Value {
     } else {
         "none"
     };
-    let kvm = match vmm::vstate::vm::open_kvm(Path::new(vmm::vstate::vm::DEFAULT_KVM_DEVICE)) {
+    let kvm = match vmm::vstate::vm::open_kvm(kvm_device) {
         Ok(kvm) => {
             let raw = |cap: u32| kvm.check_extension_raw(libc::c_ulong::from(cap)) > 0;
             let profile = CpuProfile::of_host(&kvm, &super::cpu::host_name()).ok();

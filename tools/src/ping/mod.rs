@@ -215,6 +215,90 @@ pub fn run(cfg: &Config) -> Result<Report, PingError> {
     })
 }
 
+/// A probe of a [`follow`] run: when it was sent (Unix ms) and whether a
+/// reply came within the timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sent {
+    pub unix_ms: u64,
+    pub answered: bool,
+}
+
+/// Probes `target` by ICMP echo from this thread's network namespace
+/// every `interval` (absolute deadlines, as [`run`]) until `stop` is set
+/// or [`MAX_PROBES`] went out, then waits `timeout` for the last replies.
+/// Each probe comes back with its send time, so that losses can be
+/// matched to events (a VM's moves during `ferry cluster update`).
+pub fn follow(
+    target: Ipv4Addr,
+    interval: Duration,
+    timeout: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<Sent>, PingError> {
+    use std::sync::atomic::Ordering;
+    let cfg = Config {
+        netns: String::new(),
+        target,
+        interval,
+        stop: Stop::Count(1),
+        timeout,
+        mode: Mode::Icmp,
+        payload_bytes: 56,
+        wait_reply: None,
+    };
+    cfg.validate()?;
+    if !netns::is_root() {
+        return Err(PingError::NotRoot);
+    }
+    socket::tighten_timer_slack();
+    let sock = ProbeSocket::icmp(target)
+        .map_err(|source| PingError::Io { what: "cannot open the probe socket".into(), source })?;
+    let mut prober = Prober { sock: &sock, cfg: &cfg, buf: vec![0u8; 65536] };
+    let token = run_token();
+    let start = Instant::now();
+    let start_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let mut sent: Vec<Duration> = vec![];
+    let mut replies: Vec<Option<Duration>> = vec![];
+    let mut end: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let wake = match end {
+            Some(end) if now >= end => break,
+            Some(end) => end,
+            None if stop.load(Ordering::Relaxed) || sent.len() as u64 >= MAX_PROBES => {
+                end = Some(now + timeout);
+                continue;
+            }
+            None => {
+                let due = start + interval * u32::try_from(sent.len()).unwrap_or(u32::MAX);
+                if now >= due {
+                    sent.push(now - start);
+                    replies.push(None);
+                    prober.send(token, sent.len() as u64 - 1);
+                    continue;
+                }
+                // The stop flag is looked at at least every 100 ms.
+                due.min(now + Duration::from_millis(100))
+            }
+        };
+        if prober.wait(wake)? {
+            prober.drain(token, |seq, at| {
+                if let Some(slot) = replies.get_mut(seq as usize) {
+                    slot.get_or_insert(at - start);
+                }
+            })?;
+        }
+    }
+    Ok(sent
+        .into_iter()
+        .zip(replies)
+        .map(|(s, r)| Sent {
+            unix_ms: start_unix_ms + s.as_millis() as u64,
+            answered: r.is_some_and(|r| r >= s && r - s <= timeout),
+        })
+        .collect())
+}
+
 /// A token that tells this run's replies from any other's.
 fn run_token() -> u32 {
     let mut b = [0u8; 4];
