@@ -719,6 +719,7 @@ impl Vm {
 
 /// Small statistics the benchmarks share.
 pub mod cluster;
+pub mod stamps;
 
 /// Milliseconds since the Unix epoch (as records and leases count them).
 pub fn unix_ms_now() -> u64 {
