@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use cluster::{
     ChangeKind, Cluster, ClusterKey, Error as ClusterError, EventRecord, HistoryEntry, HistoryKind, NodeAdmin,
-    NodeLease, Owner, RestartRecord, FORMAT_VERSION,
+    NodeLease, Owner, RestartRecord, SeenUp, FORMAT_VERSION,
 };
 
 use super::offers::Offers;
@@ -107,20 +107,26 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig, node: &Arc<NodeLease>) -> anyhow:
     }
     let mut watch = c.watch_nodes(listing.revision + 1).await?;
     let mut restarts = Restarts::default();
-    // Nodes that went down while nobody led (the old leader among them,
-    // perhaps), if they left VMs behind.
-    let mut orphaned: Vec<String> = c
-        .vm_owners_and_statuses()
-        .await?
-        .into_values()
-        .filter_map(|(o, _)| o.and_then(|o| o.node))
-        .filter(|n| !up.contains(n))
-        .collect();
-    orphaned.sort();
-    orphaned.dedup();
-    for id in &orphaned {
+    // Nodes that went down while nobody led: those the last leader saw up
+    // that are gone (the old leader among them: its node key went with
+    // its leader key, before this leader watched). Before any leader said
+    // what it saw: the nodes that left VMs behind.
+    let mut went_down: Vec<String> = match c.seen_up().await? {
+        Some(seen) => seen.nodes.into_iter().filter(|n| !up.contains(n)).collect(),
+        None => c
+            .vm_owners_and_statuses()
+            .await?
+            .into_values()
+            .filter_map(|(o, _)| o.and_then(|o| o.node))
+            .filter(|n| !up.contains(n))
+            .collect(),
+    };
+    went_down.sort();
+    went_down.dedup();
+    for id in &went_down {
         node_down(c, cfg, id).await;
     }
+    record_seen_up(c, cfg, &up).await;
     restart_orphans(c, cfg, node, &up, &mut restarts).await?;
     loop {
         let Some(ch) = watch.next().await else { anyhow::bail!("the node watch ended") };
@@ -137,15 +143,27 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig, node: &Arc<NodeLease>) -> anyhow:
             ChangeKind::Put => {
                 if up.insert(id.clone()) {
                     event(c, "node-up", &id, None, "registered".into(), serde_json::Value::Null).await;
+                    record_seen_up(c, cfg, &up).await;
                 }
             }
             ChangeKind::Delete => {
                 up.remove(&id);
                 node_down(c, cfg, &id).await;
+                record_seen_up(c, cfg, &up).await;
                 restart_orphans(c, cfg, node, &up, &mut restarts).await?;
             }
         }
         restarts.0.retain(|_, t| !t.is_finished());
+    }
+}
+
+/// Writes the nodes this leader sees up, for the next leader.
+async fn record_seen_up(c: &Cluster, cfg: &LeaderConfig, up: &HashSet<String>) {
+    let mut nodes: Vec<String> = up.iter().cloned().collect();
+    nodes.sort();
+    let seen = SeenUp { v: FORMAT_VERSION, nodes, leader: cfg.me.clone(), at_unix_ms: cluster::records::unix_ms() };
+    if let Err(e) = c.set_seen_up(&seen).await {
+        tracing::warn!("cannot record the nodes seen up: {e}");
     }
 }
 
