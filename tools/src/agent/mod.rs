@@ -16,11 +16,13 @@
 //!   `ferry receive` and runs the VM once the owner key names this node.
 //! - Fences itself: if its lease cannot be renewed until shortly before
 //!   it may expire, it kills its VMMs and exits, before any other node
-//!   may take the VMs over.
+//!   may take the VMs over. The next agent records that fence as an
+//!   event ([`fence_note`]).
 //! - Has a [`watchdog`]: if its main task stops running (stuck in a
 //!   syscall, deadlocked), the watchdog thread kills its VMMs and ends
 //!   the agent (exit 4).
 
+pub mod fence_note;
 pub mod leader;
 pub mod moves;
 pub mod offers;
@@ -256,6 +258,7 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
     };
     record.offers = serde_json::to_value(&offers)?;
     let node = Arc::new(register(&cluster, &cfg, &record).await?);
+    fence_note::record(&cluster, &cfg.node_id, &cfg.state_dir).await;
     let witness_root = match &cfg.witness {
         Some(w) => Some(w.clone()),
         None => cluster.cluster_record().await.ok().flatten().map(|r| PathBuf::from(r.value.volume)),
@@ -272,7 +275,8 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
     let witness_stop = witness.as_ref().map(|w| w.start(node.lease.ttl() / 3));
     // Armed when the main loop starts (Agent::run).
     let dog = watchdog::Watchdog::new(watchdog::deadline_for(node.lease.ttl()));
-    dog.start(watchdog::exit_hung);
+    let note_dir = cfg.state_dir.clone();
+    dog.start(move |why, pids| watchdog::exit_hung(why, pids, &note_dir));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         cfg,
@@ -587,12 +591,22 @@ impl Agent {
     /// Kills every VMM (they must stop before anyone may take their VMs
     /// over) and ends the agent.
     fn fence(&mut self, why: &str) -> i32 {
+        const EXIT_FENCED: i32 = 3;
         eprintln!("ferry node: fencing: {why}; killing {} VMM(s)", self.local.len());
         for (name, l) in &self.local {
             tracing::warn!("fencing VM {name} (pid {})", l.pid);
             process::kill(l.pid);
         }
-        3
+        let note = fence_note::FenceNote {
+            at_unix_ms: cluster::records::unix_ms(),
+            why: why.to_owned(),
+            killed: self.local.keys().cloned().collect(),
+            exit_code: EXIT_FENCED,
+        };
+        if let Err(e) = fence_note::write(&self.cfg.state_dir, &note) {
+            tracing::warn!("cannot leave a note of this fence in {}: {e}", self.cfg.state_dir.display());
+        }
+        EXIT_FENCED
     }
 
     /// Reads every VM and owner, and watches from just after.
