@@ -71,6 +71,9 @@ pub struct AgentConfig {
     pub quarantine_after: usize,
     /// ...for this long.
     pub quarantine_for: Duration,
+    /// Join the cluster paused (`ferry node run --paused`): the node takes
+    /// no VMs until `ferry node resume`.
+    pub paused: bool,
     /// The binary and arguments the agent was started with (a restart
     /// runs them again).
     pub exe: PathBuf,
@@ -257,6 +260,10 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
         vms: 0,
     };
     record.offers = serde_json::to_value(&offers)?;
+    if cfg.paused {
+        // Before the node record exists, so no VM is placed here first.
+        pause_before_joining(&cluster, &cfg.node_id).await?;
+    }
     let node = Arc::new(register(&cluster, &cfg, &record).await?);
     fence_note::record(&cluster, &cfg.node_id, &cfg.state_dir).await;
     let witness_root = match &cfg.witness {
@@ -298,6 +305,36 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
     };
     let period = watchdog::period_for(dog.deadline());
     watchdog::petted(&dog, period, agent.run(events_rx, signals)).await
+}
+
+/// Marks the node paused (its admin record, which has no lease) before it
+/// registers. etcd may still be coming back: retried for a while; the
+/// write is a plain put of the same value, so an unknown outcome is
+/// simply tried again.
+async fn pause_before_joining(cluster: &Cluster, node: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let mut admin = cluster.node_admin(node).await?.unwrap_or_default();
+            admin.v = FORMAT_VERSION;
+            admin.paused = true;
+            cluster.set_node_admin(node, &admin).await
+        };
+        match attempt.await {
+            Ok(()) => {
+                eprintln!("ferry node: {node} joins paused: it takes no VMs until `ferry node resume {node}`");
+                return Ok(());
+            }
+            Err(e)
+                if Instant::now() < deadline
+                    && (e.outcome_unknown() || matches!(e, ClusterError::Unavailable { .. })) =>
+            {
+                eprintln!("ferry node: cannot mark {node} paused yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context(format!("cannot mark node {node} paused")),
+        }
+    }
 }
 
 /// Registers the node. A key still held by the lease this state dir's
