@@ -197,7 +197,10 @@ fn a_crashed_or_cut_off_node_has_its_vm_restarted_elsewhere_once() {
     let owner = cl.owner(VM).expect("an owner");
     assert!(owner == "b" || owner == "c", "restarted on b or c, not {owner}");
     eprintln!("crash of a: {VM} answers from {owner} {:.2} s after the crash", back.as_secs_f64());
-    assert!(back < Duration::from_secs(15), "restarted within seconds: {back:?}");
+    // The goal is 5 s; measured 3.4-4.9 s (4.9 when a's etcd member led
+    // raft), so 8 s leaves this shared 2-core box room without hiding a
+    // regression to the 5.5-6 s of etcd's default election timeout.
+    assert!(back < Duration::from_secs(8), "restarted within seconds: {back:?}");
     let procs = vm_processes(&cl);
     assert_eq!(procs.len(), 1, "runs on exactly one node: {procs:?}");
     assert_eq!(procs[0].0, owner);
