@@ -179,6 +179,13 @@ pub fn check_no_overlap(stamps: &[Stamp]) -> Result<Vec<Writer>, Vec<String>> {
     }
 }
 
+/// The writer id of a `disk-stamp started ... writer=0x...` console line.
+pub fn started_line_writer(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("disk-stamp started ")?;
+    let hex = rest.split_whitespace().find_map(|w| w.strip_prefix("writer=0x"))?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// The writer id on the last `disk-stamp started` line of the console
 /// file `console` (one guest boot's), waiting at most `timeout` for one.
 pub fn started_writer(console: &Path, timeout: Duration) -> Result<u64, String> {
@@ -187,10 +194,7 @@ pub fn started_writer(console: &Path, timeout: Duration) -> Result<u64, String> 
         let text = std::fs::read_to_string(console).unwrap_or_default();
         // Complete lines only: the guest writes a byte at a time.
         let complete = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
-        let line = complete.rev().find(|l| l.starts_with("disk-stamp started "));
-        let writer = line
-            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("writer=0x")))
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        let writer = complete.rev().find_map(started_line_writer);
         if let Some(w) = writer {
             return Ok(w);
         }
