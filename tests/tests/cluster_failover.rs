@@ -277,6 +277,10 @@ fn a_crashed_or_cut_off_node_has_its_vm_restarted_elsewhere_once() {
     std::thread::sleep(Duration::from_secs(2));
     let procs = vm_processes(&cl);
     assert_eq!(procs, [(new_owner.clone(), procs[0].1)], "the healed node does not resume the old VM");
+    // Its fence, on record since it registered again.
+    let fenced = events(&cl).into_iter().find(|e| e["kind"] == "node-fenced" && e["node"] == cut_node.as_str());
+    let fenced = fenced.unwrap_or_else(|| panic!("{cut_node}'s fence in the events: {:#?}", events(&cl)));
+    assert_eq!(fenced["figures"]["killed"], serde_json::json!([VM]), "{fenced}");
     eprintln!("whole test: {:?}", t0.elapsed());
 }
 
