@@ -19,6 +19,7 @@
 //! /ferry/<cluster>/vms/<name>/incoming        IncomingRecord, under the destination node's lease
 //! /ferry/<cluster>/vms/<name>/restart         RestartRecord: a failover under way, under the leader's node lease
 //! /ferry/<cluster>/leader                     LeaderRecord, under the leader's lease
+//! /ferry/<cluster>/seen-up                    SeenUp: the nodes the last leader saw up, no lease
 //! /ferry/<cluster>/cluster                    ClusterRecord (nodes, volume, settings), created once
 //! /ferry/<cluster>/validation                 ValidationRecord, the last `ferry validate` report
 //! /ferry/<cluster>/events/<seq>               EventRecord (detections, fences, restarts, quarantines)
@@ -69,6 +70,7 @@ pub enum ClusterKey {
     VmIncoming(String),
     VmRestart(String),
     Leader,
+    SeenUp,
     /// The cluster's own record (`ferry cluster create`).
     ClusterRecord,
     /// The last validation report.
@@ -212,6 +214,12 @@ impl Keys {
         format!("{}leader", self.prefix)
     }
 
+    /// The nodes the last leader saw up: a new leader learns from it which
+    /// nodes went down while nobody led (the old leader among them).
+    pub fn seen_up(&self) -> String {
+        format!("{}seen-up", self.prefix)
+    }
+
     /// Parses a key of this cluster; None for anything else (another
     /// cluster's key, or a key this version does not know).
     pub fn parse(&self, key: &str) -> Option<ClusterKey> {
@@ -220,6 +228,7 @@ impl Keys {
         let name_ok = |n: &str| validate_name("name", n).is_ok();
         match parts.as_slice() {
             ["leader"] => Some(ClusterKey::Leader),
+            ["seen-up"] => Some(ClusterKey::SeenUp),
             ["nodes", id] if name_ok(id) => Some(ClusterKey::Node((*id).to_owned())),
             ["nodes", id, "admin"] if name_ok(id) => Some(ClusterKey::NodeAdmin((*id).to_owned())),
             ["vms", name] if name_ok(name) => Some(ClusterKey::Vm((*name).to_owned())),
@@ -354,6 +363,7 @@ mod tests {
         assert!(k.command_result("a").starts_with(&k.commands_prefix("a")));
         assert!(!k.command_request("ab").starts_with(&k.commands_prefix("a")));
         assert_eq!(k.parse(&k.node_health("a")), Some(ClusterKey::NodeHealth("a".into())));
+        assert_eq!(k.parse(&k.seen_up()), Some(ClusterKey::SeenUp));
         assert_eq!(k.parse("/ferry/c1/cluster/x"), None);
         assert_eq!(Keys::new("c11").unwrap().parse(&k.cluster()), None);
     }

@@ -35,7 +35,7 @@ pub use moves::MoveOutcome;
 pub use ops::{Cluster, NodeLease, Takeover, Versioned};
 pub use records::{
     EventRecord, HistoryEntry, HistoryKind, IncomingRecord, LeaderRecord, MoveRecord, NodeAdmin, NodeRecord, Owner,
-    RestartRecord, VmRecord, VmStatus, FORMAT_VERSION,
+    RestartRecord, SeenUp, VmRecord, VmStatus, FORMAT_VERSION,
 };
 pub use store::{Effect, Kv, Listing, MemberStatus, Store, StoreConfig};
 pub use watch::{Change, ChangeKind, Watch};

@@ -178,6 +178,15 @@ impl Cluster {
         Ok(self.get_record(&self.keys.node_admin(id)).await?.map(|v| v.value))
     }
 
+    /// The nodes the last leader saw up (None before any leader wrote it).
+    pub async fn seen_up(&self) -> Result<Option<records::SeenUp>> {
+        Ok(self.get_record(&self.keys.seen_up()).await?.map(|v| v.value))
+    }
+
+    pub async fn set_seen_up(&self, seen: &records::SeenUp) -> Result<()> {
+        self.store.put(&self.keys.seen_up(), records::encode(seen), None).await.map(|_| ())
+    }
+
     // ---- VMs -------------------------------------------------------------
 
     /// Creates a VM record, with its owner key `{node: None, epoch: 0}`,

@@ -277,6 +277,21 @@ impl Record for EventRecord {
     const KIND: &'static str = "event";
 }
 
+/// The nodes a leader saw up, as it last wrote them (no lease: it
+/// outlives that leader, so the next one can tell which nodes went down
+/// while nobody led).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenUp {
+    pub v: u32,
+    pub nodes: Vec<String>,
+    pub leader: String,
+    pub at_unix_ms: u64,
+}
+
+impl Record for SeenUp {
+    const KIND: &'static str = "nodes seen up";
+}
+
 /// The cluster leader, under its lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderRecord {

@@ -10,6 +10,13 @@ pub struct VirtioMmioDevice {
 
 pub const MAX_VIRTIO_DEVICES: usize = 8;
 
+/// The disk stamps' region by default: 4 MiB from 8 MiB, clear of the
+/// `disk-write` patterns tests put at the start of a 16 MiB disk.
+pub const DEFAULT_STAMP_AT: u64 = 16384;
+pub const DEFAULT_STAMP_SECTORS: u64 = 8192;
+/// The `disk-stamp` command's interval when the command line gave none.
+pub const DEFAULT_STAMP_MS: u64 = 20;
+
 pub struct Config {
     /// Working set stamped by the memory workload, MiB.
     pub wss_mib: u64,
@@ -27,6 +34,12 @@ pub struct Config {
     pub udp_echo_port: u16,
     /// Send a gratuitous ARP after the guest was stopped this long, ms (0: never).
     pub announce_stall_ms: u64,
+    /// Disk stamps (see `stamp.rs`): one record every `stamp_ms` from boot
+    /// (0: only when the `disk-stamp` command asks), in `stamp_sectors`
+    /// sectors from `stamp_at`.
+    pub stamp_ms: u64,
+    pub stamp_at: u64,
+    pub stamp_sectors: u64,
     pub virtio: [VirtioMmioDevice; MAX_VIRTIO_DEVICES],
     pub virtio_count: usize,
     pub unknown: usize,
@@ -44,6 +57,9 @@ impl Config {
             mac: None,
             udp_echo_port: 7,
             announce_stall_ms: 0,
+            stamp_ms: 0,
+            stamp_at: DEFAULT_STAMP_AT,
+            stamp_sectors: DEFAULT_STAMP_SECTORS,
             virtio: [VirtioMmioDevice::default(); MAX_VIRTIO_DEVICES],
             virtio_count: 0,
             unknown: 0,
@@ -70,6 +86,9 @@ impl Config {
                     Err(_) => c.unknown += 1,
                 },
                 "announce_stall_ms" => c.announce_stall_ms = parse_u64(value).unwrap_or(0),
+                "stamp_ms" => c.stamp_ms = parse_u64(value).unwrap_or(0),
+                "stamp_at" => c.stamp_at = parse_u64(value).unwrap_or(c.stamp_at),
+                "stamp_sectors" => c.stamp_sectors = parse_u64(value).unwrap_or(c.stamp_sectors),
                 "virtio_mmio.device" => {
                     if let Some(dev) = parse_virtio_mmio(value) {
                         if c.virtio_count < MAX_VIRTIO_DEVICES {

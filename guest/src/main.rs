@@ -15,7 +15,8 @@
 //!        `verify ok ...` | `verify FAILED ...`
 //!   in:  `verify`, `status`, `dirty MIB_S`, `exit [CODE]`, `reset`,
 //!        `net-status`, `net-announce`, `disk-id`, `disk-write START COUNT SEED`,
-//!        `disk-verify START COUNT SEED`, `disk-bad oob|loop|huge|sector`
+//!        `disk-verify START COUNT SEED`, `disk-bad oob|loop|huge|sector`,
+//!        `disk-stamp [TAG|off]` (start stamping, or retag; alone: status)
 
 #![no_std]
 #![no_main]
@@ -31,6 +32,7 @@ mod net;
 mod ports;
 mod probe;
 mod serial;
+mod stamp;
 mod start_info;
 mod virtio;
 mod workload;
@@ -38,6 +40,7 @@ mod workload;
 use cmdline::Config;
 use io::{outl, rdtsc};
 use net::Interface;
+use stamp::Stamper;
 use virtio::blk::{BadKind, BlkDevice};
 use workload::WorkingSet;
 
@@ -116,6 +119,7 @@ struct Guest {
     booted_at: u64,
     net: Option<Interface>,
     blk: Option<BlkDevice>,
+    stamper: Option<Stamper>,
 }
 
 #[no_mangle]
@@ -196,7 +200,11 @@ pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
         booted_at,
         net,
         blk: devs.blk,
+        stamper: None,
     };
+    if g.cfg.stamp_ms > 0 {
+        g.start_stamping(stamp::tag_from("-"), g.cfg.stamp_ms);
+    }
     g.run()
 }
 
@@ -231,6 +239,15 @@ impl Guest {
                 }
                 // One memory read when nothing arrived.
                 busy |= net.poll();
+            }
+
+            if let (Some(s), Some(blk)) = (&mut self.stamper, &mut self.blk) {
+                if s.due(now, blk) {
+                    busy = true;
+                    // A write takes a few hundred microseconds; only a
+                    // write the guest was stopped in counts as a stall.
+                    self.stall.skip(print_max);
+                }
             }
 
             if now >= next_input {
@@ -378,6 +395,22 @@ impl Guest {
                     _ => println!("usage: {} START COUNT SEED", name),
                 }
             }
+            "disk-stamp" => match (words.next(), &mut self.stamper) {
+                (None, Some(s)) => s.print_status(),
+                (None, None) => println!("disk-stamp off"),
+                (Some("off"), _) => {
+                    self.stamper = None;
+                    println!("disk-stamp off");
+                }
+                (Some(tag), Some(s)) => {
+                    s.set_tag(stamp::tag_from(tag));
+                    s.print_status();
+                }
+                (Some(tag), None) => {
+                    let every = if self.cfg.stamp_ms > 0 { self.cfg.stamp_ms } else { cmdline::DEFAULT_STAMP_MS };
+                    self.start_stamping(stamp::tag_from(tag), every);
+                }
+            },
             "disk-bad" => match words.next().and_then(BadKind::parse) {
                 Some(kind) => self.disk_bad(kind),
                 None => println!("usage: disk-bad oob|loop|huge|sector"),
@@ -441,6 +474,23 @@ impl Guest {
             Ok(()) => println!("{} ok start={} count={} seed={}", name, start, count, seed),
             Err(f) => println!("{} FAILED {} start={} count={} seed={}", name, f, start, count, seed),
         }
+    }
+
+    /// Starts the disk stamps (see `stamp.rs`): reads the region first.
+    fn start_stamping(&mut self, tag: [u8; stamp::TAG_BYTES], every_ms: u64) {
+        let Some(b) = &mut self.blk else {
+            println!("disk-stamp FAILED reason=no-disk");
+            return;
+        };
+        let region = stamp::Region { at: self.cfg.stamp_at, sectors: self.cfg.stamp_sectors, every_ms };
+        match Stamper::start(b, region, tag, self.tsc_khz) {
+            Ok(s) => {
+                s.print_started();
+                self.stamper = Some(s);
+            }
+            Err(e) => println!("disk-stamp FAILED {}", e),
+        }
+        self.stall.restart();
     }
 
     fn disk_bad(&mut self, kind: BadKind) {

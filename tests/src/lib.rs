@@ -784,6 +784,7 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
 }
 
 pub mod cluster;
+pub mod stamps;
 
 /// Milliseconds since the Unix epoch (as records and leases count them).
 pub fn unix_ms_now() -> u64 {

@@ -3,12 +3,13 @@
 //! hung owner's disk is taken over with a higher epoch and the old owner's
 //! writes are refused; a fenced owner that shuts down cleanly leaves the new
 //! owner's image untouched; a kill -9 mid-write leaves an image qemu-img
-//! finds uncorrupted (a leaked cluster at most).
+//! finds uncorrupted (a leaked cluster at most); and the disk stamps the
+//! failover tests rely on catch two copies writing one disk at once.
 
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, run_ferry, s, Lab, TempDir, Vm};
+use ferry_e2e::{cluster_key, command, heartbeat_number, kvm_available, run_ferry, s, stamps, Lab, TempDir, Vm};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -304,4 +305,49 @@ fn kill_9_during_heavy_writes_leaves_a_qcow2_without_corruption() {
         .output()
         .expect("qemu-img");
     assert!(fixed.status.success(), "after -r leaks: {}", String::from_utf8_lossy(&fixed.stdout));
+}
+
+/// The disk-stamp check the failover tests rely on (tests/src/stamps.rs)
+/// catches two copies of a VM writing one disk at once. Made real here by
+/// an operator's `lease release --force` while the owner still writes:
+/// with a 30 s lease TTL its keeper notices only at its next renewal, 10 s
+/// on, and meanwhile a second VMM takes the disk and stamps it too.
+#[test]
+fn disk_stamps_catch_two_copies_writing_one_disk_at_once() {
+    if !kvm_available("disk_stamps_catch_two_copies_writing_one_disk_at_once") {
+        return;
+    }
+    let dir = TempDir::new("csv-stamps");
+    let vol = volume_with_disk(dir.path(), "d0", "raw");
+    let disk = format!("csv:{vol}/disks/d0");
+    let start = |host: &str| {
+        let vm = Vm::guest(
+            "heartbeat_ms=200 stamp_ms=10",
+            &["--mem-mib", "64", "--disk", &disk, "--host-id", host, "--lease-ttl-ms", "30000"],
+        );
+        let line = vm.wait_line(T, |l| l.starts_with("disk-stamp started"));
+        (vm, stamps::started_line_writer(&line).unwrap_or_else(|| panic!("{line}")))
+    };
+    let (a, a_writer) = start("a");
+    // Released just after a renewal, so the keeper writes on for ~10 s.
+    let renewed = lease(&vol, "d0")["updated_unix_ms"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while lease(&vol, "d0")["updated_unix_ms"] == renewed {
+        assert!(std::time::Instant::now() < deadline, "a renews its lease: {}", lease(&vol, "d0"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let epoch = lease(&vol, "d0")["epoch"].as_u64().unwrap().to_string();
+    let out =
+        run_ferry(&["disk", "lease", "release", "--force", "--volume", &vol, "--host", "a", "--epoch", &epoch, "d0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (b, b_writer) = start("b");
+    std::thread::sleep(Duration::from_millis(1000));
+    let image = stamps::volume_image(Path::new(&vol), "d0");
+    let all = stamps::read(&image, stamps::DEFAULT_AT, stamps::DEFAULT_SECTORS).unwrap();
+    let bad = stamps::check_no_overlap(&all).expect_err("a wrote after b had started");
+    let gap = format!("writer {a_writer:#x} (-) wrote slot");
+    let after = format!("after writer {b_writer:#x} (-) had read the region");
+    assert!(bad.iter().any(|l| l.contains(&gap) && l.contains(&after)), "{bad:#?}");
+    eprintln!("{} of a's records landed in b's gap, e.g. {}", bad.len(), bad[0]);
+    drop((a, b));
 }

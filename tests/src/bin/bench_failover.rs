@@ -10,24 +10,34 @@
 //! - restart_ms: the owner key names the new node,
 //! - first_reply_ms: the client's first ping reply from the new node.
 //!
+//! - old_vmm_gone_ms: the failed host's VMM has exited: for a partition
+//!   that is the node's own self-fence (its agent, cut off, kills it), for
+//!   a crash the bench's own kill -9 taking effect,
+//! - disk_quiet_ms: from the old copy's last disk stamp to the new one's
+//!   first, by the guests' TSC (the host's on PVM).
+//!
 //! Detection is reported apart for runs where the failed node led the
 //! cluster (a new leader must first be elected: what the election costs);
-//! fence_wait_ms includes the 500 ms disk-lease margin.
+//! detection, restart and first reply apart for runs where its etcd member
+//! held the raft leadership (etcd refreshes every lease's TTL when a new
+//! raft leader takes over); fence_wait_ms includes the 500 ms disk-lease
+//! margin. `runs` counts the runs measured (a run whose VM never answered
+//! again ends its cell).
 //!
 //! The rounds (2 TTLs x 2 kinds x RUNS, the failed host being wherever the
 //! VM runs, so it alternates) are also the failover soak: each round
 //! writes a disk pattern before the failure and verifies it after, counts
-//! the VM's VMMs cluster-wide (exactly one), and for a partition checks
-//! that the cut-off host's VMM was gone before the owner key moved (so no
-//! two hosts ever wrote the disk).
+//! the VM's VMMs cluster-wide (exactly one), checks that the cut-off
+//! host's VMM was gone before the owner key moved, and proves from the
+//! disk that no two copies ever wrote it at once: the guest stamps its
+//! disk every 20 ms from boot (tests/src/stamps.rs), and no record of the
+//! old copy may come after the new copy had started.
 
-use std::time::Instant;
-
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_e2e::cluster::{processes_with, vmm_pids, wait_guest, Agent, ClusterLab, VmmReaper};
 use ferry_e2e::stats::{median, round3};
-use ferry_e2e::{kvm_available, run_ferry, unix_ms_now, TempDir};
+use ferry_e2e::{kvm_available, run_ferry, stamps, unix_ms_now, TempDir};
 use serde_json::{json, Value};
 
 const RUNS: usize = 5;
@@ -94,6 +104,37 @@ fn keep_logs(cl: &ClusterLab, tag: &str) {
     eprintln!("logs of the failed round kept in {}", to.display());
 }
 
+/// Checks the disk stamps after a failover from the copy whose stamps
+/// came from `old_writer` to the guest now on `new_owner`: no two writers
+/// ever overlapped, and the last two in slot order are the old one and
+/// the new one. Returns the new writer and how long the disk was quiet
+/// between the two (ms, by the TSC).
+fn disk_turns(
+    cl: &ClusterLab,
+    image: &std::path::Path,
+    new_owner: &str,
+    old_writer: u64,
+) -> Result<(u64, f64), String> {
+    let new_writer = stamps::started_writer(&cl.console(new_owner, VM), T)?;
+    let deadline = Instant::now() + T;
+    loop {
+        let all = stamps::read(image, stamps::DEFAULT_AT, stamps::DEFAULT_SECTORS).map_err(|e| e.to_string())?;
+        let ws = stamps::check_no_overlap(&all).map_err(|bad| bad.join("; "))?;
+        if let [.., old, new] = ws.as_slice() {
+            if new.writer == new_writer {
+                if old.writer != old_writer {
+                    return Err(format!("the writer before {new_writer:#x} is {:#x}, not {old_writer:#x}", old.writer));
+                }
+                return Ok((new_writer, stamps::quiet_ms(old, new)));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no record of {new_writer:#x} on {new_owner} within {T:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[derive(Default)]
 struct Soak {
     rounds: usize,
@@ -101,6 +142,9 @@ struct Soak {
     double_runs: usize,
     disk_errors: usize,
     overlapping_writers: usize,
+    /// Rounds whose disk stamps show the old copy writing after the new
+    /// one had started (or that could not be checked).
+    interleaved_disk_writes: usize,
     needless_fences: usize,
     errors: Vec<String>,
 }
@@ -138,19 +182,24 @@ fn main() {
         let mut agents: Vec<Agent> = NODES.iter().map(|n| Agent::start(&cl, n, &flags)).collect();
         cl.wait_nodes_up(3);
         let guest = ferry_e2e::guest_elf().display().to_string();
-        let (disk, cmdline) = (format!("csv:{vol}/disks/d0"), format!("heartbeat_ms=200 ip={VM_IP}"));
+        let (disk, cmdline) = (format!("csv:{vol}/disks/d0"), format!("heartbeat_ms=200 ip={VM_IP} stamp_ms=20"));
         let create =
             ["vm", "create", VM, "--kernel", &guest, "--mem-mib", "128", "--cmdline", &cmdline, "--disk", &disk];
         let args: Vec<&str> = create.into_iter().chain(["--net", "mac=52:54:00:a9:05:01"]).collect();
         cl.cli_ok(&args);
         cl.cli_ok(&["vm", "start", VM, "--on", "a", "--wait"]);
         wait_guest(&cl.console("a", VM));
+        let mut writer = stamps::started_writer(&cl.console("a", VM), T).unwrap();
+        let image = stamps::volume_image(std::path::Path::new(&vol), "d0");
         let kinds: Vec<&str> = only.as_ref().map_or(vec!["crash", "partition"], |o| vec![o.1.as_str()]);
         let runs = only.as_ref().map_or(RUNS, |o| o.2);
         for kind in kinds {
             let (mut detect, mut fence, mut restart, mut reply) = (vec![], vec![], vec![], vec![]);
             let (mut detect_leader, mut detect_other) = (vec![], vec![]);
             let (mut detect_etcd_leader, mut detect_etcd_follower) = (vec![], vec![]);
+            let (mut restart_etcd_leader, mut restart_etcd_follower) = (vec![], vec![]);
+            let (mut reply_etcd_leader, mut reply_etcd_follower) = (vec![], vec![]);
+            let (mut old_gone, mut quiet) = (vec![], vec![]);
             for run in 0..runs {
                 let owner = cl.owner(VM).unwrap();
                 let i = NODES.iter().position(|n| *n == owner).unwrap();
@@ -200,8 +249,12 @@ fn main() {
                 }
                 if led_etcd {
                     detect_etcd_leader.push(at("detected_unix_ms"));
+                    restart_etcd_leader.push(at("restart_unix_ms"));
+                    reply_etcd_leader.push(first);
                 } else {
                     detect_etcd_follower.push(at("detected_unix_ms"));
+                    restart_etcd_follower.push(at("restart_unix_ms"));
+                    reply_etcd_follower.push(first);
                 }
                 // The soak's checks: one VMM, the disk intact, and after a
                 // partition the old writer gone before the owner moved.
@@ -216,6 +269,21 @@ fn main() {
                     soak.errors.push(format!("ttl {ttl} {kind} {run}: disk-verify on {new_owner}: {v:?}"));
                 }
                 let gone_ms = gone.join().ok().flatten();
+                if let Some(g) = gone_ms {
+                    old_gone.push(g.saturating_sub(t0.1) as f64);
+                }
+                match disk_turns(&cl, &image, &new_owner, writer) {
+                    Ok((new_writer, ms)) => {
+                        quiet.push(ms);
+                        writer = new_writer;
+                    }
+                    Err(e) => {
+                        soak.interleaved_disk_writes += 1;
+                        soak.errors.push(format!("ttl {ttl} {kind} {run}: disk stamps: {e}"));
+                        keep_logs(&cl, &format!("{ttl}-{kind}-{run}-stamps"));
+                        writer = stamps::started_writer(&cl.console(&new_owner, VM), T).unwrap_or(0);
+                    }
+                }
                 let moved_ms = f["restart_unix_ms"].as_u64();
                 if kind == "partition" && !matches!((gone_ms, moved_ms), (Some(g), Some(m)) if g < m) {
                     soak.overlapping_writers += 1;
@@ -224,7 +292,7 @@ fn main() {
                     ));
                 }
                 eprintln!(
-                    "ttl {ttl} ms, {kind} {run} of {owner}{}: detected {:.0} ms, fence wait {:.0}, restart {:.0}, first reply {:.0} (on {new_owner})",
+                    "ttl {ttl} ms, {kind} {run} of {owner}{}: detected {:.0} ms, fence wait {:.0}, restart {:.0}, first reply {:.0} (on {new_owner}); old VMM gone {}, disk quiet {}",
                     match (was_leader, led_etcd) {
                         (true, true) => " (leader, etcd leader)",
                         (true, false) => " (leader)",
@@ -234,7 +302,9 @@ fn main() {
                     at("detected_unix_ms"),
                     f["fence_wait_ms"].as_f64().unwrap_or(0.0),
                     at("restart_unix_ms"),
-                    first
+                    first,
+                    old_gone.last().filter(|_| gone_ms.is_some()).map_or("?".into(), |g| format!("{g:.0} ms")),
+                    quiet.last().map_or("?".into(), |q| format!("{q:.0} ms")),
                 );
                 // Bring the failed host back.
                 if kind == "crash" {
@@ -256,10 +326,12 @@ fn main() {
                 }
                 cl.wait_nodes_up(3);
             }
+            let gone_name = if kind == "partition" { "self_fence_ms" } else { "old_vmm_gone_ms" };
             results.push(json!({
                 "lease_ttl_ms": ttl,
                 "kind": kind,
-                "runs": RUNS,
+                "runs": reply.len(),
+                "runs_planned": runs,
                 "detection_ms": stats(&detect),
                 "detection_ms_failed_node_led": stats(&detect_leader),
                 "detection_ms_failed_node_did_not_lead": stats(&detect_other),
@@ -267,12 +339,20 @@ fn main() {
                 "detection_ms_failed_node_was_etcd_follower": stats(&detect_etcd_follower),
                 "fence_wait_ms": stats(&fence),
                 "restart_ms": stats(&restart),
+                "restart_ms_failed_node_held_etcd_leader": stats(&restart_etcd_leader),
+                "restart_ms_failed_node_was_etcd_follower": stats(&restart_etcd_follower),
                 "first_reply_ms": stats(&reply),
+                "first_reply_ms_failed_node_held_etcd_leader": stats(&reply_etcd_leader),
+                "first_reply_ms_failed_node_was_etcd_follower": stats(&reply_etcd_follower),
+                gone_name: stats(&old_gone),
+                "disk_quiet_ms": stats(&quiet),
             }));
         }
         drop(agents);
     }
-    let soak_clean = soak.lost_vms + soak.double_runs + soak.disk_errors + soak.overlapping_writers == 0;
+    let soak_clean =
+        soak.lost_vms + soak.double_runs + soak.disk_errors + soak.overlapping_writers + soak.interleaved_disk_writes
+            == 0;
     let doc = json!({
         "disk_margin_ms": 500,
         "soak": {
@@ -281,6 +361,7 @@ fn main() {
             "vms_running_twice": soak.double_runs,
             "disk_pattern_errors": soak.disk_errors,
             "disks_written_by_two_hosts": soak.overlapping_writers,
+            "interleaved_disk_writes": soak.interleaved_disk_writes,
             "needless_fences": soak.needless_fences,
             "errors": soak.errors,
             "target": "0 lost, 0 twice, 0 disks written by two hosts over 20 rounds",

@@ -10,7 +10,8 @@
 //!    [`DISK_MARGIN`]: whatever VMM was left writing has stopped (a VMM
 //!    fences itself when it cannot renew, a third of its TTL early);
 //! 3. the owner key moves from the dead node to a surviving one (preferred
-//!    owners, then free memory; never paused, draining or quarantined) by
+//!    owners, then free memory; never one that is paused, draining or
+//!    quarantined, or lacks a CPU feature of the VM's profile) by
 //!    the transaction that compares owner and epoch, and the new owner's
 //!    agent cold-boots it from its shared disk, taking the leases over
 //!    with a higher epoch.
@@ -28,10 +29,12 @@ use std::time::Duration;
 
 use cluster::{
     ChangeKind, Cluster, ClusterKey, Error as ClusterError, EventRecord, HistoryEntry, HistoryKind, NodeAdmin,
-    NodeLease, Owner, RestartRecord, FORMAT_VERSION,
+    NodeLease, Owner, RestartRecord, SeenUp, FORMAT_VERSION,
 };
 
-use super::offers::Offers;
+use vmm::arch::x86_64::cpu_profile::CpuProfile;
+
+use super::offers::{self, Offers};
 use super::spec::VmSpec;
 
 /// After a VM's last disk lease expired, the leader waits this much more
@@ -107,20 +110,26 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig, node: &Arc<NodeLease>) -> anyhow:
     }
     let mut watch = c.watch_nodes(listing.revision + 1).await?;
     let mut restarts = Restarts::default();
-    // Nodes that went down while nobody led (the old leader among them,
-    // perhaps), if they left VMs behind.
-    let mut orphaned: Vec<String> = c
-        .vm_owners_and_statuses()
-        .await?
-        .into_values()
-        .filter_map(|(o, _)| o.and_then(|o| o.node))
-        .filter(|n| !up.contains(n))
-        .collect();
-    orphaned.sort();
-    orphaned.dedup();
-    for id in &orphaned {
+    // Nodes that went down while nobody led: those the last leader saw up
+    // that are gone (the old leader among them: its node key went with
+    // its leader key, before this leader watched). Before any leader said
+    // what it saw: the nodes that left VMs behind.
+    let mut went_down: Vec<String> = match c.seen_up().await? {
+        Some(seen) => seen.nodes.into_iter().filter(|n| !up.contains(n)).collect(),
+        None => c
+            .vm_owners_and_statuses()
+            .await?
+            .into_values()
+            .filter_map(|(o, _)| o.and_then(|o| o.node))
+            .filter(|n| !up.contains(n))
+            .collect(),
+    };
+    went_down.sort();
+    went_down.dedup();
+    for id in &went_down {
         node_down(c, cfg, id).await;
     }
+    record_seen_up(c, cfg, &up).await;
     restart_orphans(c, cfg, node, &up, &mut restarts).await?;
     loop {
         let Some(ch) = watch.next().await else { anyhow::bail!("the node watch ended") };
@@ -137,15 +146,27 @@ async fn lead(c: &Cluster, cfg: &LeaderConfig, node: &Arc<NodeLease>) -> anyhow:
             ChangeKind::Put => {
                 if up.insert(id.clone()) {
                     event(c, "node-up", &id, None, "registered".into(), serde_json::Value::Null).await;
+                    record_seen_up(c, cfg, &up).await;
                 }
             }
             ChangeKind::Delete => {
                 up.remove(&id);
                 node_down(c, cfg, &id).await;
+                record_seen_up(c, cfg, &up).await;
                 restart_orphans(c, cfg, node, &up, &mut restarts).await?;
             }
         }
         restarts.0.retain(|_, t| !t.is_finished());
+    }
+}
+
+/// Writes the nodes this leader sees up, for the next leader.
+async fn record_seen_up(c: &Cluster, cfg: &LeaderConfig, up: &HashSet<String>) {
+    let mut nodes: Vec<String> = up.iter().cloned().collect();
+    nodes.sort();
+    let seen = SeenUp { v: FORMAT_VERSION, nodes, leader: cfg.me.clone(), at_unix_ms: cluster::records::unix_ms() };
+    if let Err(e) = c.set_seen_up(&seen).await {
+        tracing::warn!("cannot record the nodes seen up: {e}");
     }
 }
 
@@ -461,33 +482,155 @@ impl Restart {
 }
 
 /// Where a failed node's VM restarts: up, not paused, draining or
-/// quarantined, with the memory; preferred owners first, then the most
-/// free memory.
+/// quarantined, with the memory and the VM's CPU features; preferred
+/// owners first, then the most free memory.
 async fn place(c: &Cluster, spec: &VmSpec, dead: &str, name: &str) -> Result<String, String> {
     let nodes = c.nodes().await.map_err(|e| e.to_string())?;
     let admins: HashMap<String, NodeAdmin> = c.node_admins().await.map_err(|e| e.to_string())?.into_iter().collect();
     let now = cluster::records::unix_ms();
     let preferred = c.vm(name).await.ok().flatten().map(|v| v.value.preferred_owners).unwrap_or_default();
-    let mut fit: Vec<(String, u64)> = vec![];
-    for n in nodes {
-        let r = n.value;
-        if r.id == dead {
-            continue;
-        }
-        let a = admins.get(&r.id);
-        if a.is_some_and(|a| a.paused || a.draining || a.quarantined_until_unix_ms.is_some_and(|q| q > now)) {
-            continue;
-        }
-        let free = serde_json::from_value::<Offers>(r.offers).map_or(0, |o| o.mem_free_mib);
-        if free >= spec.machine.mem_mib {
-            fit.push((r.id, free));
+    let candidates: Vec<Candidate> = nodes
+        .into_iter()
+        .map(|n| n.value)
+        .filter(|r| r.id != dead)
+        .map(|r| {
+            let a = admins.get(&r.id);
+            let excluded = match a {
+                Some(a) if a.quarantined_until_unix_ms.is_some_and(|q| q > now) => Some("quarantined"),
+                Some(a) if a.draining => Some("draining"),
+                Some(a) if a.paused => Some("paused"),
+                _ => None,
+            };
+            let offers = serde_json::from_value::<Offers>(r.offers).unwrap_or_default();
+            Candidate { id: r.id, excluded, mem_free_mib: offers.mem_free_mib, cpu: offers.cpu }
+        })
+        .collect();
+    choose(&candidates, spec.machine.mem_mib, spec.machine.cpu_profile.as_ref(), &preferred)
+}
+
+/// A surviving node as placement sees it.
+#[derive(Clone, Debug)]
+struct Candidate {
+    id: String,
+    /// Why it takes no VMs (paused, draining, quarantined), if so.
+    excluded: Option<&'static str>,
+    mem_free_mib: u64,
+    cpu: Option<offers::CpuSummary>,
+}
+
+/// The placement decision: of the nodes that take VMs, have `mem_mib`
+/// free and offer every CPU feature of the VM's profile (a VM without one
+/// boots on whatever CPU its node has), the first of `preferred`, else
+/// the one with the most free memory (ties: the lowest id). The error
+/// names why each node was passed over.
+fn choose(
+    candidates: &[Candidate],
+    mem_mib: u64,
+    cpu_profile: Option<&CpuProfile>,
+    preferred: &[String],
+) -> Result<String, String> {
+    let mut fit: Vec<&Candidate> = vec![];
+    let mut passed_over = vec![];
+    for n in candidates {
+        let why = if let Some(x) = n.excluded {
+            Some(x.to_owned())
+        } else if n.mem_free_mib < mem_mib {
+            Some(format!("{} MiB free", n.mem_free_mib))
+        } else {
+            cpu_profile.and_then(|p| match &n.cpu {
+                None => Some("its CPU is unknown".to_owned()),
+                Some(cpu) => cpu.cannot_offer(p),
+            })
+        };
+        match why {
+            None => fit.push(n),
+            Some(why) => passed_over.push(format!("{}: {why}", n.id)),
         }
     }
-    if let Some(p) = preferred.iter().find(|p| fit.iter().any(|(id, _)| id == *p)) {
+    if let Some(p) = preferred.iter().find(|p| fit.iter().any(|n| n.id == **p)) {
         return Ok(p.clone());
     }
-    fit.iter()
-        .max_by_key(|(id, free)| (*free, std::cmp::Reverse(id.clone())))
-        .map(|(id, _)| id.clone())
-        .ok_or_else(|| format!("no node that takes VMs has {} MiB free", spec.machine.mem_mib))
+    if let Some(n) = fit.iter().max_by_key(|n| (n.mem_free_mib, std::cmp::Reverse(&n.id))) {
+        return Ok(n.id.clone());
+    }
+    let cpu = if cpu_profile.is_some() { " and the VM's CPU features" } else { "" };
+    let why = if passed_over.is_empty() { "no other node is up".to_owned() } else { passed_over.join("; ") };
+    Err(format!("no node that takes VMs has {mem_mib} MiB free{cpu} ({why})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::arch::x86_64::cpu_features::CpuidLeaf;
+
+    /// A profile with leaf 0 (GenuineIntel) and leaf 7's EBX as given
+    /// (bit 5 avx2, bit 16 avx512f).
+    fn profile(leaf7_ebx: u32) -> CpuProfile {
+        let vendor =
+            CpuidLeaf { function: 0, index: 0, eax: 0xd, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 };
+        let leaf7 = CpuidLeaf { function: 7, index: 0, eax: 0, ebx: leaf7_ebx, ecx: 0, edx: 0 };
+        CpuProfile::from_leaves("test", &[vendor, leaf7], Default::default())
+    }
+
+    fn node(id: &str, free: u64, leaf7_ebx: u32) -> Candidate {
+        let p = profile(leaf7_ebx);
+        let cpu = offers::CpuSummary {
+            vendor: p.vendor,
+            features: p.features.len(),
+            digest: String::new(),
+            leaves: p.leaves,
+        };
+        Candidate { id: id.into(), excluded: None, mem_free_mib: free, cpu: Some(cpu) }
+    }
+
+    const AVX2: u32 = 1 << 5;
+    const AVX512F: u32 = 1 << 16;
+
+    #[test]
+    fn preferred_owners_first_then_the_most_free_memory() {
+        let nodes = [node("a", 4000, AVX2), node("b", 1000, AVX2), node("c", 2000, AVX2)];
+        assert_eq!(choose(&nodes, 512, None, &["c".into(), "b".into()]), Ok("c".into()));
+        assert_eq!(choose(&nodes, 512, None, &[]), Ok("a".into()));
+        assert_eq!(choose(&nodes, 1500, None, &["b".into()]), Ok("a".into()), "b lacks the memory");
+        let tie = [node("b", 1000, AVX2), node("a", 1000, AVX2)];
+        assert_eq!(choose(&tie, 512, None, &[]), Ok("a".into()));
+    }
+
+    #[test]
+    fn nodes_that_lack_the_vms_cpu_features_are_passed_over() {
+        let wants_avx512 = profile(AVX2 | AVX512F);
+        let nodes = [node("a", 8000, AVX2), node("b", 1000, AVX2 | AVX512F), node("c", 2000, AVX2 | AVX512F)];
+        // a has the most memory and is preferred, but not the CPU.
+        assert_eq!(choose(&nodes, 512, Some(&wants_avx512), &["a".into()]), Ok("c".into()));
+        // A baseline every node meets: the usual order.
+        assert_eq!(choose(&nodes, 512, Some(&profile(AVX2)), &[]), Ok("a".into()));
+        let err = choose(&nodes[..1], 512, Some(&wants_avx512), &[]).unwrap_err();
+        assert!(err.contains("and the VM's CPU features") && err.contains("a: lacks avx512f"), "{err}");
+    }
+
+    #[test]
+    fn unknown_cpus_and_excluded_nodes_take_nothing_and_say_why() {
+        let mut unknown = node("a", 8000, AVX2);
+        unknown.cpu = None;
+        let mut old_agent = node("b", 8000, AVX2);
+        old_agent.cpu.as_mut().unwrap().leaves.clear();
+        let mut paused = node("c", 8000, AVX2);
+        paused.excluded = Some("paused");
+        let nodes = [unknown.clone(), old_agent, paused];
+        let err = choose(&nodes, 512, Some(&profile(AVX2)), &[]).unwrap_err();
+        assert!(err.contains("a: its CPU is unknown"), "{err}");
+        assert!(err.contains("b: its CPU features are not published"), "{err}");
+        assert!(err.contains("c: paused"), "{err}");
+        // A VM without a CPU profile does not care what the CPU is.
+        assert_eq!(choose(&nodes, 512, None, &[]), Ok("a".into()));
+        assert!(choose(&[], 512, None, &[]).unwrap_err().contains("no other node is up"));
+    }
+
+    #[test]
+    fn another_vendor_never_fits() {
+        let mut amd = node("a", 8000, AVX2 | AVX512F);
+        amd.cpu.as_mut().unwrap().vendor = "AuthenticAMD".into();
+        let err = choose(&[amd], 512, Some(&profile(AVX2)), &[]).unwrap_err();
+        assert!(err.contains("its CPU is AuthenticAMD, the VM's profile GenuineIntel"), "{err}");
+    }
 }

@@ -16,13 +16,15 @@
 //!   `ferry receive` and runs the VM once the owner key names this node.
 //! - Fences itself: if its lease cannot be renewed until shortly before
 //!   it may expire, it kills its VMMs and exits, before any other node
-//!   may take the VMs over.
+//!   may take the VMs over. The next agent records that fence as an
+//!   event ([`fence_note`]).
 //! - Has a [`watchdog`]: if its main task stops running (stuck in a
 //!   syscall, deadlocked), the watchdog thread kills its VMMs and ends
 //!   the agent (exit 4).
 //! - Runs the commands the cluster asks of the node ([`node_command`]:
 //!   an update's command) and reports its [`health`] when it starts.
 
+pub mod fence_note;
 pub mod health;
 pub mod leader;
 pub mod moves;
@@ -73,6 +75,9 @@ pub struct AgentConfig {
     pub quarantine_after: usize,
     /// ...for this long.
     pub quarantine_for: Duration,
+    /// Join the cluster paused (`ferry node run --paused`): the node takes
+    /// no VMs until `ferry node resume`.
+    pub paused: bool,
     /// The binary and arguments the agent was started with (a restart
     /// runs them again).
     pub exe: PathBuf,
@@ -259,7 +264,12 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
         vms: 0,
     };
     record.offers = serde_json::to_value(&offers)?;
+    if cfg.paused {
+        // Before the node record exists, so no VM is placed here first.
+        pause_before_joining(&cluster, &cfg.node_id).await?;
+    }
     let node = Arc::new(register(&cluster, &cfg, &record).await?);
+    fence_note::record(&cluster, &cfg.node_id, &cfg.state_dir).await;
     let witness_root = match &cfg.witness {
         Some(w) => Some(w.clone()),
         None => cluster.cluster_record().await.ok().flatten().map(|r| PathBuf::from(r.value.volume)),
@@ -276,7 +286,8 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
     let witness_stop = witness.as_ref().map(|w| w.start(node.lease.ttl() / 3));
     // Armed when the main loop starts (Agent::run).
     let dog = watchdog::Watchdog::new(watchdog::deadline_for(node.lease.ttl()));
-    dog.start(watchdog::exit_hung);
+    let note_dir = cfg.state_dir.clone();
+    dog.start(move |why, pids| watchdog::exit_hung(why, pids, &note_dir));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
         cfg,
@@ -298,6 +309,36 @@ async fn start(cfg: AgentConfig, signals: UnboundedReceiver<i32>) -> anyhow::Res
     };
     let period = watchdog::period_for(dog.deadline());
     watchdog::petted(&dog, period, agent.run(events_rx, signals)).await
+}
+
+/// Marks the node paused (its admin record, which has no lease) before it
+/// registers. etcd may still be coming back: retried for a while; the
+/// write is a plain put of the same value, so an unknown outcome is
+/// simply tried again.
+async fn pause_before_joining(cluster: &Cluster, node: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let mut admin = cluster.node_admin(node).await?.unwrap_or_default();
+            admin.v = FORMAT_VERSION;
+            admin.paused = true;
+            cluster.set_node_admin(node, &admin).await
+        };
+        match attempt.await {
+            Ok(()) => {
+                eprintln!("ferry node: {node} joins paused: it takes no VMs until `ferry node resume {node}`");
+                return Ok(());
+            }
+            Err(e)
+                if Instant::now() < deadline
+                    && (e.outcome_unknown() || matches!(e, ClusterError::Unavailable { .. })) =>
+            {
+                eprintln!("ferry node: cannot mark {node} paused yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context(format!("cannot mark node {node} paused")),
+        }
+    }
 }
 
 /// Registers the node. A key still held by the lease this state dir's
@@ -613,12 +654,22 @@ impl Agent {
     /// Kills every VMM (they must stop before anyone may take their VMs
     /// over) and ends the agent.
     fn fence(&mut self, why: &str) -> i32 {
+        const EXIT_FENCED: i32 = 3;
         eprintln!("ferry node: fencing: {why}; killing {} VMM(s)", self.local.len());
         for (name, l) in &self.local {
             tracing::warn!("fencing VM {name} (pid {})", l.pid);
             process::kill(l.pid);
         }
-        3
+        let note = fence_note::FenceNote {
+            at_unix_ms: cluster::records::unix_ms(),
+            why: why.to_owned(),
+            killed: self.local.keys().cloned().collect(),
+            exit_code: EXIT_FENCED,
+        };
+        if let Err(e) = fence_note::write(&self.cfg.state_dir, &note) {
+            tracing::warn!("cannot leave a note of this fence in {}: {e}", self.cfg.state_dir.display());
+        }
+        EXIT_FENCED
     }
 
     /// Reads every VM and owner, and watches from just after.

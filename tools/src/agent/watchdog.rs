@@ -169,12 +169,22 @@ pub async fn petted<T>(w: &Watchdog, period: Duration, work: impl std::future::F
     }
 }
 
-/// Ends the agent after its watchdog fired: says why (bounded: the hung
-/// thread may hold stderr's lock) and exits without running destructors
-/// or atexit handlers, which could wait on that thread too.
-pub fn exit_hung(why: String, pids: Vec<u32>) {
+/// Ends the agent after its watchdog fired: says why and leaves a fence
+/// note in `state_dir` for the next agent (both bounded: the hung thread
+/// may hold stderr's lock, and the local disk may be what hangs), and
+/// exits without running destructors or atexit handlers, which could wait
+/// on that thread too.
+pub fn exit_hung(why: String, pids: Vec<u32>, state_dir: &std::path::Path) {
     let (tx, rx) = std::sync::mpsc::channel();
+    let state_dir = state_dir.to_owned();
     std::thread::spawn(move || {
+        let note = super::fence_note::FenceNote {
+            at_unix_ms: cluster::records::unix_ms(),
+            why: why.clone(),
+            killed: pids.iter().map(|p| format!("pid {p}")).collect(),
+            exit_code: EXIT_HUNG,
+        };
+        let _ = super::fence_note::write(&state_dir, &note);
         eprintln!("ferry node: watchdog: {why}; fenced: killed {} VMM(s) {pids:?}; exiting", pids.len());
         let _ = tx.send(());
     });

@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// How long a quarantine lasts.
     #[arg(long, value_name = "SECS", default_value_t = 7200)]
     quarantine_secs: u64,
+    /// Join paused: the node takes no VMs (no placement, failover, drain
+    /// or failback puts one on it) until `ferry node resume NODE`; for a
+    /// node coming back from a failure or repair. Without it a node
+    /// keeps the setting it had (paused stays paused).
+    #[arg(long)]
+    paused: bool,
 }
 
 pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
@@ -228,6 +234,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<i32> {
                 witness: a.witness.as_deref().map(std::path::absolute).transpose()?,
                 quarantine_after: a.quarantine_after,
                 quarantine_for: Duration::from_secs(a.quarantine_secs),
+                paused: a.paused,
                 exe: started_from()?,
                 args: std::env::args_os().skip(1).collect(),
             })

@@ -37,6 +37,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed member may take to disappear.
 pub const KILL_WAIT: Duration = Duration::from_secs(3);
+/// The members' raft heartbeat and election timeout (see `start`).
+pub const HEARTBEAT_MS: u64 = 50;
+pub const ELECTION_TIMEOUT_MS: u64 = 500;
 /// One `/health` request.
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -114,6 +117,18 @@ pub fn start(lab: &str, role: Role, hosts: &[Role]) -> Result<Started, LabError>
         // no leader (no lease renewals, no writes) for seconds. etcd 3.5
         // turns this on by default; Debian's 3.4 does not.
         .arg("--pre-vote")
+        // A crashed raft leader costs a failover the election (one to two
+        // election timeouts) plus one more: the new leader extends every
+        // lease by an election timeout, as it cannot know when the old
+        // one last saw a keepalive. At etcd's 100/1000 ms defaults the VM
+        // of a node whose member led answered after 5.6-6.1 s, at
+        // 50/500 ms after 4.2-4.8 s (bench-failover, README). The lab's
+        // members share one machine and keep their data in /run (tmpfs:
+        // no slow fsync), so 50 ms heartbeats are sent on time even with
+        // the box busy; 10 heartbeats per election timeout, as etcd
+        // advises. Lease TTLs at least 1.5 election timeouts: 1 s here.
+        .args(["--heartbeat-interval", &HEARTBEAT_MS.to_string()])
+        .args(["--election-timeout", &ELECTION_TIMEOUT_MS.to_string()])
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
