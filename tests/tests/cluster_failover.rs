@@ -497,7 +497,10 @@ fn the_leader_cut_off_alone_restarts_nothing_and_the_others_elect_a_new_one() {
     assert!(others.contains(&new_leader.as_str()), "a new leader among the majority: {new_leader}");
     for ((vm, on), p) in vms.iter().zip(&pings) {
         eprintln!("  {} on {on}: {} of {} pings lost", vm.name, p["pings_lost"], p["pings_sent"]);
-        assert!(p["pings_lost"].as_u64().unwrap() < 10, "{} keeps answering: {p}", vm.name);
+        // Kept answering: a restart (a cold boot elsewhere) would cost
+        // hundreds of probes; a loaded 2-core box delays a few past the
+        // 200 ms probe timeout (the unchanged PIDs below are the proof).
+        assert!(p["pings_lost"].as_u64().unwrap() < 50, "{} keeps answering: {p}", vm.name);
     }
     // The cut-off leader fenced itself (others are alive: the witness)
     // with nothing to kill; it restarted nothing.
