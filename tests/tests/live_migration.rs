@@ -277,3 +277,60 @@ fn a_guest_dirtying_faster_than_the_link_is_cancelled_cleanly_or_converges_with_
     vm.wait_api(T);
     assert_intact(&vm, None, "after an auto-converged move");
 }
+
+/// A guest whose dirty pages are tracked by KVM's dirty ring (small rings,
+/// so its vCPU fills its ring and exits to make room many times a round)
+/// moves a -> b -> a while dirtying, its memory and disk intact each way.
+#[test]
+fn a_guest_tracked_by_dirty_rings_moves_there_and_back_intact() {
+    if !kvm_available("a_guest_tracked_by_dirty_rings_moves_there_and_back_intact") {
+        return;
+    }
+    const RING: &str = "ring:1024";
+    let lab = Lab::up("l4");
+    lab.ok(&["tap", "add", "a", "vm0"]);
+    lab.ok(&["tap", "add", "b", "vm0"]);
+    let dir = TempDir::new("ring");
+    let disk = disk_image(dir.path(), "d.img", 16);
+    let guest = ferry_e2e::guest_elf();
+    let mut vm = Vm::launch(
+        Some(&lab.netns("a")),
+        "run",
+        &[
+            s("--kernel"),
+            guest.display().to_string(),
+            s("--mem-mib"),
+            s("256"),
+            s("--cmdline"),
+            format!("heartbeat_ms=200 ip={GUEST_IP} wss_mib=128 dirty_mib_s=50"),
+            s("--net"),
+            s("tap=vm0,mac=52:54:00:c0:ff:ee"),
+            s("--disk"),
+            disk.display().to_string(),
+            s("--dirty-tracking"),
+            s(RING),
+        ],
+    );
+    vm.wait_line(T, |l| l.starts_with("workload ready"));
+    let w = command(&vm, "disk-write 0 256 41", "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{w}");
+    let mut host = "a";
+    for leg in 1..=2u16 {
+        let to = Lab::other_host(host);
+        let port = 7830 + leg;
+        let mut dest = receiver(&lab, to, port, &["--dirty-tracking", RING]);
+        // A capped link: round 0 takes over a second, long enough for the
+        // guest to dirty far more pages than a 1024-entry ring holds.
+        let (ok, f, err) =
+            migrate(&lab, host, &vm, &format!("tcp:{}:{port}", Lab::host_ip(to)), &["--max-bandwidth", "100"]);
+        assert!(ok, "leg {leg}: {err}");
+        assert_eq!(f["dirty_log"], "Ring", "leg {leg}: {f}");
+        assert!(f["rounds"].as_u64().unwrap() >= 2, "{f}");
+        assert_eq!(vm.wait_exit(T).code(), Some(0));
+        std::mem::swap(&mut vm, &mut dest);
+        vm.wait_api(T);
+        assert_intact(&vm, Some(41), &format!("leg {leg} with dirty rings"));
+        eprintln!("leg {leg} {host}->{to} (dirty rings): {f}");
+        host = to;
+    }
+}

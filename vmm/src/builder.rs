@@ -42,7 +42,7 @@ use crate::vstate::VmEvent;
 /// destination does this while memory is still arriving, outside the
 /// downtime window (memory slots cost milliseconds per GiB).
 pub fn prepare(host: &HostConfig, ram: &GuestRam) -> Result<Vm, Error> {
-    let vm = Vm::new(&host.kvm_device)?;
+    let vm = Vm::new(&host.kvm_device, host.dirty_tracking)?;
     vm.register_memory(&ram.memory)?;
     Ok(vm)
 }
@@ -334,7 +334,14 @@ impl Core {
     }
 
     fn vcpu(&self, vm: &Vm, id: u8) -> Result<Vcpu, Error> {
-        Ok(Vcpu::new(&vm.fd, id, self.bus.clone(), self.control.clone(), self.events_tx.clone())?)
+        Ok(Vcpu::new(
+            &vm.fd,
+            id,
+            self.bus.clone(),
+            self.control.clone(),
+            self.events_tx.clone(),
+            vm.dirty_rings.clone(),
+        )?)
     }
 
     /// Starts the device loop and the vCPU threads (parked unless the VM

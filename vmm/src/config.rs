@@ -83,6 +83,10 @@ pub struct HostConfig {
     /// sees the same device either way).
     #[serde(default)]
     pub virtio_notify: VirtioNotify,
+    /// How dirty pages are tracked for live migration (host-local, fixed
+    /// when the VM is made).
+    #[serde(default)]
+    pub dirty_tracking: crate::vstate::dirty::DirtyTracking,
 }
 
 /// `--virtio-notify`: who does a virtio queue's work after the driver
@@ -242,6 +246,7 @@ impl Default for HostConfig {
             takeover: false,
             disk_roots: Vec::new(),
             virtio_notify: VirtioNotify::default(),
+            dirty_tracking: Default::default(),
         }
     }
 }

@@ -241,6 +241,7 @@ impl MigratableVm for Vmm {
         Ok(match Vmm::start_dirty_log(self)? {
             crate::vstate::dirty::DirtyLogMode::ManualProtect => "ManualProtect",
             crate::vstate::dirty::DirtyLogMode::GetDirtyLog => "GetDirtyLog",
+            crate::vstate::dirty::DirtyLogMode::Ring => "Ring",
         })
     }
 

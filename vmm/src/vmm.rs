@@ -199,12 +199,16 @@ impl Vmm {
 
     pub(crate) fn start_dirty_log(&self) -> Result<DirtyLogMode, Error> {
         dirty::reset_vmm_bitmap(&self.ram.memory);
+        if let Some(rings) = &self.vm.dirty_rings {
+            rings.clear(std::os::fd::AsRawFd::as_raw_fd(&*self.vm.fd)).map_err(Error::Dirty)?;
+        }
         dirty::set_logging(&self.vm.fd, &self.ram.memory, true).map_err(Error::Dirty)?;
         Ok(self.vm.dirty_log_mode)
     }
 
     pub(crate) fn take_dirty(&self) -> Result<DirtyBitmap, Error> {
-        dirty::take_dirty(&self.vm.fd, &self.ram.memory, self.vm.dirty_log_mode).map_err(Error::Dirty)
+        dirty::take_dirty(&self.vm.fd, &self.ram.memory, self.vm.dirty_log_mode, self.vm.dirty_rings.as_deref())
+            .map_err(Error::Dirty)
     }
 
     pub(crate) fn stop_dirty_log(&self) -> Result<(), Error> {

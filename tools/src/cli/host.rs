@@ -54,6 +54,13 @@ pub struct HostArgs {
     /// 3-8x that way (README).
     #[arg(long, value_name = "ioeventfd|vcpu", default_value = "vcpu", env = "FERRY_VIRTIO_NOTIFY")]
     pub virtio_notify: VirtioNotifyArg,
+    /// How a live migration finds the pages the guest wrote: `log` (KVM's
+    /// dirty bitmap per memory slot, scanned each round) or `ring` (KVM's
+    /// dirty ring per vCPU, 65536 entries; `ring:N` for N: each round costs
+    /// what was dirtied, not a scan of all memory, and a vCPU whose ring
+    /// fills exits to make room). Fixed when the VM is made here.
+    #[arg(long, value_name = "log|ring[:N]", default_value = "log", env = "FERRY_DIRTY_TRACKING")]
+    pub dirty_tracking: vmm::vstate::dirty::DirtyTracking,
 }
 
 /// `--virtio-notify`.
@@ -108,6 +115,7 @@ impl HostArgs {
                 VirtioNotifyArg::Ioeventfd => VirtioNotify::Ioeventfd,
                 VirtioNotifyArg::Vcpu => VirtioNotify::Vcpu,
             },
+            dirty_tracking: self.dirty_tracking,
         }
     }
 }

@@ -6,11 +6,21 @@
 //! log on is cheap: pages are write-protected only when we clear their bits
 //! (KVM_CLEAR_DIRTY_LOG), just before we send them. Without it,
 //! KVM_GET_DIRTY_LOG gets and re-protects in one call.
+//!
+//! Or, chosen when the VM is made (`--dirty-tracking ring`), KVM's dirty
+//! ring: each vCPU appends the pages it dirties to a ring shared with us
+//! ([`Rings`]), so a sync costs what was dirtied, not a scan of a bitmap
+//! of all of memory. A vCPU whose ring fills exits
+//! (KVM_EXIT_DIRTY_RING_FULL) and makes room itself before going on.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_dirty_gfn, kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -45,6 +55,189 @@ fn err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 pub enum DirtyLogMode {
     ManualProtect,
     GetDirtyLog,
+    /// KVM's per-vCPU dirty rings.
+    Ring,
+}
+
+/// How a VM tracks dirty pages: a host-local choice made when the VM is
+/// made (KVM fixes it before the first vCPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyTracking {
+    /// KVM's dirty bitmap per memory slot (manual protect where offered).
+    #[default]
+    Log,
+    /// KVM's dirty ring per vCPU, of this many entries (a power of two).
+    Ring(u32),
+}
+
+impl std::str::FromStr for DirtyTracking {
+    type Err = String;
+    /// `log`, `ring` ([`RING_ENTRIES`] entries) or `ring:N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("dirty tracking is log, ring or ring:ENTRIES (a power of two from {MIN_RING_ENTRIES} to {RING_ENTRIES}), not {s:?}")
+        };
+        match s.split_once(':') {
+            None if s == "log" => Ok(DirtyTracking::Log),
+            None if s == "ring" => Ok(DirtyTracking::Ring(RING_ENTRIES)),
+            Some(("ring", n)) => match n.parse::<u32>() {
+                Ok(n) if n.is_power_of_two() && (MIN_RING_ENTRIES..=RING_ENTRIES).contains(&n) => {
+                    Ok(DirtyTracking::Ring(n))
+                }
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Entries in each vCPU's ring by default (and at most): 64 Ki, 1 MiB of
+/// ring per vCPU, so a guest dirtying 200 MiB/s (51 200 pages/s) fills it
+/// in about a second and a migration's rounds, far more often, keep it from
+/// filling. A vCPU whose ring fills exits and makes room itself.
+pub const RING_ENTRIES: u32 = 1 << 16;
+/// One page of ring.
+pub const MIN_RING_ENTRIES: u32 = 256;
+
+const GFN_DIRTY: u32 = 1;
+const GFN_RESET: u32 = 2;
+
+/// `_IO(KVMIO, 0xc7)`: kvm-ioctls lacks it.
+const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xaec7;
+
+/// Turns on KVM's dirty ring of `entries` per vCPU for a VM that has no
+/// vCPU yet (the acquire/release flavour where KVM offers it). None if KVM
+/// refuses.
+pub fn enable_ring(vm: &VmFd, entries: u32) -> Option<std::sync::Arc<Rings>> {
+    let bytes = u64::from(entries) * std::mem::size_of::<kvm_dirty_gfn>() as u64;
+    for cap in [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING] {
+        let max = vm.check_extension_raw(libc::c_ulong::from(cap));
+        if max <= 0 || (max as u64) < bytes {
+            continue;
+        }
+        let mut c = kvm_enable_cap { cap, ..Default::default() };
+        c.args[0] = bytes;
+        if vm.enable_cap(&c).is_ok() {
+            return Some(std::sync::Arc::new(Rings { entries, rings: Mutex::new(Harvest::default()) }));
+        }
+    }
+    None
+}
+
+/// One vCPU's ring, mapped from its fd.
+struct Ring {
+    gfns: *mut kvm_dirty_gfn,
+    entries: u32,
+    /// The next entry to look at.
+    next: u32,
+}
+
+// SAFETY: the mapping is shared with KVM only; we touch it under the
+// Rings mutex (entries' flags through atomics, as KVM does).
+unsafe impl Send for Ring {}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let bytes = self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: unmaps exactly what `Rings::map` mapped, once.
+        unsafe { libc::munmap(self.gfns.cast(), bytes) };
+    }
+}
+
+#[derive(Default)]
+struct Harvest {
+    rings: Vec<Ring>,
+    /// (slot, page in slot) of every page harvested and not yet taken.
+    pending: Vec<(u32, u64)>,
+}
+
+/// The dirty rings of one VM's vCPUs, and what was harvested from them.
+pub struct Rings {
+    entries: u32,
+    rings: Mutex<Harvest>,
+}
+
+impl Rings {
+    /// Maps vCPU `fd`'s ring (right after the vCPU is made).
+    pub fn map(&self, fd: &VcpuFd) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let bytes = self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: maps KVM's ring of this vCPU at the offset KVM documents;
+        // the result is checked, and unmapped by Ring's drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE as i64,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.lock().rings.push(Ring { gfns: p.cast(), entries: self.entries, next: 0 });
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Harvest> {
+        self.rings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves every dirty entry of every ring into `pending` and has KVM
+    /// re-protect those pages. The vCPU whose ring filled calls this too.
+    pub fn harvest(&self, vm_fd: std::os::fd::RawFd) -> Result<(), Error> {
+        let mut h = self.lock();
+        let Harvest { rings, pending } = &mut *h;
+        let mut any = false;
+        for ring in rings.iter_mut() {
+            loop {
+                let i = (ring.next % ring.entries) as usize;
+                // SAFETY: i < entries, so the entry is inside the mapping.
+                let gfn = unsafe { ring.gfns.add(i) };
+                // SAFETY: the flags word is aligned and lives as long as the
+                // mapping; KVM writes it too, so it is only used atomically.
+                let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*gfn).flags)) };
+                // Acquire: KVM wrote the slot and offset before DIRTY.
+                if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                    break;
+                }
+                // SAFETY: a DIRTY entry's slot and offset stay as they are
+                // until we hand the entry back (RESET below).
+                let (slot, offset) = unsafe {
+                    (
+                        std::ptr::read_volatile(std::ptr::addr_of!((*gfn).slot)),
+                        std::ptr::read_volatile(std::ptr::addr_of!((*gfn).offset)),
+                    )
+                };
+                pending.push((slot, offset));
+                // Release: KVM may reuse the entry once it sees RESET.
+                flags.store(GFN_RESET, Ordering::Release);
+                ring.next = ring.next.wrapping_add(1);
+                any = true;
+            }
+        }
+        if any {
+            // SAFETY: KVM_RESET_DIRTY_RINGS on our VM fd takes no argument.
+            if unsafe { libc::ioctl(vm_fd, KVM_RESET_DIRTY_RINGS) } < 0 {
+                return Err(Error { op: "reset its dirty rings", source: std::io::Error::last_os_error() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets what was harvested (a new migration starts from round 0).
+    pub fn clear(&self, vm_fd: std::os::fd::RawFd) -> Result<(), Error> {
+        self.harvest(vm_fd)?;
+        self.lock().pending.clear();
+        Ok(())
+    }
+
+    fn take(&self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.lock().pending)
+    }
 }
 
 /// Asks for MANUAL_DIRTY_LOG_PROTECT2 at VM creation; returns the mode.
@@ -141,8 +334,38 @@ impl DirtyBitmap {
 }
 
 /// Collects (and re-protects) the pages dirtied since the last call.
-pub fn take_dirty(vm: &VmFd, mem: &GuestMemory, mode: DirtyLogMode) -> Result<DirtyBitmap, Error> {
+pub fn take_dirty(
+    vm: &VmFd,
+    mem: &GuestMemory,
+    mode: DirtyLogMode,
+    rings: Option<&Rings>,
+) -> Result<DirtyBitmap, Error> {
     let mut dirty = DirtyBitmap::default();
+    if let (DirtyLogMode::Ring, Some(rings)) = (mode, rings) {
+        rings.harvest(std::os::fd::AsRawFd::as_raw_fd(vm))?;
+        // Slot N's pages start in the memory file where slot N-1's end.
+        let starts: Vec<u64> = mem
+            .iter()
+            .scan(0u64, |at, r| {
+                let start = *at;
+                *at += r.len();
+                Some(start)
+            })
+            .collect();
+        for (slot, page) in rings.take() {
+            // The slot's low 16 bits; the address space (high bits) is 0.
+            if let Some(start) = starts.get((slot & 0xffff) as usize) {
+                dirty.merge_at(start / PAGE_SIZE + page, &[1]);
+            }
+        }
+        let mut file_offset = 0u64;
+        for region in mem.iter() {
+            let vmm_bits = region.get_mmap().bitmap().get_and_reset();
+            dirty.merge_kvm_log(file_offset, &vmm_bits);
+            file_offset += region.len();
+        }
+        return Ok(dirty);
+    }
     let mut file_offset = 0u64;
     for (slot, region) in mem.iter().enumerate() {
         let len = region.len();
@@ -180,6 +403,16 @@ pub fn reset_vmm_bitmap(mem: &GuestMemory) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_tracking_parses_and_bounds_the_ring() {
+        assert_eq!("log".parse::<DirtyTracking>(), Ok(DirtyTracking::Log));
+        assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring(RING_ENTRIES)));
+        assert_eq!("ring:1024".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring(1024)));
+        for bad in ["ring:1000", "ring:128", "ring:131072", "ring:", "bitmap", "log:4"] {
+            assert!(bad.parse::<DirtyTracking>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn bitmaps_merge_at_any_page_and_list_offsets() {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_run, CpuId};
+use kvm_bindings::{kvm_run, CpuId, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -109,6 +109,9 @@ pub struct Vcpu {
     bus: Arc<Buses>,
     control: Arc<VcpuControl>,
     events: Sender<VmEvent>,
+    /// The VM's dirty rings (this vCPU's is mapped among them) and the VM
+    /// fd to reset them on, when the VM tracks dirty pages by ring.
+    dirty: Option<(Arc<super::dirty::Rings>, std::os::fd::RawFd)>,
 }
 
 impl Vcpu {
@@ -118,9 +121,18 @@ impl Vcpu {
         bus: Arc<Buses>,
         control: Arc<VcpuControl>,
         events: Sender<VmEvent>,
+        rings: Option<Arc<super::dirty::Rings>>,
     ) -> Result<Vcpu, Error> {
         let fd = vm.create_vcpu(u64::from(id)).map_err(|source| Error::Kvm { id, what: "create the vCPU", source })?;
-        Ok(Vcpu { id, fd, bus, control, events })
+        if let Some(r) = &rings {
+            r.map(&fd).map_err(|e| Error::Kvm {
+                id,
+                what: "map the vCPU's dirty ring",
+                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EINVAL)),
+            })?;
+        }
+        let dirty = rings.map(|r| (r, std::os::fd::AsRawFd::as_raw_fd(vm)));
+        Ok(Vcpu { id, fd, bus, control, events, dirty })
     }
 
     /// Restores saved state (snapshot or migration).
@@ -190,7 +202,7 @@ impl Vcpu {
             }
             match self.fd.run() {
                 Ok(exit) => {
-                    if let Some(reason) = handle_exit(self.id, exit, &self.bus, &self.control) {
+                    if let Some(reason) = handle_exit(self.id, exit, &self.bus, &self.control, self.dirty.as_ref()) {
                         if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
                             tracing::debug!(
                                 vcpu = self.id,
@@ -232,7 +244,7 @@ impl Vcpu {
             match self.fd.run() {
                 Err(e) if e.errno() == libc::EINTR => break,
                 Ok(exit) => {
-                    if let Some(reason) = handle_exit(self.id, exit, &self.bus, &self.control) {
+                    if let Some(reason) = handle_exit(self.id, exit, &self.bus, &self.control, self.dirty.as_ref()) {
                         let _ = self.events.send(VmEvent::Exit(reason));
                     }
                 }
@@ -264,8 +276,20 @@ impl Vcpu {
 }
 
 /// Handles one exit; `Some` ends this vCPU.
-fn handle_exit(id: u8, exit: VcpuExit, bus: &Buses, control: &VcpuControl) -> Option<ExitReason> {
+fn handle_exit(
+    id: u8,
+    exit: VcpuExit,
+    bus: &Buses,
+    control: &VcpuControl,
+    dirty: Option<&(Arc<super::dirty::Rings>, std::os::fd::RawFd)>,
+) -> Option<ExitReason> {
     match exit {
+        // This vCPU's dirty ring is full: make room (what is harvested
+        // waits for the migration's next sync) and go on.
+        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) if dirty.is_some() => {
+            let (rings, vm_fd) = dirty?;
+            rings.harvest(*vm_fd).err().map(|e| ExitReason::Error(format!("vCPU {id}: {e}")))
+        }
         VcpuExit::IoOut(ports::IDLE, data) => {
             let mut us = [0u8; 4];
             let n = data.len().min(4);

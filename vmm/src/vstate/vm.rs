@@ -62,13 +62,29 @@ pub struct Vm {
     pub fd: Arc<VmFd>,
     pub supported_cpuid: CpuId,
     pub dirty_log_mode: super::dirty::DirtyLogMode,
+    /// The vCPUs' dirty rings, when the VM tracks dirty pages that way.
+    pub dirty_rings: Option<Arc<super::dirty::Rings>>,
 }
 
 impl Vm {
-    pub fn new(kvm_device: &Path) -> Result<Vm, Error> {
+    pub fn new(kvm_device: &Path, tracking: super::dirty::DirtyTracking) -> Result<Vm, Error> {
+        use super::dirty::{DirtyLogMode, DirtyTracking};
         let kvm = open_kvm(kvm_device)?;
         let mut fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        let dirty_log_mode = super::dirty::enable_manual_protect(&mut fd);
+        let dirty_rings = match tracking {
+            DirtyTracking::Ring(entries) => {
+                let rings = super::dirty::enable_ring(&fd, entries);
+                if rings.is_none() {
+                    tracing::warn!("KVM here has no dirty ring of {entries} entries; dirty tracking uses the log");
+                }
+                rings
+            }
+            DirtyTracking::Log => None,
+        };
+        let dirty_log_mode = match &dirty_rings {
+            Some(_) => DirtyLogMode::Ring,
+            None => super::dirty::enable_manual_protect(&mut fd),
+        };
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm_err("set the identity map address"))?;
         fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
@@ -76,7 +92,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
-        Ok(Vm { kvm, fd: Arc::new(fd), supported_cpuid, dirty_log_mode })
+        Ok(Vm { kvm, fd: Arc::new(fd), supported_cpuid, dirty_log_mode, dirty_rings })
     }
 
     /// Registers every region of guest memory as a KVM memory slot.
