@@ -10,8 +10,10 @@
 //! allowed, interrupts never enabled).
 //!
 //! Memory map seen by the guest: an identity map of 0..64 GiB, user-accessible,
-//! 2 MiB pages below 4 GiB (3-4 GiB uncached: the MMIO hole) and 1 GiB pages
-//! above.
+//! 2 MiB pages up to 32 GiB (3-4 GiB uncached: the MMIO hole) and 1 GiB pages
+//! above. A PVM host never got a CPL3 guest's first touch through a 1 GiB
+//! page done (a working set reaching above 4 GiB hung its fill), so the
+//! sizes Ferry runs here stay on 2 MiB pages.
 
 core::arch::global_asm!(
     r#"
@@ -81,12 +83,13 @@ pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
 pdpt:
-    .quad pd + 0x0000 + 0x7
-    .quad pd + 0x1000 + 0x7
-    .quad pd + 0x2000 + 0x7
-    .quad pd + 0x3000 + 0x7
-    .set gib, 4
-    .rept 60
+    .set pdn, 0
+    .rept 32
+    .quad pd + (pdn << 12) + 0x7
+    .set pdn, pdn + 1
+    .endr
+    .set gib, 32
+    .rept 32
     .quad (gib << 30) + 0x87        /* 1 GiB page, P | RW | US | PS */
     .set gib, gib + 1
     .endr
@@ -99,6 +102,10 @@ pd:
     .endr
     .rept 512
     .quad (page2m << 21) + 0x9f     /* ... plus PWT | PCD: the MMIO hole */
+    .set page2m, page2m + 1
+    .endr
+    .rept 14336
+    .quad (page2m << 21) + 0x87     /* 4-32 GiB: 2 MiB pages too */
     .set page2m, page2m + 1
     .endr
 
