@@ -55,6 +55,7 @@ bench: deps build guest
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-boot -- target/bench/boot.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-net -- target/bench/net.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-live -- target/bench/live.json
+	$(CARGO) run --release -q -p ferry-e2e --bin bench-dirty -- target/bench/dirty.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-storage -- target/bench/storage.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-quick -- target/bench/quick.json
 	$(CARGO) run --release -q -p ferry-e2e --bin bench-soak -- target/bench/soak.json
