@@ -25,13 +25,8 @@ const MEM_MIB: [u32; 3] = [256, 1024, 4096];
 const DIRTY_MIB_S: [u32; 2] = [0, 50];
 const T: Duration = Duration::from_secs(120);
 
-fn runs_for(mem_mib: u32) -> usize {
-    if mem_mib >= 4096 {
-        1
-    } else {
-        3
-    }
-}
+/// Runs per cell: medians of three at every size.
+const RUNS: usize = 3;
 
 fn boot(lab: &Lab, mem_mib: u32) -> Vm {
     ferry_e2e::boot_in_lab(lab, "a", mem_mib, &format!("wss_mib={} dirty_mib_s=0", mem_mib / 2))
@@ -134,7 +129,7 @@ fn main() {
             assert!(set.starts_with("dirty rate set"), "{set}");
             std::thread::sleep(Duration::from_secs(1));
             let mut runs = Vec::new();
-            for _ in 0..runs_for(mem) {
+            for _ in 0..RUNS {
                 let (r, next, at) = one_run(&lab, dir.path(), vm, host, seq);
                 seq += 1;
                 eprintln!(
