@@ -294,7 +294,7 @@ impl Destination for FakeDestination {
     fn offer(&self) -> Result<HostOffer, VmError> {
         Ok(HostOffer { cpuid: Vec::new(), tsc_khz: 0, tsc_scaling: false })
     }
-    fn check_backends(&self, _req: &Requirements) -> Vec<String> {
+    fn check_backends(&self, _req: &Requirements, _shared_memory: bool) -> Vec<String> {
         if self.refuse {
             vec!["tap vm0 does not exist on this host".into()]
         } else {
@@ -663,7 +663,13 @@ fn an_exposed_key_file_is_refused() {
 }
 
 fn dest_policy() -> DestPolicy {
-    DestPolicy { key: key(), cpu: CpuPolicy::default(), commit_oracle: None, records: crate::secure::Records::Sealed }
+    DestPolicy {
+        key: key(),
+        cpu: CpuPolicy::default(),
+        commit_oracle: None,
+        records: crate::secure::Records::Sealed,
+        share_memory: true,
+    }
 }
 
 /// A receiver asked to stop while it only waits ends at once, with no VM.

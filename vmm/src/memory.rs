@@ -26,6 +26,8 @@ pub enum Error {
     Memfd(std::io::Error),
     #[error("cannot map guest memory: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    #[error("the passed guest memory file is {got} bytes, the VM needs {want}")]
+    SharedSize { got: u64, want: u64 },
 }
 
 /// Guest RAM and the memfd behind it (kept for sharing with a later process).
@@ -70,7 +72,21 @@ pub fn create(mem_mib: u64) -> Result<GuestRam, Error> {
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let memfd = unsafe { File::from_raw_fd(fd) };
     memfd.set_len(size).map_err(Error::Memfd)?;
+    map(memfd, size)
+}
 
+/// Guest RAM on a memory file another VMM process on this host passed
+/// (a same-host migration): mapped shared, so both see the same pages and
+/// nothing is copied. Its size must be exactly the VM's.
+pub fn from_memfd(memfd: File, size: u64) -> Result<GuestRam, Error> {
+    let got = memfd.metadata().map_err(Error::Memfd)?.len();
+    if got != size || size < MIN_MEM_MIB * MIB {
+        return Err(Error::SharedSize { got, want: size });
+    }
+    map(memfd, size)
+}
+
+fn map(memfd: File, size: u64) -> Result<GuestRam, Error> {
     let mut offset = 0u64;
     let mut ranges = Vec::new();
     for (start, len) in layout::ram_ranges(size) {
