@@ -258,7 +258,10 @@ where
         let kind = wire::read_frame_into(stream, &mut payload)?;
         let frame = wire::FrameRef { kind, payload: &payload };
         match frame.kind {
-            // The source still runs on shared memory: nothing here writes it.
+            // Shared memory is the source's live memory until the commit
+            // (and its memory again if the move fails): no frame may write
+            // it. The VM built on it stays paused until then too (see
+            // `KvmDestination::prepare_shared` for what else never writes).
             Kind::MemZero | Kind::MemData if shared_memory => {
                 return Err(wire::Error::Unexpected { expected: "State (memory is shared)", got: frame.kind }.into())
             }

@@ -386,8 +386,13 @@ fn migrate_claimed(
     }
 
     let was_running = before == RunState::Running;
-    // Shared memory needs no pre-copy: the destination maps these very
-    // pages, and the source stops writing them at the pause below.
+    // Shared memory needs no pre-copy and no dirty log: the destination
+    // maps these very pages. This side's last write to them is done when
+    // `vm.pause()` below returns (vCPUs out of KVM_RUN, in-flight MMIO
+    // completed; the device loop parked: no tap input, no disk request, no
+    // used ring). After it nothing here writes them, whether the move
+    // commits (the VM is retired) or fails (the destination wrote nothing
+    // either, so the VM resumes on its memory as it left it).
     let logging = opts.mode == Mode::Live && was_running && !shared;
     let precopy = if logging {
         let mut throttle = Throttle::start(vm.clone());

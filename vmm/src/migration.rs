@@ -394,6 +394,9 @@ pub struct KvmIncoming {
     host: HostConfig,
     ram: GuestRam,
     vm: Vm,
+    /// The RAM is the source's own memory file (a same-host move): the
+    /// source still runs on it until the commit, so nothing here writes it.
+    shared: bool,
 }
 
 impl Destination for KvmDestination {
@@ -447,17 +450,64 @@ impl Destination for KvmDestination {
         let ram = memory::create(req.mem_bytes >> 20)?;
         // The KVM VM and its memory slots now, while round 0 is in flight.
         let vm = builder::prepare(&self.host, &ram)?;
-        Ok(KvmIncoming { host: self.host.clone(), ram, vm })
+        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: false })
     }
 
     fn shares_memory(&self) -> bool {
         true
     }
 
+    /// Maps the source's memory file and makes the KVM VM on it. Until the
+    /// commit the pages are the source's live memory (and, if the move
+    /// fails, stay its memory), so nothing on this side may write them:
+    /// - memory frames: refused here ([`KvmIncoming`]'s sink) and by the
+    ///   protocol (`migrate::destination`);
+    /// - KVM: registering the slots (no dirty logging) writes nothing, and
+    ///   KVM's own guest-memory writes (kvmclock, steal time, PV EOI, all
+    ///   set up by the restored MSRs) happen only on guest entry. The vCPU
+    ///   threads of a restored VM start parked, and a parked vCPU enters
+    ///   KVM_RUN only with `immediate_exit` set, which returns before entry;
+    /// - devices: the event loop starts paused (`builder`), so tap input is
+    ///   read and dropped, never put in the guest's RX ring, and queue
+    ///   notify eventfds (`--virtio-notify ioeventfd`) stay disarmed; the
+    ///   catch-up look at every queue comes with the first resume, after
+    ///   the commit. Disks open in standby (no I/O) until the commit;
+    /// - announce and the API socket come after the commit.
+    ///
+    /// If the move fails, dropping the VM stops parked vCPUs without a
+    /// KVM_RUN and the event loop without a look at the queues.
     fn prepare_shared(&self, req: &Requirements, memfd: std::fs::File) -> Result<KvmIncoming, Error> {
         let ram = memory::from_memfd(memfd, req.mem_bytes)?;
         let vm = builder::prepare(&self.host, &ram)?;
-        Ok(KvmIncoming { host: self.host.clone(), ram, vm })
+        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: true })
+    }
+}
+
+/// Incoming memory frames land in the RAM, unless it is shared with the
+/// source (see [`KvmDestination::prepare_shared`]).
+impl MemorySink for KvmIncoming {
+    fn size(&self) -> u64 {
+        self.ram.size
+    }
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.writable()?;
+        self.ram.write_at(offset, bytes)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.writable()?;
+        self.ram.zero_range(offset, len)
+    }
+}
+
+impl KvmIncoming {
+    fn writable(&self) -> std::io::Result<()> {
+        if self.shared {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "guest memory is the source's own (shared): nothing is written to it before the commit",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -465,7 +515,7 @@ impl IncomingVm for KvmIncoming {
     type Vm = Vmm;
 
     fn memory(&self) -> &dyn MemorySink {
-        &self.ram
+        self
     }
 
     fn restore(self, state: &[u8]) -> Result<Arc<Vmm>, Error> {
