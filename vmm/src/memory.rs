@@ -114,6 +114,18 @@ mod tests {
     }
 
     #[test]
+    fn a_passed_memory_file_maps_the_same_pages_and_must_be_the_vm_s_size() {
+        let ram = create(32).unwrap();
+        let shared = from_memfd(ram.memfd.try_clone().unwrap(), ram.size).unwrap();
+        ram.memory.write_obj(0x1234_5678u32, GuestAddress(0x7000)).unwrap();
+        assert_eq!(shared.memory.read_obj::<u32>(GuestAddress(0x7000)).unwrap(), 0x1234_5678, "one set of pages");
+        shared.memory.write_obj(7u8, GuestAddress(0x9000)).unwrap();
+        assert_eq!(ram.memory.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 7, "both ways");
+        let wrong = from_memfd(ram.memfd.try_clone().unwrap(), ram.size * 2);
+        assert!(matches!(wrong, Err(Error::SharedSize { .. })), "a file of another size is refused");
+    }
+
+    #[test]
     fn refuses_absurd_sizes() {
         assert!(matches!(create(1), Err(Error::TooSmall(1))));
         assert!(matches!(create(1 << 40), Err(Error::TooLarge { .. })));
