@@ -190,12 +190,21 @@ fn a_vm_moves_back_and_forth_on_one_host_by_memfd_with_its_nic_and_disk() {
     let mut vm = boot(&lab, &vol, 256, "wss_mib=64 dirty_mib_s=20", 11, &[]);
     answers_pings(&lab, "before the moves");
     let mut epoch = lease(&vol)["epoch"].as_u64().expect("lease epoch");
-    // vm0 -> vm1 -> vm0 -> vm1 -> vm0, the third move copying (`--no-memfd`).
-    for (leg, tap) in ["vm1", "vm0", "vm1", "vm0"].into_iter().enumerate() {
-        let copy = leg == 2;
-        let (mut dest, to) = receiver(&lab, &dir, &format!("move{leg}"), tap, &[]);
+    // vm0 -> vm1 -> vm0 -> vm1 -> vm0 -> vm1; the third move copies because
+    // the source is told not to pass memory, the fourth because the
+    // destination is.
+    let legs: [(&str, &[&str], &[&str]); 5] = [
+        ("vm1", &[], &[]),
+        ("vm0", &[], &[]),
+        ("vm1", &["--no-memfd"], &[]),
+        ("vm0", &[], &["--no-memfd"]),
+        ("vm1", &[], &[]),
+    ];
+    for (leg, (tap, source_flags, dest_flags)) in legs.into_iter().enumerate() {
+        let copy = !source_flags.is_empty() || !dest_flags.is_empty();
+        let (mut dest, to) = receiver(&lab, &dir, &format!("move{leg}"), tap, dest_flags);
         let before = last_heartbeat(&vm).unwrap();
-        let (ok, f, err) = migrate_in_lab(&lab, "a", &vm, &to, if copy { &["--no-memfd"] } else { &[] });
+        let (ok, f, err) = migrate_in_lab(&lab, "a", &vm, &to, source_flags);
         assert!(ok, "leg {leg}: {err}\nreceiver: {}", dest.stderr());
         eprintln!("leg {leg} to {tap}: {f}");
         if copy {
@@ -216,10 +225,10 @@ fn a_vm_moves_back_and_forth_on_one_host_by_memfd_with_its_nic_and_disk() {
         assert_eq!(l["epoch"].as_u64(), Some(epoch + 1), "leg {leg}: handed over once: {l}");
         epoch += 1;
     }
-    verified(&vm, "after four moves");
+    verified(&vm, "after five moves");
     // Longer than the lease's TTL: the last process renews what it took.
     std::thread::sleep(Duration::from_millis(1500));
-    disk_intact(&vm, 11, "after four moves");
+    disk_intact(&vm, 11, "after five moves");
     assert_eq!(lease(&vol)["epoch"].as_u64(), Some(epoch), "nobody took the disk meanwhile");
 }
 
