@@ -55,8 +55,8 @@ impl Destination for FuzzDestination {
     fn offer(&self) -> Result<HostOffer, VmError> {
         Ok(HostOffer { cpuid: Vec::new(), tsc_khz: 0, tsc_scaling: false })
     }
-    fn check_backends(&self, req: &Requirements) -> Vec<String> {
-        let mut problems = self.real.check_backends(req);
+    fn check_backends(&self, req: &Requirements, shared_memory: bool) -> Vec<String> {
+        let mut problems = self.real.check_backends(req, shared_memory);
         if req.mem_bytes >> 20 > MAX_MEM_MIB {
             problems.push("more memory than the fuzz destination holds".into());
         }
@@ -170,7 +170,15 @@ pub fn destination_outcome(data: &[u8]) -> Result<bool, String> {
         ..vmm::HostConfig::default()
     };
     let dest = FuzzDestination { real: KvmDestination { host } };
-    let policy = Policy { key: key(), cpu: CpuPolicy::default(), commit_oracle: None, records: Records::Plain };
+    // Memory always arrives in frames here (this destination maps no
+    // passed memory file): those are what the fuzzer feeds.
+    let policy = Policy {
+        key: key(),
+        cpu: CpuPolicy::default(),
+        commit_oracle: None,
+        records: Records::Plain,
+        share_memory: false,
+    };
     let outcome = destination::attempt(dest_end, &dest, &policy, &AtomicBool::new(false));
     let _ = done_tx.send(());
     outcome.map(|vm| vm.is_some()).map_err(|e| e.to_string())

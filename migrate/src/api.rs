@@ -57,6 +57,10 @@ pub struct MigrateRequest {
     /// started with `--no-encryption` too.
     #[serde(default = "default_true")]
     pub encryption: bool,
+    /// To a destination on this host (`unix:`), pass the guest memory's
+    /// file instead of copying it (the default; the destination must agree).
+    #[serde(default = "default_true")]
+    pub share_memory: bool,
 }
 
 fn default_mode() -> Mode {
@@ -122,6 +126,7 @@ impl MigrateRequest {
             switchover_timeout_s: default_switchover_s(),
             commit_gate: None,
             encryption: true,
+            share_memory: true,
         }
     }
 
@@ -161,6 +166,7 @@ impl MigrateRequest {
         o.records = if self.encryption { crate::secure::Records::Sealed } else { crate::secure::Records::Plain };
         o.switchover_timeout = Duration::from_secs_f64(sw);
         o.io_timeout = Duration::from_secs_f64(io);
+        o.share_memory = self.share_memory;
         Ok((to, o))
     }
 }

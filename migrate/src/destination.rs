@@ -49,6 +49,9 @@ pub struct Policy {
     /// Encrypted records (the default), or plain ones if this host was told
     /// to accept only those (see `secure::Records`).
     pub records: secure::Records,
+    /// Take a same-host source's memory file when it offers it, instead of
+    /// its pages (false: always copy).
+    pub share_memory: bool,
 }
 
 /// Serves migrations on `listener` until one brings a VM; returns it
@@ -130,14 +133,18 @@ pub fn attempt<D: Destination>(
 ) -> Result<Option<Arc<D::Vm>>, Error> {
     // The encrypted handshake and the hello, within one total deadline.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let is_unix = stream.is_unix();
     let suite = secure::Suite { records: policy.records, ..secure::Suite::default() };
     let mut io = Duplex::new(secure::accept_with(stream, &policy.key, deadline, suite)?);
     let stream = &mut io;
     stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
     stream.set_deadline(Some(deadline));
-    let hello: Hello = wire::read_frame(stream)?.expect(Kind::Hello, "Hello")?.decode()?;
+    let frame = wire::read_frame(stream)?.expect(Kind::Hello, "Hello")?;
+    let (hello, ext): (Hello, wire::HelloExt) = wire::decode_with_ext(frame.kind, &frame.payload)?;
     stream.set_deadline(None);
-    let mut problems = check(&hello, dest, policy).err().unwrap_or_default();
+    // The offer is taken only where a descriptor can come (a Unix socket).
+    let offered = ext.shared_memory.filter(|_| policy.share_memory && dest.shares_memory() && is_unix);
+    let mut problems = check(&hello, dest, policy, offered.is_some()).err().unwrap_or_default();
     if !hello.check_only && taken.load(Ordering::SeqCst) {
         problems.push("this destination is already taking another VM".into());
     }
@@ -147,20 +154,29 @@ pub fn attempt<D: Destination>(
         let _ = stream.writer.finish();
         return Err(Error::Refused(reason));
     }
-    wire::send(stream, Kind::HelloAck, &wire::Ack { host_id: dest.host_id().to_owned() })?;
+    let ack = wire::Ack { host_id: dest.host_id().to_owned() };
+    wire::send_with_ext(stream, Kind::HelloAck, &ack, &wire::AckExt { shared_memory: offered.is_some() })?;
     stream.flush().map_err(wire::Error::Io)?;
     if hello.check_only {
         eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.requirements.mem_bytes >> 20);
         return Ok(None);
     }
     stream.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
-    let incoming = dest.prepare(&hello.requirements)?;
+    let shared = match offered {
+        Some(id) => take_shared_memory(stream, dest, &hello.requirements, id)?,
+        None => None,
+    };
+    let shared_memory = shared.is_some();
+    let incoming = match shared {
+        Some(incoming) => incoming,
+        None => dest.prepare(&hello.requirements)?,
+    };
     // The source gives up (and resumes) past its switchover deadline; wait
     // for its commit longer than that, so it never commits to nobody.
     // The peer names it: bounded like the source's own option (600 s).
     let asked = Duration::from_millis(hello.switchover_timeout_ms).min(MAX_SWITCHOVER_WAIT);
     let commit_wait = asked + COMMIT_MARGIN;
-    match receive_vm(stream, incoming, taken, commit_wait, policy.commit_oracle.as_deref()) {
+    match receive_vm(stream, incoming, shared_memory, taken, commit_wait, policy.commit_oracle.as_deref()) {
         Ok(vm) => Ok(Some(vm)),
         Err(e) => {
             let _ = wire::send(stream, Kind::Abort, &Reason { reason: e.to_string() });
@@ -168,6 +184,36 @@ pub fn attempt<D: Destination>(
             Err(e)
         }
     }
+}
+
+/// Takes the memory file the source passes (it was offered as `id`) and
+/// builds the incoming VM on it. `None` (after telling the source, which
+/// then copies) if it did not arrive, is not that file, or cannot be mapped.
+fn take_shared_memory<D: Destination>(
+    stream: &mut Duplex,
+    dest: &D,
+    req: &Requirements,
+    id: wire::MemFdId,
+) -> Result<Option<D::Incoming>, Error> {
+    let taken = stream.reader.recv_fd().map_err(|e| format!("the memory file did not arrive: {e}")).and_then(|fd| {
+        let file = std::fs::File::from(fd);
+        match wire::MemFdId::of(&file) {
+            Ok(got) if got == id => {}
+            Ok(got) => return Err(format!("the passed file is not the one the source named ({got:?}, not {id:?})")),
+            Err(e) => return Err(format!("cannot inspect the passed memory file: {e}")),
+        }
+        dest.prepare_shared(req, file).map_err(|e| format!("cannot map the passed memory: {e}"))
+    });
+    let verdict = match &taken {
+        Ok(_) => wire::MemFdVerdict { mapped: true, reason: String::new() },
+        Err(reason) => {
+            eprintln!("ferry: {reason}; the source copies memory instead");
+            wire::MemFdVerdict { mapped: false, reason: reason.clone() }
+        }
+    };
+    wire::send(stream, Kind::MemFd, &verdict)?;
+    stream.flush().map_err(wire::Error::Io)?;
+    Ok(taken.ok())
 }
 
 /// The longest switchover a source may ask the destination to wait for
@@ -179,12 +225,12 @@ const MAX_SWITCHOVER_WAIT: Duration = Duration::from_secs(600);
 const COMMIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// The preflight: every reason this host cannot run the guest.
-fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy) -> Result<(), Vec<String>> {
+fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy, shared_memory: bool) -> Result<(), Vec<String>> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(vec![format!("protocol version {} (this host speaks {PROTOCOL_VERSION})", hello.protocol_version)]);
     }
     let req: &Requirements = &hello.requirements;
-    let mut problems = dest.check_backends(req);
+    let mut problems = dest.check_backends(req, shared_memory);
     match dest.offer() {
         Ok(offer) => problems.extend(preflight::check_cpu(req, &offer, &policy.cpu)),
         Err(e) => problems.push(e.to_string()),
@@ -199,6 +245,7 @@ fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy) -> Result<(),
 fn receive_vm<I: IncomingVm>(
     stream: &mut Duplex,
     incoming: I,
+    shared_memory: bool,
     taken: &AtomicBool,
     commit_wait: Duration,
     commit_oracle: Option<&std::path::Path>,
@@ -211,6 +258,13 @@ where
         let kind = wire::read_frame_into(stream, &mut payload)?;
         let frame = wire::FrameRef { kind, payload: &payload };
         match frame.kind {
+            // Shared memory is the source's live memory until the commit
+            // (and its memory again if the move fails): no frame may write
+            // it. The VM built on it stays paused until then too (see
+            // `KvmDestination::prepare_shared` for what else never writes).
+            Kind::MemZero | Kind::MemData if shared_memory => {
+                return Err(wire::Error::Unexpected { expected: "State (memory is shared)", got: frame.kind }.into())
+            }
             Kind::MemZero => {
                 let z: ZeroRange = frame.decode()?;
                 // A page may have become zero since an earlier round.

@@ -7,6 +7,9 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Figures {
     pub mode: &'static str,
+    /// How memory moved: "copy" (pages over the stream) or "shared-fd"
+    /// (same host: the destination mapped the source's memory file).
+    pub memory: &'static str,
     pub mem_mib: u64,
     pub total_ms: f64,
     /// Source pause to the destination's "resumed" reaching the source.

@@ -405,6 +405,16 @@ impl SecureWriter {
         Ok(())
     }
 
+    /// Passes a descriptor to the peer on the socket itself (SCM_RIGHTS,
+    /// `Stream::send_fd`), after everything written so far. It is not
+    /// inside a record, so the protocol must authenticate it: the sealed
+    /// stream says which file it must be (see `wire::MemFdId`), and the
+    /// peer checks the one it got against that.
+    pub fn send_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        self.flush()?;
+        self.stream.send_fd(fd).inspect_err(|_| self.state = WriterState::Failed)
+    }
+
     /// Flushes everything and sends the authenticated end of stream. The
     /// writer accepts nothing afterwards.
     pub fn finish(&mut self) -> io::Result<()> {
@@ -509,6 +519,17 @@ impl SecureReader {
     /// True if the peer closed or reset the connection (nothing consumed).
     pub fn peer_gone(&self) -> bool {
         self.stream.peer_gone()
+    }
+
+    /// Takes a descriptor the peer passed with `SecureWriter::send_fd`. Only
+    /// between records, with nothing read ahead: the peer must be waiting
+    /// for us (the protocol is in turns there), or its marker byte could
+    /// already sit in our buffer, its descriptor lost.
+    pub fn recv_fd(&mut self) -> io::Result<std::os::fd::OwnedFd> {
+        if self.state != ReaderState::Open || self.in_start != self.in_end || self.p_start != self.p_end {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "secure stream: data where a descriptor was due"));
+        }
+        self.stream.recv_fd()
     }
 
     /// True once the peer's authenticated close has been read.
@@ -691,6 +712,52 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn a_descriptor_passes_between_records_and_the_stream_goes_on() {
+        use std::io::Seek;
+        use std::os::fd::AsFd;
+        let (src, dst) = handshake(KEY, KEY);
+        let ((_, mut w), (mut r, _)) = (src.unwrap(), dst.unwrap());
+        let mut file = tempfile_with(b"guest ram");
+        // In turns, as the protocol runs: nothing is in flight behind the
+        // descriptor, so the reader cannot have read its byte ahead.
+        w.write_all(b"before").unwrap();
+        w.flush().unwrap();
+        let mut got = [0u8; 6];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"before");
+        w.send_fd(file.as_fd()).unwrap();
+        let fd = r.recv_fd().unwrap();
+        w.write_all(b"after").unwrap();
+        w.flush().unwrap();
+        let mut passed = std::fs::File::from(fd);
+        let mut text = String::new();
+        file.rewind().unwrap();
+        passed.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "guest ram", "the same file");
+        let mut got = [0u8; 5];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after", "records resume after the descriptor");
+        // Records where a descriptor is due are refused, not swallowed.
+        w.write_all(b"x").unwrap();
+        w.flush().unwrap();
+        let mut one = [0u8; 1];
+        r.read_exact(&mut one).unwrap();
+        w.write_all(b"yz").unwrap();
+        w.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = r.read(&mut one).unwrap();
+        assert!(r.recv_fd().is_err(), "data already buffered where a descriptor was due");
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("ferry-fd-{}-{:?}", std::process::id(), thread::current().id()));
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        f.write_all(bytes).unwrap();
+        f
     }
 
     const ODD_SIZES: [usize; 9] = [1, 7, 4093, MAX_PLAIN, MAX_PLAIN + 1, 200_001, 3, 65536, 12];

@@ -20,6 +20,10 @@ use crate::secure::{self, SecureReader, SecureWriter};
 use crate::transport::{connect, Endpoint};
 use crate::wire::{self, Hello, Kind, Mode, Reason, ZeroRange, MEM_CHUNK, PROTOCOL_VERSION};
 
+/// How guest memory reaches the destination (the figures' `memory`).
+pub const MEMORY_COPY: &str = "copy";
+pub const MEMORY_SHARED_FD: &str = "shared-fd";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The encrypted handshake must be done this quickly, in total.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,6 +75,9 @@ pub struct Options {
     /// Encrypted records (the default) or plain ones after an authenticated
     /// handshake; the destination must say the same (see `secure::Records`).
     pub records: secure::Records,
+    /// To a destination on this host (`unix:`), pass the guest memory's
+    /// file instead of copying pages, if the destination agrees.
+    pub share_memory: bool,
 }
 
 impl Options {
@@ -90,6 +97,7 @@ impl Options {
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
             commit_gate: None,
             records: secure::Records::Sealed,
+            share_memory: true,
         }
     }
 }
@@ -335,20 +343,31 @@ fn migrate_claimed(
         check_only: opts.check_only,
         switchover_timeout_ms: opts.switchover_timeout.as_millis() as u64,
     };
-    wire::send(&mut w, Kind::Hello, &hello)?;
+    let mem = vm.memory();
+    // Only a peer on this host can map our memory, and only a Unix socket
+    // can carry the descriptor.
+    let shareable = match (opts.share_memory && !opts.check_only, to, mem.shareable_file()) {
+        (true, Endpoint::Unix(_), Some(file)) => Some((file, wire::MemFdId::of(file).map_err(wire::Error::Io)?)),
+        _ => None,
+    };
+    let ext = wire::HelloExt { shared_memory: shareable.map(|(_, id)| id) };
+    wire::send_with_ext(&mut w, Kind::Hello, &hello, &ext)?;
     w.flush().map_err(wire::Error::Io)?;
     let reply = wire::read_frame(&mut reader)?;
-    let destination_host = match reply.kind {
-        Kind::HelloAck => reply.decode::<wire::Ack>()?.host_id,
+    let (destination_host, ack_ext) = match reply.kind {
+        Kind::HelloAck => {
+            let (ack, ext): (wire::Ack, wire::AckExt) = wire::decode_with_ext(reply.kind, &reply.payload)?;
+            (ack.host_id, ext)
+        }
         Kind::Refuse => return Err(Error::Refused(reply.decode::<Reason>()?.reason)),
         other => return Err(wire::Error::Unexpected { expected: "HelloAck", got: other }.into()),
     };
-    let mem = vm.memory();
     let mut figures = Figures {
         mode: match opts.mode {
             Mode::Quick => "quick",
             Mode::Live => "live",
         },
+        memory: MEMORY_COPY,
         mem_mib: mem.size() >> 20,
         destination: to.to_string(),
         ..Default::default()
@@ -358,9 +377,23 @@ fn migrate_claimed(
         figures.total_ms = ms(t0.elapsed());
         return Ok(figures);
     }
+    let shared = match shareable {
+        Some((file, _)) if ack_ext.shared_memory => pass_memory(file, &mut w, &mut reader)?,
+        _ => false,
+    };
+    if shared {
+        figures.memory = MEMORY_SHARED_FD;
+    }
 
     let was_running = before == RunState::Running;
-    let logging = opts.mode == Mode::Live && was_running;
+    // Shared memory needs no pre-copy and no dirty log: the destination
+    // maps these very pages. This side's last write to them is done when
+    // `vm.pause()` below returns (vCPUs out of KVM_RUN, in-flight MMIO
+    // completed; the device loop parked: no tap input, no disk request, no
+    // used ring). After it nothing here writes them, whether the move
+    // commits (the VM is retired) or fails (the destination wrote nothing
+    // either, so the VM resumes on its memory as it left it).
+    let logging = opts.mode == Mode::Live && was_running && !shared;
     let precopy = if logging {
         let mut throttle = Throttle::start(vm.clone());
         let r = precopy(vm.as_ref(), &mut w, opts, progress, &throttle, &mut figures, t0);
@@ -402,7 +435,14 @@ fn migrate_claimed(
             return Err(e);
         }
     }
-    match switchover(vm.as_ref(), &mut w, &mut reader, logging, pending, &destination_host, opts, &mut figures) {
+    let memory = if shared {
+        Memory::Shared
+    } else if logging {
+        Memory::Dirty(pending)
+    } else {
+        Memory::All
+    };
+    match switchover(vm.as_ref(), &mut w, &mut reader, memory, &destination_host, opts, &mut figures) {
         Ok(()) => {}
         Err(Failure::BeforeCommit(e)) => {
             let e = cancelled_by_request(opts, e);
@@ -422,6 +462,25 @@ fn migrate_claimed(
     figures.bytes_sent = w.bytes;
     progress::update(progress, |p| p.phase = "done".into());
     Ok(figures)
+}
+
+/// Passes the guest memory's file to the destination, which agreed to map
+/// it; true once it says it has (false: it could not, and memory is copied).
+fn pass_memory(file: &std::fs::File, w: &mut Writer, reader: &mut SecureReader) -> Result<bool, Error> {
+    use std::os::fd::AsFd;
+    w.inner.send_fd(file.as_fd()).map_err(wire::Error::Io)?;
+    let reply = wire::read_frame(reader)?;
+    match reply.kind {
+        Kind::MemFd => {
+            let verdict: wire::MemFdVerdict = reply.decode()?;
+            if !verdict.mapped {
+                tracing::warn!("the destination could not map the passed memory ({}); copying it", verdict.reason);
+            }
+            Ok(verdict.mapped)
+        }
+        Kind::Abort => Err(Error::DestinationFailed(reply.decode::<Reason>()?.reason)),
+        other => Err(wire::Error::Unexpected { expected: "MemFd", got: other }.into()),
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -533,26 +592,39 @@ enum Failure {
     AfterCommit(Error),
 }
 
+/// What memory the switchover still sends.
+enum Memory {
+    /// The pages dirtied since the last pre-copy round.
+    Dirty(DirtyBitmap),
+    /// All of it (quick migration, or a paused VM).
+    All,
+    /// None: the destination maps the same memory file.
+    Shared,
+}
+
 /// With the VM paused: the last memory, the state, and the commit.
 #[allow(clippy::too_many_arguments)]
 fn switchover(
     vm: &dyn MigratableVm,
     w: &mut Writer,
     reader: &mut SecureReader,
-    logging: bool,
-    mut pending: DirtyBitmap,
+    memory: Memory,
     destination_host: &str,
     opts: &Options,
     figures: &mut Figures,
 ) -> Result<(), Failure> {
     let before = |e: Error| Failure::BeforeCommit(e);
-    let stats = if logging {
-        pending.merge(&vm.take_dirty().map_err(|e| before(e.into()))?);
-        figures.rounds += 1;
-        send_dirty(vm.memory(), &pending, w).map_err(|e| before(e.into()))?
-    } else {
-        figures.rounds = 1;
-        send_all_memory(vm.memory(), w).map_err(|e| before(e.into()))?
+    let stats = match memory {
+        Memory::Dirty(mut pending) => {
+            pending.merge(&vm.take_dirty().map_err(|e| before(e.into()))?);
+            figures.rounds += 1;
+            send_dirty(vm.memory(), &pending, w).map_err(|e| before(e.into()))?
+        }
+        Memory::All => {
+            figures.rounds = 1;
+            send_all_memory(vm.memory(), w).map_err(|e| before(e.into()))?
+        }
+        Memory::Shared => ScanStats::default(),
     };
     figures.pages_sent += stats.pages_data;
     figures.pages_zero += stats.pages_zero;

@@ -38,12 +38,14 @@ fn key() -> Key {
     .clone()
 }
 
-/// Guest memory as a vector of bytes.
-struct FakeMem(Mutex<Vec<u8>>);
+/// Guest memory as a vector of bytes, and a file standing in for the
+/// memfd a same-host move passes (its bytes are not the guest's: the fake
+/// destination only checks which file it got).
+struct FakeMem(Mutex<Vec<u8>>, Option<std::fs::File>);
 
 impl FakeMem {
     fn new(pages: u64) -> FakeMem {
-        FakeMem(Mutex::new(vec![0; (pages * PAGE_SIZE) as usize]))
+        FakeMem(Mutex::new(vec![0; (pages * PAGE_SIZE) as usize]), None)
     }
     fn snapshot(&self) -> Vec<u8> {
         self.0.lock().unwrap().clone()
@@ -80,6 +82,9 @@ impl MemorySource for FakeMem {
         let r = self.check(offset, buf.len() as u64)?;
         buf.copy_from_slice(&self.0.lock().unwrap()[r]);
         Ok(())
+    }
+    fn shareable_file(&self) -> Option<&std::fs::File> {
+        self.1.as_ref()
     }
 }
 
@@ -118,8 +123,21 @@ struct FakeVm {
 
 impl FakeVm {
     fn new(state: Lifecycle, fail: Option<&'static str>) -> Arc<FakeVm> {
+        FakeVm::build(state, fail, FakeMem::new(PAGES))
+    }
+
+    /// A guest whose memory has a file a same-host move can pass; returns
+    /// the file's identity too.
+    fn with_memory_file(state: Lifecycle, fail: Option<&'static str>) -> (Arc<FakeVm>, wire::MemFdId) {
+        let file = memory_file();
+        let id = wire::MemFdId::of(&file).unwrap();
+        let mem = FakeMem(Mutex::new(vec![0; (PAGES * PAGE_SIZE) as usize]), Some(file));
+        (FakeVm::build(state, fail, mem), id)
+    }
+
+    fn build(state: Lifecycle, fail: Option<&'static str>, mem: FakeMem) -> Arc<FakeVm> {
         let vm = Arc::new(FakeVm {
-            mem: FakeMem::new(PAGES),
+            mem,
             lifecycle: Mutex::new(state),
             logging: AtomicBool::new(false),
             dirty: Mutex::new(BTreeSet::new()),
@@ -261,6 +279,17 @@ impl MigratableVm for FakeVm {
     }
 }
 
+/// An unlinked file of the fake guest's memory size.
+fn memory_file() -> std::fs::File {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("ferry-mt-ram-{}-{n}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    file.set_len(PAGES * PAGE_SIZE).unwrap();
+    file
+}
+
 /// A receiving host that builds fake VMs.
 #[derive(Default)]
 struct FakeDestination {
@@ -268,16 +297,23 @@ struct FakeDestination {
     fail_restore: bool,
     /// The disks cannot be taken after the commit.
     fail_acquire: bool,
+    /// Takes a same-host source's memory file when offered ...
+    share: bool,
+    /// ... but cannot map it.
+    fail_map: bool,
 }
 
 struct FakeIncoming {
     mem: FakeMem,
     fail_restore: bool,
     fail_acquire: bool,
+    /// The memory file the source passed (its identity), if it did.
+    shared: Option<wire::MemFdId>,
 }
 
 struct FakeReceived {
     mem: FakeMem,
+    shared: Option<wire::MemFdId>,
     run_state: RunState,
     acquired: AtomicBool,
     running: AtomicBool,
@@ -294,7 +330,7 @@ impl Destination for FakeDestination {
     fn offer(&self) -> Result<HostOffer, VmError> {
         Ok(HostOffer { cpuid: Vec::new(), tsc_khz: 0, tsc_scaling: false })
     }
-    fn check_backends(&self, _req: &Requirements) -> Vec<String> {
+    fn check_backends(&self, _req: &Requirements, _shared_memory: bool) -> Vec<String> {
         if self.refuse {
             vec!["tap vm0 does not exist on this host".into()]
         } else {
@@ -306,7 +342,19 @@ impl Destination for FakeDestination {
             mem: FakeMem::new(req.mem_bytes / PAGE_SIZE),
             fail_restore: self.fail_restore,
             fail_acquire: self.fail_acquire,
+            shared: None,
         })
+    }
+    fn shares_memory(&self) -> bool {
+        self.share
+    }
+    fn prepare_shared(&self, req: &Requirements, memfd: std::fs::File) -> Result<FakeIncoming, VmError> {
+        if self.fail_map {
+            return Err(VmError::BadState("injected mapping failure".into()));
+        }
+        let mut incoming = self.prepare(req)?;
+        incoming.shared = Some(wire::MemFdId::of(&memfd).map_err(|e| VmError::BadState(e.to_string()))?);
+        Ok(incoming)
     }
 }
 
@@ -322,6 +370,7 @@ impl IncomingVm for FakeIncoming {
         let run_state = serde_json::from_slice(state).map_err(|e| VmError::BadState(e.to_string()))?;
         Ok(Arc::new(FakeReceived {
             mem: self.mem,
+            shared: self.shared,
             run_state,
             acquired: AtomicBool::new(false),
             running: AtomicBool::new(false),
@@ -474,14 +523,68 @@ fn auto_converge_throttles_a_guest_whose_dirty_set_does_not_shrink() {
     assert!(vm.called("throttle the vCPUs"), "the vCPUs were held through the lifecycle");
 }
 
+/// Same host (`unix:`): the source passes its memory file, the destination
+/// takes that very file, and no memory frame, pre-copy round or dirty log
+/// happens; live and quick alike.
+#[test]
+fn a_same_host_move_passes_the_memory_file_and_copies_no_page() {
+    for mode in [Mode::Live, Mode::Quick] {
+        let (vm, id) = FakeVm::with_memory_file(Lifecycle::Running, None);
+        let sock = Sock::new("shared");
+        let dest = destination(&sock, FakeDestination { share: true, ..Default::default() });
+        let figures = run(&vm, &sock, &options(mode)).expect("migration succeeds");
+        let received = dest.join().unwrap().unwrap().expect("a VM arrived");
+        assert_eq!(figures.memory, "shared-fd", "{mode:?}: {figures:?}");
+        assert_eq!(received.shared, Some(id), "{mode:?}: the destination got the source's own file");
+        assert_eq!((figures.pages_sent, figures.pages_zero), (0, 0), "{mode:?}: {figures:?}");
+        assert!(received.mem.snapshot().iter().all(|b| *b == 0), "{mode:?}: no memory frame was sent");
+        assert!(figures.dirty_log.is_none() && !vm.logging.load(Ordering::SeqCst), "{mode:?}: no dirty log");
+        assert_eq!(vm.state(), Lifecycle::Retired);
+        assert!(received.running.load(Ordering::SeqCst));
+    }
+}
+
+/// A destination that does not take the offer, or cannot map the file, and
+/// a source told not to offer (`--no-memfd`), all end in a copy that moves
+/// every byte.
+#[test]
+fn without_a_shared_memory_file_the_move_copies_every_byte() {
+    let cases = [
+        ("destination does not share", FakeDestination::default(), true),
+        ("destination cannot map", FakeDestination { share: true, fail_map: true, ..Default::default() }, true),
+        ("source does not offer", FakeDestination { share: true, ..Default::default() }, false),
+    ];
+    for (why, dest, offer) in cases {
+        let (vm, _) = FakeVm::with_memory_file(Lifecycle::Running, None);
+        let sock = Sock::new("copied");
+        let dest = destination(&sock, dest);
+        let mut opts = options(Mode::Live);
+        opts.share_memory = offer;
+        let figures = run(&vm, &sock, &opts).expect("migration succeeds");
+        let received = dest.join().unwrap().unwrap().expect("a VM arrived");
+        assert_eq!(figures.memory, "copy", "{why}: {figures:?}");
+        assert!(received.shared.is_none(), "{why}");
+        assert!(received.mem.snapshot() == vm.mem.snapshot(), "{why}: every byte copied");
+        assert!(figures.pages_sent > 0, "{why}: {figures:?}");
+    }
+}
+
 #[test]
 fn every_failure_before_commit_gives_the_vm_back_as_it_was() {
+    // Copied and shared memory alike.
+    for share in [false, true] {
+        failures_before_commit_give_the_vm_back(share);
+    }
+}
+
+fn failures_before_commit_give_the_vm_back(share: bool) {
+    let guest = |before, fail| if share { FakeVm::with_memory_file(before, fail).0 } else { FakeVm::new(before, fail) };
     // Destination-side failures.
     for (tag, dest, expect) in [
-        ("refuse", FakeDestination { refuse: true, ..Default::default() }, "tap vm0 does not exist"),
-        ("restore", FakeDestination { fail_restore: true, ..Default::default() }, "injected restore failure"),
+        ("refuse", FakeDestination { refuse: true, share, ..Default::default() }, "tap vm0 does not exist"),
+        ("restore", FakeDestination { fail_restore: true, share, ..Default::default() }, "injected restore failure"),
     ] {
-        let vm = FakeVm::new(Lifecycle::Running, None);
+        let vm = guest(Lifecycle::Running, None);
         let sock = Sock::new(tag);
         let d = destination(&sock, dest);
         let e = run(&vm, &sock, &options(Mode::Live)).unwrap_err();
@@ -492,9 +595,9 @@ fn every_failure_before_commit_gives_the_vm_back_as_it_was() {
     // Source-side failures, in order of the switchover.
     for step in ["pause", "save", "release"] {
         for before in [Lifecycle::Running, Lifecycle::Paused] {
-            let vm = FakeVm::new(before, Some(step));
+            let vm = guest(before, Some(step));
             let sock = Sock::new(step);
-            let d = destination(&sock, FakeDestination::default());
+            let d = destination(&sock, FakeDestination { share, ..Default::default() });
             let e = run(&vm, &sock, &options(Mode::Quick));
             let paused_skips_pause = step == "pause" && before == Lifecycle::Paused;
             if paused_skips_pause {
@@ -599,6 +702,48 @@ fn source_until_ready(sock: &Sock) -> Duplex {
     s
 }
 
+/// A source that passes its memory file and then sends pages anyway: the
+/// file is the source's live memory until the commit, so the destination
+/// refuses and keeps nothing.
+#[test]
+fn memory_frames_after_the_memory_file_passed_are_refused() {
+    use std::os::fd::AsFd;
+    let sock = Sock::new("shared-then-pages");
+    let dest = destination(&sock, FakeDestination { share: true, ..Default::default() });
+    let stream = crate::transport::connect(&sock.endpoint(), Duration::from_secs(5)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut s = Duplex::new(crate::secure::connect(stream, &key(), deadline).unwrap());
+    let file = memory_file();
+    let req = Requirements {
+        mem_bytes: PAGES * PAGE_SIZE,
+        vcpus: 1,
+        nics: Vec::new(),
+        disks: Vec::new(),
+        guest_cpuid: Vec::new(),
+        tsc_khz: 0,
+    };
+    let hello = wire::Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        mode: Mode::Quick,
+        requirements: req,
+        check_only: false,
+        switchover_timeout_ms: 1000,
+    };
+    let offer = wire::HelloExt { shared_memory: Some(wire::MemFdId::of(&file).unwrap()) };
+    wire::send_with_ext(&mut s, Kind::Hello, &hello, &offer).unwrap();
+    s.flush().unwrap();
+    let ack = wire::read_frame(&mut s).unwrap();
+    let (_, ext): (wire::Ack, wire::AckExt) = wire::decode_with_ext(ack.kind, &ack.payload).unwrap();
+    assert!(ext.shared_memory, "the destination takes the offer");
+    s.writer.send_fd(file.as_fd()).unwrap();
+    let verdict: wire::MemFdVerdict = wire::read_frame(&mut s).unwrap().decode().unwrap();
+    assert!(verdict.mapped, "{}", verdict.reason);
+    wire::write_frame(&mut s, Kind::MemData, &wire::mem_data_payload(PAGE_SIZE, &[7; 4096])).unwrap();
+    s.flush().unwrap();
+    let Err(e) = dest.join().unwrap() else { panic!("the destination kept a VM") };
+    assert!(e.contains("memory is shared"), "{e}");
+}
+
 #[test]
 fn a_source_lost_after_commit_leaves_the_vm_running_on_the_destination() {
     let sock = Sock::new("source-gone");
@@ -663,7 +808,13 @@ fn an_exposed_key_file_is_refused() {
 }
 
 fn dest_policy() -> DestPolicy {
-    DestPolicy { key: key(), cpu: CpuPolicy::default(), commit_oracle: None, records: crate::secure::Records::Sealed }
+    DestPolicy {
+        key: key(),
+        cpu: CpuPolicy::default(),
+        commit_oracle: None,
+        records: crate::secure::Records::Sealed,
+        share_memory: true,
+    }
 }
 
 /// A receiver asked to stop while it only waits ends at once, with no VM.

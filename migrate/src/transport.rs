@@ -129,6 +129,84 @@ impl Stream {
     }
 }
 
+/// The one byte that carries a passed descriptor (a stream socket needs at
+/// least one byte of data for ancillary data to ride on).
+const FD_MARKER: u8 = b'F';
+
+impl Stream {
+    /// True on a Unix socket: only there can a descriptor be passed.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.inner, Inner::Unix(_))
+    }
+
+    /// Passes `fd` to the peer (SCM_RIGHTS) with one marker byte, outside
+    /// whatever record stream runs on top: the caller must know the peer
+    /// reads exactly that byte with [`Stream::recv_fd`] next.
+    pub fn send_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let Inner::Unix(s) = &self.inner else {
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "descriptors pass only over unix:"));
+        };
+        self.before_io(false)?;
+        let fds = [fd.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(&[FD_MARKER])];
+        loop {
+            match sendmsg::<UnixAddr>(s.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+            {
+                Ok(1) => return Ok(()),
+                Ok(_) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "descriptor not sent")),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receives the descriptor [`Stream::send_fd`] passed: exactly its
+    /// marker byte is read, so the stream behind it is untouched. The
+    /// descriptor comes close-on-exec.
+    pub fn recv_fd(&mut self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let Inner::Unix(s) = &self.inner else {
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "descriptors pass only over unix:"));
+        };
+        self.before_io(true)?;
+        let mut byte = [0u8; 1];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let (n, fds, truncated) = loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+            match recvmsg::<UnixAddr>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                        if let ControlMessageOwned::ScmRights(f) = c {
+                            fds.extend(f);
+                        }
+                    }
+                    break (msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC));
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // SAFETY: each descriptor came to this process in SCM_RIGHTS just
+        // now and nothing else owns it; wrapping them closes any extra.
+        let mut owned: Vec<OwnedFd> = fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
+        match (n, byte[0], owned.len(), truncated) {
+            (0, _, _, _) => {
+                Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed before the descriptor"))
+            }
+            (1, FD_MARKER, 1, false) => Ok(owned.remove(0)),
+            (1, FD_MARKER, _, _) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected one passed descriptor, got {} (is a relay between the two ends?)", owned.len()),
+            )),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "no descriptor marker where one was due")),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.before_io(true)?;

@@ -19,6 +19,16 @@
 //! encoded VM state with its machine config and run state),
 //! ← `Ready` (restored, paused), `Commit` (the source will never run the VM
 //! again), ← `Resumed`. Either side may send `Abort` before `Commit`.
+//!
+//! Same host (`unix:`), memory by descriptor: the source offers its guest
+//! memory's memfd in `Hello`'s extension ([`HelloExt`]), the destination
+//! takes the offer in `HelloAck`'s ([`AckExt`]), the source passes the fd
+//! (SCM_RIGHTS, one byte outside the records), ← `MemFd` says whether it
+//! arrived, was the file named in the sealed `Hello` and is mapped; then
+//! no memory frames at all, only `State` and the rest. If `MemFd` says no,
+//! memory is copied as usual. Extensions are appended after the version-2
+//! body: an older peer's decoder ignores trailing bytes, and a body without
+//! them means nothing was offered, so old and new peers fall back to copying.
 
 use std::io::{Read, Write};
 
@@ -49,12 +59,14 @@ pub enum Kind {
     Commit = 8,
     Resumed = 9,
     Abort = 10,
+    MemFd = 11,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
-        const ALL: [Kind; 10] = [Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort];
+        const ALL: [Kind; 11] =
+            [Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort, MemFd];
         ALL.into_iter().find(|k| *k as u8 == v)
     }
 }
@@ -221,6 +233,72 @@ pub struct Ack {
     pub host_id: String,
 }
 
+/// What follows `Hello`'s version-2 body (see the module notes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloExt {
+    /// The source will pass its guest memory's memfd, this one.
+    pub shared_memory: Option<MemFdId>,
+}
+
+/// Which file a passed descriptor must be: the source's memfd as fstat
+/// names it. Sealed inside `Hello`, it authenticates the descriptor that
+/// comes outside the records: an inode number of a live memfd on this
+/// kernel cannot be produced by anyone who was not handed that file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemFdId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+}
+
+impl MemFdId {
+    pub fn of(file: &std::fs::File) -> std::io::Result<MemFdId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(MemFdId { dev: m.dev(), ino: m.ino(), size: m.len() })
+    }
+}
+
+/// What follows `HelloAck`'s body.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckExt {
+    /// Pass the memfd: this destination maps it instead of receiving pages.
+    pub shared_memory: bool,
+}
+
+/// `MemFd` payload: whether the destination took the passed memory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemFdVerdict {
+    pub mapped: bool,
+    /// Why not (then memory is copied).
+    pub reason: String,
+}
+
+/// Writes a frame whose payload is `msg` then `ext` (an extension an older
+/// peer ignores).
+pub fn send_with_ext<T: Serialize, E: Serialize>(
+    w: &mut impl Write,
+    kind: Kind,
+    msg: &T,
+    ext: &E,
+) -> Result<(), Error> {
+    let mut payload = postcard::to_stdvec(msg).map_err(|e| Error::Payload(e.to_string()))?;
+    payload.extend(postcard::to_stdvec(ext).map_err(|e| Error::Payload(e.to_string()))?);
+    write_frame(w, kind, &payload)
+}
+
+/// Decodes `msg` and the extension after it (the default if the peer sent
+/// none: an older Ferry).
+pub fn decode_with_ext<'a, T: Deserialize<'a>, E: Deserialize<'a> + Default>(
+    kind: Kind,
+    payload: &'a [u8],
+) -> Result<(T, E), Error> {
+    let bad = |e: postcard::Error| Error::Payload(format!("{kind:?} frame: {e}"));
+    let (msg, rest) = postcard::take_from_bytes(payload).map_err(bad)?;
+    let ext = if rest.is_empty() { E::default() } else { postcard::from_bytes(rest).map_err(bad)? };
+    Ok((msg, ext))
+}
+
 /// A reason, for `Refuse` and `Abort`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Reason {
@@ -252,6 +330,25 @@ pub fn parse_mem_data(payload: &[u8]) -> Result<(u64, &[u8]), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extensions_are_ignored_by_old_peers_and_absent_from_old_ones() {
+        let ack = Ack { host_id: "b".into() };
+        let ext = AckExt { shared_memory: true };
+        let mut buf = Vec::new();
+        send_with_ext(&mut buf, Kind::HelloAck, &ack, &ext).unwrap();
+        let f = read_frame(&mut &buf[..]).unwrap();
+        // An older peer decodes only the body.
+        assert_eq!(f.decode::<Ack>().unwrap().host_id, "b");
+        let (a, e): (Ack, AckExt) = decode_with_ext(f.kind, &f.payload).unwrap();
+        assert_eq!((a.host_id.as_str(), e), ("b", ext));
+        // An older peer's frame: no extension, nothing offered.
+        let mut buf = Vec::new();
+        send(&mut buf, Kind::HelloAck, &ack).unwrap();
+        let f = read_frame(&mut &buf[..]).unwrap();
+        let (_, e): (Ack, AckExt) = decode_with_ext(f.kind, &f.payload).unwrap();
+        assert_eq!(e, AckExt::default());
+    }
 
     #[test]
     fn frames_round_trip_and_damage_is_named() {

@@ -26,6 +26,8 @@ pub enum Error {
     Memfd(std::io::Error),
     #[error("cannot map guest memory: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    #[error("the passed guest memory file is {got} bytes, the VM needs {want}")]
+    SharedSize { got: u64, want: u64 },
 }
 
 /// Guest RAM and the memfd behind it (kept for sharing with a later process).
@@ -70,7 +72,21 @@ pub fn create(mem_mib: u64) -> Result<GuestRam, Error> {
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let memfd = unsafe { File::from_raw_fd(fd) };
     memfd.set_len(size).map_err(Error::Memfd)?;
+    map(memfd, size)
+}
 
+/// Guest RAM on a memory file another VMM process on this host passed
+/// (a same-host migration): mapped shared, so both see the same pages and
+/// nothing is copied. Its size must be exactly the VM's.
+pub fn from_memfd(memfd: File, size: u64) -> Result<GuestRam, Error> {
+    let got = memfd.metadata().map_err(Error::Memfd)?.len();
+    if got != size || size < MIN_MEM_MIB * MIB {
+        return Err(Error::SharedSize { got, want: size });
+    }
+    map(memfd, size)
+}
+
+fn map(memfd: File, size: u64) -> Result<GuestRam, Error> {
     let mut offset = 0u64;
     let mut ranges = Vec::new();
     for (start, len) in layout::ram_ranges(size) {
@@ -95,6 +111,18 @@ mod tests {
         let region = ram.memory.find_region(GuestAddress(0)).unwrap();
         assert!(region.bitmap().dirty_at(0x5000));
         assert!(!region.bitmap().dirty_at(0x6000));
+    }
+
+    #[test]
+    fn a_passed_memory_file_maps_the_same_pages_and_must_be_the_vm_s_size() {
+        let ram = create(32).unwrap();
+        let shared = from_memfd(ram.memfd.try_clone().unwrap(), ram.size).unwrap();
+        ram.memory.write_obj(0x1234_5678u32, GuestAddress(0x7000)).unwrap();
+        assert_eq!(shared.memory.read_obj::<u32>(GuestAddress(0x7000)).unwrap(), 0x1234_5678, "one set of pages");
+        shared.memory.write_obj(7u8, GuestAddress(0x9000)).unwrap();
+        assert_eq!(ram.memory.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 7, "both ways");
+        let wrong = from_memfd(ram.memfd.try_clone().unwrap(), ram.size * 2);
+        assert!(matches!(wrong, Err(Error::SharedSize { .. })), "a file of another size is refused");
     }
 
     #[test]

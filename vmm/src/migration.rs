@@ -39,6 +39,11 @@ pub trait MemorySource: Send + Sync {
     /// and runs of data pages.
     fn scan(&self, f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats>;
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// The file behind guest memory, if another process on this host may
+    /// map it (a same-host move passes it instead of copying pages).
+    fn shareable_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// Guest memory as a destination fills it. Every range is checked: a peer
@@ -132,9 +137,23 @@ pub trait Destination: Send + Sync {
     fn offer(&self) -> Result<HostOffer, Error>;
     /// Every reason this host cannot supply the VM's memory and backends
     /// (taps, disks), in words an operator can act on.
-    fn check_backends(&self, req: &Requirements) -> Vec<String>;
+    /// `shared_memory`: the source's memory will be mapped, not copied,
+    /// so none is needed here.
+    fn check_backends(&self, req: &Requirements, shared_memory: bool) -> Vec<String>;
     /// Memory to fill (and, for KVM, the VM made ahead of the state).
     fn prepare(&self, req: &Requirements) -> Result<Self::Incoming, Error>;
+    /// Whether this destination can map a source's memory file passed to
+    /// it (a same-host move) instead of receiving its pages.
+    fn shares_memory(&self) -> bool {
+        false
+    }
+    /// Like `prepare`, with the source's own memory file as guest RAM:
+    /// nothing is filled, and nothing here may write to it before the
+    /// commit (the source still runs on it until then).
+    fn prepare_shared(&self, req: &Requirements, memfd: std::fs::File) -> Result<Self::Incoming, Error> {
+        let _ = (req, memfd);
+        Err(Error::BadState("this destination cannot map a passed memory file".into()))
+    }
 }
 
 /// A VM being received: memory filling, not built yet.
@@ -168,6 +187,9 @@ impl MemorySource for GuestRam {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         GuestRam::read_at(self, offset, buf)
+    }
+    fn shareable_file(&self) -> Option<&std::fs::File> {
+        Some(&self.memfd)
     }
 }
 
@@ -373,6 +395,9 @@ pub struct KvmIncoming {
     host: HostConfig,
     ram: GuestRam,
     vm: Vm,
+    /// The RAM is the source's own memory file (a same-host move): the
+    /// source still runs on it until the commit, so nothing here writes it.
+    shared: bool,
 }
 
 impl Destination for KvmDestination {
@@ -387,13 +412,16 @@ impl Destination for KvmDestination {
         probe_host(&self.host.kvm_device)
     }
 
-    fn check_backends(&self, req: &Requirements) -> Vec<String> {
+    fn check_backends(&self, req: &Requirements, shared_memory: bool) -> Vec<String> {
         let mut problems = Vec::new();
         if let Err(e) = csv_fs::fsutil::check_name("host", &self.host.host_id) {
             problems.push(format!("this host's id cannot name a lease holder: {e}"));
         }
-        if let Err(e) = memory::check_size(req.mem_bytes >> 20) {
-            problems.push(e.to_string());
+        // Shared memory is already there: only its shape is checked (on mapping).
+        if !shared_memory {
+            if let Err(e) = memory::check_size(req.mem_bytes >> 20) {
+                problems.push(e.to_string());
+            }
         }
         if req.nics.len() != self.host.taps.len() {
             problems.push(format!(
@@ -423,7 +451,64 @@ impl Destination for KvmDestination {
         let ram = memory::create(req.mem_bytes >> 20)?;
         // The KVM VM and its memory slots now, while round 0 is in flight.
         let vm = builder::prepare(&self.host, &ram)?;
-        Ok(KvmIncoming { host: self.host.clone(), ram, vm })
+        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: false })
+    }
+
+    fn shares_memory(&self) -> bool {
+        true
+    }
+
+    /// Maps the source's memory file and makes the KVM VM on it. Until the
+    /// commit the pages are the source's live memory (and, if the move
+    /// fails, stay its memory), so nothing on this side may write them:
+    /// - memory frames: refused here ([`KvmIncoming`]'s sink) and by the
+    ///   protocol (`migrate::destination`);
+    /// - KVM: registering the slots (no dirty logging) writes nothing, and
+    ///   KVM's own guest-memory writes (kvmclock, steal time, PV EOI, all
+    ///   set up by the restored MSRs) happen only on guest entry. The vCPU
+    ///   threads of a restored VM start parked, and a parked vCPU enters
+    ///   KVM_RUN only with `immediate_exit` set, which returns before entry;
+    /// - devices: the event loop starts paused (`builder`), so tap input is
+    ///   read and dropped, never put in the guest's RX ring, and queue
+    ///   notify eventfds (`--virtio-notify ioeventfd`) stay disarmed; the
+    ///   catch-up look at every queue comes with the first resume, after
+    ///   the commit. Disks open in standby (no I/O) until the commit;
+    /// - announce and the API socket come after the commit.
+    ///
+    /// If the move fails, dropping the VM stops parked vCPUs without a
+    /// KVM_RUN and the event loop without a look at the queues.
+    fn prepare_shared(&self, req: &Requirements, memfd: std::fs::File) -> Result<KvmIncoming, Error> {
+        let ram = memory::from_memfd(memfd, req.mem_bytes)?;
+        let vm = builder::prepare(&self.host, &ram)?;
+        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: true })
+    }
+}
+
+/// Incoming memory frames land in the RAM, unless it is shared with the
+/// source (see [`KvmDestination::prepare_shared`]).
+impl MemorySink for KvmIncoming {
+    fn size(&self) -> u64 {
+        self.ram.size
+    }
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.writable()?;
+        self.ram.write_at(offset, bytes)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.writable()?;
+        self.ram.zero_range(offset, len)
+    }
+}
+
+impl KvmIncoming {
+    fn writable(&self) -> std::io::Result<()> {
+        if self.shared {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "guest memory is the source's own (shared): nothing is written to it before the commit",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -431,7 +516,7 @@ impl IncomingVm for KvmIncoming {
     type Vm = Vmm;
 
     fn memory(&self) -> &dyn MemorySink {
-        &self.ram
+        self
     }
 
     fn restore(self, state: &[u8]) -> Result<Arc<Vmm>, Error> {

@@ -195,6 +195,8 @@ const API: &[&str] = &[
     "rename",
     "rseq",
     "seccomp",
+    // A same-host move passes the guest memory's memfd (SCM_RIGHTS).
+    "sendmsg",
     "sendto",
     "set_robust_list",
     "setsockopt",
@@ -235,6 +237,8 @@ const MIGRATION: &[&str] = &[
     "read",
     "readlink",
     "recvfrom",
+    // A same-host move: the source's memfd arrives in SCM_RIGHTS.
+    "recvmsg",
     "rseq",
     "rt_sigaction",
     "seccomp",

@@ -22,9 +22,27 @@
 //! runs but repeated (`counted: false`), up to two extra attempts a cell.
 //! All processes use one copy of the ferry binary taken at the start.
 //!
-//! Medians per cell, the raw runs, the single-stream TCP throughput from
+//! Each cell moves the guest until both directions have RUNS counted runs
+//! (so 6 moves a cell), and reports one row per direction (`direction`:
+//! "a->b" or "b->a"): the hosts differ (round 0 has run 2-3x faster b->a
+//! than a->b here), and a median across both hides that.
+//!
+//! Same-host rows (`same_host`): idle 1 GiB and 4 GiB guests moved between
+//! two VMM processes on host a over `unix:` (taps vm0 and vm1 on its
+//! bridge, in turn), by passing the memory's memfd (`shared-fd`) and by
+//! copying it (`--no-memfd`), the two alternating; pinged and measured as
+//! the cells are.
+//!
+//! Medians per row, the raw runs, the single-stream TCP throughput from
 //! host a to host b (the ceiling round 0 is compared with), QEMU 7.2's
 //! published figures and the targets.
+//!
+//! Environment, to run a part while developing: BENCH_LIVE_PARTS (a comma
+//! list of `cells`, `encryption`, `same-host`; all by default; encryption
+//! runs after the 1 GiB idle cell, so needs it), BENCH_LIVE_CELLS (e.g.
+//! "1024:0,4096:0"; all nine by default), BENCH_LIVE_RUNS (counted runs per
+//! direction, or per memory mode for same-host; 3), BENCH_LIVE_SAME_HOST_MEM
+//! (e.g. "4096"; "1024,4096" by default).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -43,17 +61,23 @@ use serde_json::{json, Value};
 #[allow(dead_code)] // bench-qemu uses the rest
 mod live_cell;
 use live_cell::{
-    expected_ms, guest_cmdline, start_ping, Console, GUEST_IP, GUEST_MAC, HEARTBEAT_MS, MIN_PING_TAIL_MS, PING_FIGURES,
-    PING_LEAD_MS, PING_TAIL_MS, TAP,
+    expected_ms, guest_cmdline, measure, start_ping, Console, MoveOutcome, GUEST_IP, GUEST_MAC, HEARTBEAT_MS,
+    MIN_PING_TAIL_MS, PING_FIGURES, PING_LEAD_MS, PING_TAIL_MS, TAP,
 };
 
 const LAB: &str = "bl";
 const MEM_MIB: [u64; 3] = [256, 1024, 4096];
 const DIRTY_MIB_S: [u64; 3] = [0, 50, 200];
+/// Counted runs per direction of a cell (per memory mode for same-host).
 const RUNS: usize = 3;
-/// Attempts per cell at most: a run whose pinger stopped before the
-/// migration ended is repeated (kept in the raw runs, not counted).
-const MAX_ATTEMPTS: usize = RUNS + 2;
+/// Extra attempts per direction at most: a run whose pinger stopped before
+/// the migration ended is repeated (kept in the raw runs, not counted).
+const EXTRA_ATTEMPTS: usize = 2;
+const DIRECTIONS: [&str; 2] = ["a->b", "b->a"];
+/// Same-host moves: these sizes, idle; the second tap on host a's bridge.
+const SAME_HOST_MEM_MIB: [u64; 2] = [1024, 4096];
+const SAME_HOST_TAP: &str = "vm1";
+const SAME_HOST_MODES: [&str; 2] = ["shared-fd", "copy"];
 /// `ferry migrate`'s default, stated here for the report.
 const DOWNTIME_TARGET_MS: u64 = 20;
 /// Receivers listen on PORT_BASE + the migration's sequence number.
@@ -158,20 +182,33 @@ fn boot(lab: &Lab, dir: &Path, mem_mib: u64, dirty_mib_s: u64) -> Result<(Guest,
 
 /// Starts `ferry receive` on `host`, listening on `port`; returns once it listens.
 fn receiver(lab: &Lab, dir: &Path, host: &'static str, port: u16, seq: usize, plain: bool) -> Result<Guest, String> {
+    let listen = format!("tcp:{}:{port}", Lab::host_ip(host));
+    receiver_at(lab, dir, host, &listen, TAP, seq, if plain { &["--no-encryption"] } else { &[] })
+}
+
+/// Starts `ferry receive` on `host`, listening on `listen` with tap `tap`;
+/// returns once it listens.
+fn receiver_at(
+    lab: &Lab,
+    dir: &Path,
+    host: &'static str,
+    listen: &str,
+    tap: &str,
+    seq: usize,
+    extra: &[&str],
+) -> Result<Guest, String> {
     let serial = dir.join(format!("receive-{seq}.log"));
     let mut args: Vec<String> = vec![
         "--listen".into(),
-        format!("tcp:{}:{port}", Lab::host_ip(host)),
+        listen.into(),
         "--key-file".into(),
         cluster_key().display().to_string(),
         "--net".into(),
-        format!("tap={TAP}"),
+        format!("tap={tap}"),
         "--serial".into(),
         format!("file:{}", serial.display()),
     ];
-    if plain {
-        args.push("--no-encryption".into());
-    }
+    args.extend(extra.iter().map(|e| e.to_string()));
     let g = Guest::new(Vm::launch(Some(&lab.netns(host)), "receive", &args), serial, host);
     let deadline = Instant::now() + T;
     while !g.vm.stderr().contains("waiting for a migration") {
@@ -201,7 +238,8 @@ struct Moved {
 fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, plain: bool) -> Moved {
     let (from, to) = (src.console.host, Lab::other_host(src.console.host));
     let port = PORT_BASE + seq as u16;
-    let mut record = json!({ "seq": seq, "from": from, "to": to, "encrypted": !plain });
+    let mut record =
+        json!({ "seq": seq, "from": from, "to": to, "direction": format!("{from}->{to}"), "encrypted": !plain });
     let dst = match receiver(lab, dir, to, port, seq, plain) {
         Ok(g) => g,
         Err(e) => {
@@ -475,8 +513,8 @@ fn tcp_ceiling(lab: &Lab) -> Value {
     })
 }
 
-/// Medians of the successful runs of one cell.
-fn cell_row(mem_mib: u64, dirty_mib_s: u64, runs: Vec<Value>, ceiling_mib_s: Option<f64>) -> Value {
+/// Medians of the successful runs of one cell in one direction.
+fn cell_row(mem_mib: u64, dirty_mib_s: u64, direction: &str, runs: Vec<Value>, ceiling_mib_s: Option<f64>) -> Value {
     let ok: Vec<&Value> = runs.iter().filter(|r| r["ok"] == true && r["counted"] == true).collect();
     let med = |k: &str| {
         let v: Vec<f64> = ok.iter().filter_map(|r| r[k].as_f64()).collect();
@@ -485,6 +523,7 @@ fn cell_row(mem_mib: u64, dirty_mib_s: u64, runs: Vec<Value>, ceiling_mib_s: Opt
     let mut row = json!({
         "mem_mib": mem_mib,
         "dirty_mib_s": dirty_mib_s,
+        "direction": direction,
         "migrations": runs.len(),
         "migrations_counted": runs.iter().filter(|r| r["counted"] == true).count(),
         "migrations_ok": ok.len(),
@@ -504,22 +543,319 @@ fn cell_row(mem_mib: u64, dirty_mib_s: u64, runs: Vec<Value>, ceiling_mib_s: Opt
     row
 }
 
-/// One target: `figure` of the cell (mem_mib, dirty_mib_s) against `limit`.
-fn target(rows: &[Value], name: &str, mem_mib: u64, dirty_mib_s: u64, figure: &str, op: &str, limit: f64) -> Value {
-    let value = rows
+/// One target: `figure` of the cell (mem_mib, dirty_mib_s) against
+/// `limit`, in both directions (`value` is the worse of the two); `None`
+/// if the cell did not run.
+fn target(
+    rows: &[Value],
+    name: &str,
+    mem_mib: u64,
+    dirty_mib_s: u64,
+    figure: &str,
+    op: &str,
+    limit: f64,
+) -> Option<Value> {
+    let cell: Vec<&Value> =
+        rows.iter().filter(|r| r["mem_mib"] == mem_mib && r["dirty_mib_s"] == dirty_mib_s).collect();
+    if cell.is_empty() {
+        return None;
+    }
+    let values: Vec<Option<f64>> = DIRECTIONS
         .iter()
-        .find(|r| r["mem_mib"] == mem_mib && r["dirty_mib_s"] == dirty_mib_s)
-        .and_then(|r| r[figure].as_f64());
-    let met = value.is_some_and(|v| if op == "<=" { v <= limit } else { v >= limit });
-    json!({
+        .map(|d| cell.iter().find(|r| r["direction"] == *d).and_then(|r| r[figure].as_f64()))
+        .collect();
+    let meets = |v: f64| if op == "<=" { v <= limit } else { v >= limit };
+    let worst = values.iter().flatten().copied().reduce(|a, b| if op == "<=" { a.max(b) } else { a.min(b) });
+    let met = values.iter().all(|v| v.is_some_and(meets));
+    let by_direction: serde_json::Map<String, Value> =
+        DIRECTIONS.iter().zip(&values).map(|(d, v)| (d.to_string(), json!(v))).collect();
+    Some(json!({
         "name": name,
         "mem_mib": mem_mib,
         "dirty_mib_s": dirty_mib_s,
         "figure": figure,
         "op": op,
         "limit": limit,
-        "value": value,
+        "value": worst,
+        "by_direction": by_direction,
         "met": met,
+    }))
+}
+
+/// What this run measures (see the module notes for the environment).
+struct Plan {
+    /// (mem_mib, dirty_mib_s), in the order they run.
+    cells: Vec<(u64, u64)>,
+    runs: usize,
+    encryption: bool,
+    same_host_mem: Vec<u64>,
+}
+
+impl Plan {
+    fn from_env() -> Plan {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let parts = var("BENCH_LIVE_PARTS").unwrap_or_else(|| "cells,encryption,same-host".into());
+        let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
+        for p in &parts {
+            assert!(["cells", "encryption", "same-host"].contains(p), "BENCH_LIVE_PARTS: unknown part {p}");
+        }
+        let number =
+            |v: &str, what: &str| v.trim().parse::<u64>().unwrap_or_else(|_| panic!("{what}: not a number: {v}"));
+        let cells = match (parts.contains(&"cells"), var("BENCH_LIVE_CELLS")) {
+            (false, _) => Vec::new(),
+            (true, Some(spec)) => spec
+                .split(',')
+                .map(|c| {
+                    let (m, r) = c.split_once(':').unwrap_or_else(|| panic!("BENCH_LIVE_CELLS: {c} is not MEM:RATE"));
+                    (number(m, "BENCH_LIVE_CELLS"), number(r, "BENCH_LIVE_CELLS"))
+                })
+                .collect(),
+            (true, None) => MEM_MIB.iter().flat_map(|&m| DIRTY_MIB_S.iter().map(move |&r| (m, r))).collect(),
+        };
+        let same_host_mem = match (parts.contains(&"same-host"), var("BENCH_LIVE_SAME_HOST_MEM")) {
+            (false, _) => Vec::new(),
+            (true, Some(spec)) => spec.split(',').map(|m| number(m, "BENCH_LIVE_SAME_HOST_MEM")).collect(),
+            (true, None) => SAME_HOST_MEM_MIB.to_vec(),
+        };
+        Plan {
+            encryption: parts.contains(&"encryption") && cells.contains(&(ENCRYPTION_MEM_MIB, 0)),
+            cells,
+            runs: var("BENCH_LIVE_RUNS").map_or(RUNS, |v| number(&v, "BENCH_LIVE_RUNS") as usize).max(1),
+            same_host_mem,
+        }
+    }
+
+    /// The memory sizes of the cells, in order, each once.
+    fn cell_sizes(&self) -> Vec<u64> {
+        let mut sizes: Vec<u64> = Vec::new();
+        for &(m, _) in &self.cells {
+            if !sizes.contains(&m) {
+                sizes.push(m);
+            }
+        }
+        sizes
+    }
+}
+
+/// The guest's own check of its working set after its moves.
+fn verify(guest: Option<Guest>, mem_mib: u64, lost: Option<String>) -> Value {
+    let Some(g) = guest else {
+        return json!({ "mem_mib": mem_mib, "ok": false, "error": lost });
+    };
+    let v = g.command("verify", "verify", Duration::from_secs(120));
+    eprintln!("{mem_mib} MiB: {v:?}");
+    match v {
+        Ok(line) => {
+            json!({ "mem_mib": mem_mib, "host": g.console.host, "ok": line.starts_with("verify ok"), "line": line })
+        }
+        Err(e) => json!({ "mem_mib": mem_mib, "host": g.console.host, "ok": false, "error": e }),
+    }
+}
+
+/// /proc/loadavg's 1, 5 and 15 minute figures: how busy the shared
+/// machine was.
+fn load_average() -> Value {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!(text.split_whitespace().take(3).filter_map(|v| v.parse::<f64>().ok()).collect::<Vec<_>>())
+}
+
+/// Figures of a same-host row, medians of its counted successful runs.
+const SAME_HOST_FIGURES: [&str; 12] = [
+    "total_ms",
+    "downtime_ms",
+    "restore_ms",
+    "bytes_sent",
+    "pages_sent",
+    "pings_sent",
+    "pings_lost",
+    "max_gap_ms",
+    "guest_stall_ms",
+    "guest_stall_baseline_ms",
+    "migrate_wall_ms",
+    "handoff_ms",
+];
+
+/// One same-host move of `src` (on tap `from_tap`) to a new VMM process on
+/// host a with tap `to_tap`, over `unix:`, memory passed (`shared-fd`) or
+/// copied (`copy`: `--no-memfd`); pinged and measured as the cells are.
+/// Returns the record and where the VM runs afterwards (and on which tap).
+#[allow(clippy::too_many_arguments)]
+fn same_host_once(
+    lab: &Lab,
+    dir: &Path,
+    src: Guest,
+    from_tap: &'static str,
+    to_tap: &'static str,
+    seq: usize,
+    mode: &'static str,
+    expect_ms: u64,
+) -> (Value, Option<(Guest, &'static str)>) {
+    let listen = format!("unix:{}", dir.join(format!("same-host-{seq}.sock")).display());
+    let dst = match receiver_at(lab, dir, "a", &listen, to_tap, seq, &[]) {
+        Ok(g) => g,
+        Err(e) => {
+            let record = json!({ "seq": seq, "memory_asked": mode, "ok": false, "counted": true, "error": e });
+            return (record, Some((src, from_tap)));
+        }
+    };
+    let (dst_console, dst_pid, api) = (dst.console.clone(), dst.vm.pid(), src.vm.api_sock.clone());
+    let mut record = measure(lab, &src.console, expect_ms, || {
+        let key = cluster_key().display().to_string();
+        let mut migrate = Command::new(ferry_bin());
+        migrate.args(["migrate", "--mode", "live", "--json", "--key-file", &key, "--to", &listen, "--api-sock"]);
+        migrate.arg(&api);
+        if mode == "copy" {
+            migrate.arg("--no-memfd");
+        }
+        let figures = run_bounded(&mut migrate, MIGRATE_T).and_then(|o| {
+            if o.status.success() {
+                serde_json::from_slice::<Value>(&o.stdout).map_err(|e| format!("ferry migrate printed no JSON: {e}"))
+            } else {
+                Err(format!("ferry migrate failed: {}", String::from_utf8_lossy(&o.stderr).trim()))
+            }
+        });
+        let dst_alive: Box<dyn Fn() -> Result<(), String>> =
+            Box::new(move || if process_running(dst_pid) { Ok(()) } else { Err("the destination VMM exited".into()) });
+        MoveOutcome { figures, dst_console: Some(dst_console), dst_alive }
+    });
+    record["seq"] = json!(seq);
+    record["memory_asked"] = json!(mode);
+    record["taps"] = json!(format!("{from_tap}->{to_tap}"));
+    if record["ok"] == true {
+        record["source_exited"] = json!(src.retire(Duration::from_secs(5)));
+        return (record, Some((dst, to_tap)));
+    }
+    record["receiver_stderr"] = json!(dst.vm.stderr());
+    if src.answers() {
+        drop(dst);
+        (record, Some((src, from_tap)))
+    } else if dst.answers() {
+        record["vm_moved_anyway"] = json!(true);
+        (record, Some((dst, to_tap)))
+    } else {
+        (record, None)
+    }
+}
+
+/// The same-host rows: per size, the idle guest moved on host a between
+/// taps vm0 and vm1 until each memory mode has `plan.runs` counted moves,
+/// the modes alternating; its memory verified after.
+fn same_host(lab: &Lab, dir: &Path, plan: &Plan, seq: &mut usize, verifies: &mut Vec<Value>) -> Value {
+    if plan.same_host_mem.is_empty() {
+        return json!(null);
+    }
+    let mut rows = Vec::new();
+    // (mem_mib, memory mode index, total_ms) of earlier moves: the pinger
+    // must outlast the next one.
+    let mut history: Vec<(u64, u64, f64)> = Vec::new();
+    for &mem_mib in &plan.same_host_mem {
+        let mut current = match boot(lab, dir, mem_mib, 0) {
+            Ok((g, _)) => Some((g, TAP)),
+            Err(e) => {
+                for mode in SAME_HOST_MODES {
+                    rows.push(json!({ "mem_mib": mem_mib, "memory": mode, "errors": [format!("boot failed: {e}")] }));
+                }
+                continue;
+            }
+        };
+        std::thread::sleep(SETTLE);
+        let mut runs: Vec<Value> = Vec::new();
+        let mut counted = [0usize; 2];
+        let mut attempts = 0;
+        let mut lost = None;
+        while counted.iter().any(|&c| c < plan.runs) && attempts < 2 * (plan.runs + EXTRA_ATTEMPTS) {
+            let Some((g, tap)) = current.take() else { break };
+            let mode = attempts % 2;
+            let to_tap = if tap == TAP { SAME_HOST_TAP } else { TAP };
+            // Only this mode's history: a copy takes 100x a shared move.
+            let this_mode: Vec<_> = history.iter().filter(|h| h.1 == mode as u64).copied().collect();
+            let expect = expected_ms(&this_mode, mem_mib, mode as u64, first_guess_ms(mem_mib));
+            let (mut record, next) = same_host_once(lab, dir, g, tap, to_tap, *seq, SAME_HOST_MODES[mode], expect);
+            *seq += 1;
+            attempts += 1;
+            let counts = record["ok"] != true || record["ping_covered"] == true;
+            record["counted"] = json!(counts);
+            counted[mode] += usize::from(counts);
+            let r = &record;
+            eprintln!(
+                "same host {mem_mib} MiB idle, {} ({}): ok={} memory={} total={} downtime={} bytes={} lost={}/{} \
+                 gap={} stall={}{}",
+                SAME_HOST_MODES[mode],
+                r["taps"].as_str().unwrap_or("?"),
+                r["ok"],
+                r["memory"],
+                r["total_ms"],
+                r["downtime_ms"],
+                r["bytes_sent"],
+                r["pings_lost"],
+                r["pings_sent"],
+                r["max_gap_ms"],
+                r["guest_stall_ms"],
+                r.get("error").map(|e| format!(" error: {e}")).unwrap_or_default()
+            );
+            if let Some(t) = r["total_ms"].as_f64() {
+                history.push((mem_mib, mode as u64, t));
+            }
+            if next.is_none() {
+                lost = Some(r["error"].as_str().unwrap_or("the VM runs nowhere").to_owned());
+            }
+            runs.push(record);
+            current = next;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let mut v = verify(current.map(|(g, _)| g), mem_mib, lost);
+        v["same_host"] = json!(true);
+        verifies.push(v);
+        for mode in SAME_HOST_MODES {
+            let these: Vec<&Value> = runs.iter().filter(|r| r["memory_asked"] == mode).collect();
+            let ok: Vec<&&Value> = these.iter().filter(|r| r["ok"] == true && r["counted"] == true).collect();
+            let mut row = json!({
+                "mem_mib": mem_mib,
+                "dirty_mib_s": 0,
+                "memory": mode,
+                "migrations": these.len(),
+                "migrations_counted": these.iter().filter(|r| r["counted"] == true).count(),
+                "migrations_ok": ok.len(),
+                // A shared-fd move that copied after all is a failure of
+                // the feature, though the VM moved.
+                "memory_as_asked": ok.iter().all(|r| r["memory"] == mode),
+            });
+            for k in SAME_HOST_FIGURES {
+                let v: Vec<f64> = ok.iter().filter_map(|r| r[k].as_f64()).collect();
+                row[k] = json!(median(&v).map(round3));
+            }
+            row["errors"] = json!(these.iter().filter_map(|r| r.get("error")).collect::<Vec<_>>());
+            row["runs"] = json!(these);
+            rows.push(row);
+        }
+    }
+    let cell = |mem: u64, k: &str| {
+        rows.iter().find(|r| r["mem_mib"] == mem && r["memory"] == "shared-fd").and_then(|r| r[k].as_f64())
+    };
+    let mut targets = Vec::new();
+    if plan.same_host_mem.contains(&4096) {
+        for (figure, limit) in [("downtime_ms", 10.0), ("total_ms", 100.0)] {
+            let value = cell(4096, figure);
+            targets.push(json!({
+                "name": format!("same host, 4 GiB idle, shared-fd: {figure}"),
+                "mem_mib": 4096,
+                "figure": figure,
+                "op": "<=",
+                "limit": limit,
+                "value": value,
+                "met": value.is_some_and(|v| v <= limit),
+            }));
+        }
+    }
+    json!({
+        "cells": rows,
+        "targets": targets,
+        "notes": "Two VMM processes on lab host a: `ferry migrate --mode live` over unix: to `ferry receive` with \
+                  the other tap (vm0 and vm1 on host a's bridge, in turn); shared-fd passes the guest memory's \
+                  memfd (SCM_RIGHTS) and the destination maps it (no pre-copy; bytes_sent is the state), copy is \
+                  `--no-memfd` (pre-copy over the Unix socket, encrypted). The modes alternate on one idle guest \
+                  per size (working set half its memory), pinged from bl-client every 10 ms as the cells are. \
+                  Medians of the counted successful runs per mode.",
     })
 }
 
@@ -529,7 +865,9 @@ fn main() {
     if !kvm_available("bench-live") || !root_available("bench-live") {
         return;
     }
+    let plan = Plan::from_env();
     let started = Instant::now();
+    let load_at_start = load_average();
     // Every process of the run uses one copy of the ferry binary, so a
     // rebuild while the bench runs cannot pair a source and a destination
     // that disagree on the wire format. (Declared before the lab, so the
@@ -541,9 +879,10 @@ fn main() {
     let lab = Lab::up(LAB);
     lab.ok(&["tap", "add", "a", TAP]);
     lab.ok(&["tap", "add", "b", TAP]);
+    lab.ok(&["tap", "add", "a", SAME_HOST_TAP]);
 
     // The ceiling first, with no guest running.
-    let ceiling = tcp_ceiling(&lab);
+    let ceiling = if plan.cells.is_empty() { json!(null) } else { tcp_ceiling(&lab) };
     let ceiling_mib_s = ceiling["mib_s_median"].as_f64();
 
     let mut rows = Vec::new();
@@ -552,16 +891,19 @@ fn main() {
     let mut history: Vec<(u64, u64, f64)> = Vec::new();
     let mut seq = 0;
     let mut encryption = Vec::new();
-    for mem_mib in MEM_MIB {
-        let (mut guest, boot_figures) = match boot(&lab, dir.path(), mem_mib, DIRTY_MIB_S[0]) {
+    for mem_mib in plan.cell_sizes() {
+        let rates: Vec<u64> = plan.cells.iter().filter(|c| c.0 == mem_mib).map(|c| c.1).collect();
+        let (mut guest, boot_figures) = match boot(&lab, dir.path(), mem_mib, rates[0]) {
             Ok((g, b)) => (Some(g), b),
             Err(e) => {
                 eprintln!("{mem_mib} MiB: boot failed: {e}");
                 boots.push(json!({ "mem_mib": mem_mib, "error": e }));
-                for rate in DIRTY_MIB_S {
-                    let mut row = cell_row(mem_mib, rate, Vec::new(), ceiling_mib_s);
-                    row["errors"] = json!([format!("boot failed: {e}")]);
-                    rows.push(row);
+                for &rate in &rates {
+                    for d in DIRECTIONS {
+                        let mut row = cell_row(mem_mib, rate, d, Vec::new(), ceiling_mib_s);
+                        row["errors"] = json!([format!("boot failed: {e}")]);
+                        rows.push(row);
+                    }
                 }
                 continue;
             }
@@ -569,13 +911,14 @@ fn main() {
         eprintln!("{mem_mib} MiB: workload ready: {boot_figures}");
         boots.push(json!({ "mem_mib": mem_mib, "boot": boot_figures }));
         let mut lost_vm = None;
-        for (i, rate) in DIRTY_MIB_S.into_iter().enumerate() {
-            let mut runs = Vec::new();
+        for (i, &rate) in rates.iter().enumerate() {
             let Some(g) = guest.take() else {
                 let e = lost_vm.clone().unwrap_or_else(|| "no VM".to_string());
-                let mut row = cell_row(mem_mib, rate, runs, ceiling_mib_s);
-                row["errors"] = json!([format!("skipped: the VM was lost earlier: {e}")]);
-                rows.push(row);
+                for d in DIRECTIONS {
+                    let mut row = cell_row(mem_mib, rate, d, Vec::new(), ceiling_mib_s);
+                    row["errors"] = json!([format!("skipped: the VM was lost earlier: {e}")]);
+                    rows.push(row);
+                }
                 continue;
             };
             if i > 0 {
@@ -585,26 +928,28 @@ fn main() {
             }
             std::thread::sleep(SETTLE);
             let mut current = Some(g);
-            let mut counted = 0;
-            for run in 0..MAX_ATTEMPTS {
-                if counted == RUNS {
-                    break;
-                }
+            let mut runs = Vec::new();
+            // Counted runs per direction (a->b, b->a); moves alternate, so
+            // a direction that has enough still moves the VM back.
+            let mut counted = [0usize; 2];
+            let mut attempts = 0;
+            while counted.iter().any(|&c| c < plan.runs) && attempts < 2 * (plan.runs + EXTRA_ATTEMPTS) {
                 let Some(g) = current.take() else { break };
+                let direction = usize::from(g.console.host != "a");
                 let expect = expected_ms(&history, mem_mib, rate, first_guess_ms(mem_mib));
                 let mut moved = migrate_once(&lab, dir.path(), g, seq, expect, false);
                 seq += 1;
+                attempts += 1;
                 // A failure counts (with its error); a success counts if the
                 // pinger saw the switchover.
                 let counts = moved.record["ok"] != true || moved.record["ping_covered"] == true;
                 moved.record["counted"] = json!(counts);
-                counted += usize::from(counts);
+                counted[direction] += usize::from(counts);
                 let r = &moved.record;
                 eprintln!(
-                    "{mem_mib} MiB, {rate} MiB/s, run {run} ({}->{}): ok={} total={} downtime={} rounds={} \
+                    "{mem_mib} MiB, {rate} MiB/s, run {attempts} ({}): ok={} total={} downtime={} rounds={} \
                      round0={} throttle={} lost={}/{} gap={} stall={} (source {}) tail={}{}",
-                    r["from"].as_str().unwrap_or("?"),
-                    r["to"].as_str().unwrap_or("?"),
+                    r["direction"].as_str().unwrap_or("?"),
                     r["ok"],
                     r["total_ms"],
                     r["downtime_ms"],
@@ -632,33 +977,25 @@ fn main() {
             }
             // What encryption costs: idle 1 GiB moved plain and encrypted
             // in turn (alternated, so drift on the machine hits both alike).
-            if mem_mib == ENCRYPTION_MEM_MIB && rate == 0 {
+            if plan.encryption && mem_mib == ENCRYPTION_MEM_MIB && rate == 0 {
                 let (g, pairs) = encryption_pairs(&lab, dir.path(), current.take(), &mut seq, &history);
                 current = g;
                 encryption = pairs;
             }
             guest = current;
-            rows.push(cell_row(mem_mib, rate, runs, ceiling_mib_s));
+            for d in DIRECTIONS {
+                let these = runs.iter().filter(|r| r["direction"] == d).cloned().collect();
+                rows.push(cell_row(mem_mib, rate, d, these, ceiling_mib_s));
+            }
         }
         // The working set survived all the moves.
-        if let Some(g) = guest.take() {
-            let v = g.command("verify", "verify", Duration::from_secs(120));
-            eprintln!("{mem_mib} MiB: {v:?}");
-            verifies.push(match v {
-                Ok(line) => {
-                    json!({ "mem_mib": mem_mib, "host": g.console.host, "ok": line.starts_with("verify ok"), "line": line })
-                }
-                Err(e) => json!({ "mem_mib": mem_mib, "host": g.console.host, "ok": false, "error": e }),
-            });
-            drop(g);
-        } else {
-            verifies.push(json!({ "mem_mib": mem_mib, "ok": false, "error": lost_vm }));
-        }
+        verifies.push(verify(guest.take(), mem_mib, lost_vm));
     }
+    let same_host = same_host(&lab, dir.path(), &plan, &mut seq, &mut verifies);
     drop(lab);
 
     let round0_ratio_min = rows.iter().filter_map(|r| r["round0_vs_ceiling"].as_f64()).reduce(f64::min);
-    let mut targets = vec![
+    let mut targets: Vec<Value> = [
         target(&rows, "idle 1 GiB: downtime", 1024, 0, "downtime_ms", "<=", 2.0),
         target(&rows, "idle 1 GiB: total", 1024, 0, "total_ms", "<=", 600.0),
         target(&rows, "idle 1 GiB: pings lost", 1024, 0, "pings_lost", "<=", 0.0),
@@ -667,29 +1004,37 @@ fn main() {
         target(&rows, "50 MiB/s on 1 GiB: pings lost", 1024, 50, "pings_lost", "<=", 0.0),
         target(&rows, "200 MiB/s on 1 GiB: downtime", 1024, 200, "downtime_ms", "<=", 50.0),
         target(&rows, "idle 1 GiB: round 0 vs TCP ceiling", 1024, 0, "round0_vs_ceiling", ">=", 0.8),
-    ];
-    let encryption = encryption_report(encryption);
-    targets.push(json!({
-        "name": "idle 1 GiB: round 0 encrypted vs plain",
-        "figure": "round0_encrypted_vs_plain",
-        "limit": ">= 0.85",
-        "value": encryption["round0_encrypted_vs_plain"],
-        "met": encryption["round0_encrypted_vs_plain"].as_f64().is_some_and(|r| r >= 0.85),
-    }));
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let encryption = if plan.encryption { encryption_report(encryption) } else { json!(null) };
+    if plan.encryption {
+        targets.push(json!({
+            "name": "idle 1 GiB: round 0 encrypted vs plain",
+            "figure": "round0_encrypted_vs_plain",
+            "limit": ">= 0.85",
+            "value": encryption["round0_encrypted_vs_plain"],
+            "met": encryption["round0_encrypted_vs_plain"].as_f64().is_some_and(|r| r >= 0.85),
+        }));
+    }
+    targets.extend(same_host["targets"].as_array().into_iter().flatten().cloned());
     let targets_met = targets.iter().filter(|t| t["met"] == true).count();
     let report = json!({
         "bench": "live",
         "guest": format!(
             "ferry-guest (PVH), 1 vCPU, heartbeat_ms={HEARTBEAT_MS}, wss_mib = half of memory, ip={GUEST_IP}, \
-             tap {TAP} on lab hosts a and b"
+             tap {TAP} on lab hosts a and b (and {SAME_HOST_TAP} on a for same-host moves)"
         ),
         "pvm_host": ferry_e2e::is_pvm_host(),
-        "runs_per_cell": RUNS,
+        "runs_per_direction": plan.runs,
         "downtime_target_ms": DOWNTIME_TARGET_MS,
+        "load_average_at_start_and_end": [load_at_start, load_average()],
         "tcp_ceiling": ceiling,
         "cells": rows,
         "round0_vs_ceiling_min": round0_ratio_min,
         "encryption": encryption,
+        "same_host": same_host,
         "boots": boots,
         "verify": verifies,
         "qemu_7_2": {
@@ -703,8 +1048,8 @@ fn main() {
         "bench_s": round3(started.elapsed().as_secs_f64()),
         "notes": "Per memory size the guest boots once on host a and is moved a->b->a->... with `ferry migrate \
                   --mode live` (downtime target 20 ms, auto-converge on) to `ferry receive` on the other host; \
-                  three migrations per dirty rate, the rate changed between cells with the console command \
-                  `dirty N`. total_ms, downtime_ms (source pause to the destination's resumed), rounds, \
+                  per dirty rate until each direction has three counted migrations, the rate changed between \
+                  cells with the console command `dirty N`; one row per cell and direction. total_ms, downtime_ms (source pause to the destination's resumed), rounds, \
                   bytes_sent, round0_mib_s (data pages of round 0 over its time, MiB/s) and throttle_pct come from \
                   `ferry migrate --json`; pings_* and max_gap_ms from `ferry ping` (ICMP every 10 ms, 200 ms \
                   reply timeout) from bl-client, started 300 ms before the migration and planned to run ~500 ms \
@@ -714,8 +1059,9 @@ fn main() {
                   largest max_stall_us the guest printed on the source while the migration ran; restore_ms (from \
                   the figures) is the part of the downtime from sending the state to the destination's Ready. A \
                   run whose pinger stopped less than 200 ms after the migration (ping_covered false) is repeated \
-                  and not counted, at most 5 attempts a cell. Cell figures are medians of the counted successful \
-                  runs; failed runs count and keep their error. round0_vs_ceiling divides the median \
+                  and not counted, at most 10 attempts a cell. Row figures are medians of the counted successful \
+                  runs of that direction; failed runs count and keep their error. The machine is shared (2 cores, \
+                  other builds and tests running: see load_average_at_start_and_end), so figures are indicative. round0_vs_ceiling divides the median \
                   round0_mib_s by the median single-stream TCP MiB/s from host a to host b.",
     });
     let text = serde_json::to_string_pretty(&report).unwrap();

@@ -87,6 +87,13 @@ pub struct MigrateArgs {
     /// costs. The receiver must be started with --no-encryption too.
     #[arg(long)]
     no_encryption: bool,
+    /// Copy guest memory even to a destination on this host. By default a
+    /// move over unix: passes the guest memory's file descriptor
+    /// (SCM_RIGHTS) and the destination maps the same pages: nothing is
+    /// copied, the downtime is the pause and the state alone. A destination
+    /// on another host (tcp:), or one that cannot, always gets a copy.
+    #[arg(long)]
+    no_memfd: bool,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -115,6 +122,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     request.io_timeout_s = args.io_timeout;
     request.commit_gate = args.commit_gate.clone();
     request.encryption = !args.no_encryption;
+    request.share_memory = !args.no_memfd;
     // Refuse bad numbers here, with the same words the API would use.
     request.options().map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = serde_json::to_vec(&request)?;
@@ -158,9 +166,10 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
             println!("preflight passed: {} can run this VM", args.to);
         } else {
             println!(
-                "{} migration to {}: total {:.1} ms, downtime {:.1} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero)",
+                "{} migration to {} (memory: {}): total {:.1} ms, downtime {:.1} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero)",
                 f["mode"].as_str().unwrap_or("?"),
                 args.to,
+                f["memory"].as_str().unwrap_or("?"),
                 f["total_ms"].as_f64().unwrap_or(0.0),
                 f["downtime_ms"].as_f64().unwrap_or(0.0),
                 f["rounds"],
@@ -221,6 +230,10 @@ pub struct ReceiveArgs {
     /// costs.
     #[arg(long)]
     no_encryption: bool,
+    /// Refuse a same-host source's offer to pass its guest memory's file
+    /// descriptor: memory is copied instead.
+    #[arg(long)]
+    no_memfd: bool,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -250,6 +263,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
         },
         commit_oracle: args.commit_oracle.clone(),
         records: if args.no_encryption { migrate::secure::Records::Plain } else { migrate::secure::Records::Sealed },
+        share_memory: !args.no_memfd,
     };
     let stop = crate::signals::stop_flag();
     let Some(vmm) = migrate::destination::receive(&listener, dest, std::sync::Arc::new(policy), &stop) else {
