@@ -287,7 +287,7 @@ fn a_guest_tracked_by_dirty_rings_moves_there_and_back_intact() {
         return;
     }
     const RING: &str = "ring:1024";
-    let lab = Lab::up("l4");
+    let lab = Lab::up("l5");
     lab.ok(&["tap", "add", "a", "vm0"]);
     lab.ok(&["tap", "add", "b", "vm0"]);
     let dir = TempDir::new("ring");
