@@ -902,6 +902,18 @@ fn main() {
     if let Err(e) = std::fs::write(&out, &text) {
         eprintln!("bench-qemu: writing {out}: {e}");
     }
+    // The ratios beside Ferry's own figures too, in live.json next to it
+    // (if bench-live has written one there).
+    let live = Path::new(&out).with_file_name("live.json");
+    if let Ok(mut l) = std::fs::read(&live)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()))
+    {
+        l["qemu_comparison"] = json!({ "from": out, "cells": comparisons });
+        if let Err(e) = std::fs::write(&live, serde_json::to_string_pretty(&l).unwrap_or_default()) {
+            eprintln!("bench-qemu: writing {}: {e}", live.display());
+        }
+    }
     println!("{text}");
     for c in &comparisons {
         eprintln!(
