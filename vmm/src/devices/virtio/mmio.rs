@@ -216,6 +216,13 @@ impl MmioTransport {
         }
         let mut queues = Vec::with_capacity(s.queues.len());
         for (i, q) in s.queues.iter().enumerate() {
+            let offered = self.queues[i].max_size();
+            if q.max_size != offered {
+                return Err(format!(
+                    "saved virtio queue {i} has {} entries at most, this device offers {offered}",
+                    q.max_size
+                ));
+            }
             let queue = Queue::try_from(virtio_queue::QueueState::from(q))
                 .map_err(|e| format!("saved virtio queue {i} is invalid: {e}"))?;
             if queue.ready() && !queue.is_valid(&self.mem) {

@@ -108,6 +108,16 @@ pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&space[start..start + n]);
 }
 
+/// Chains a device serves per notify: one ring's worth. A driver cannot have
+/// more outstanding, so finding more means the ring changes under the device
+/// (a used ring laid over the avail index "adds" a request per completion,
+/// forever); the rest waits for the next kick instead of holding the thread
+/// that must also answer a pause.
+pub fn notify_budget(queue: &Queue) -> usize {
+    use virtio_queue::QueueT;
+    usize::from(queue.size()).max(1)
+}
+
 /// Adds a used element and signals the driver if it wants to know.
 pub fn complete(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32, irq: &Interrupt) {
     use virtio_queue::QueueT;

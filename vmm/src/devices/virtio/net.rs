@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use serde::Serialize;
 use virtio_queue::{Queue, QueueT};
 
-use super::{complete, read_config_bytes, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{complete, notify_budget, read_config_bytes, Interrupt, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 use crate::devices::backend::{Backend, BackendError};
 use crate::devices::tap::{Tap, VNET_HDR_LEN};
 use crate::mac::MacAddr;
@@ -104,7 +104,8 @@ impl Net {
     }
 
     fn transmit(&mut self, txq: &mut Queue, mem: &GuestMemory, irq: &Interrupt) {
-        while let Some(chain) = txq.pop_descriptor_chain(mem) {
+        for _ in 0..notify_budget(txq) {
+            let Some(chain) = txq.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             match chain.reader(mem) {
                 Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
