@@ -13,7 +13,7 @@ export FERRY_BIN       := $(CURDIR)/$(FERRY)
 export FERRY_GUEST     := $(CURDIR)/$(GUEST)
 export FERRY_LINUX_DIR := $(CURDIR)/$(LINUX_DIR)
 
-.PHONY: all deps build guest linux test demo demo-migrate bench bench-qemu fuzz lint fmt clean
+.PHONY: all deps build guest linux test demo demo-migrate bench bench-qemu fuzz fuzz-cmin lint fmt clean
 
 all: build guest
 
@@ -71,6 +71,10 @@ bench-qemu: deps build guest
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS (default 60) each, on fuzz/corpus/ (needs nightly)
 fuzz:
 	FUZZ_SECONDS=$${FUZZ_SECONDS:-60} scripts/fuzz.sh
+
+## fuzz-cmin: shrink each fuzz/corpus/<target>/ to what adds coverage, keeping named inputs (needs nightly)
+fuzz-cmin:
+	scripts/fuzz-cmin.sh
 
 lint:
 	$(CARGO) fmt --all --check
