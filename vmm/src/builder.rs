@@ -131,35 +131,67 @@ pub struct FromState {
 /// Rebuilds a saved VM on this host from its state, its memory (already
 /// filled) and this host's config. The VM comes up paused.
 pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: FromState) -> Result<Vmm, Error> {
+    // A restore sits inside a migration's downtime: each step's time is
+    // logged (FERRY_LOG=vmm=debug) so a slow one can be named.
+    let mut steps = Steps::new();
     let config = VmConfig { machine: state.machine.clone(), host };
     check_shape(&config)?;
     let devices = open_backends(&config, how.standby)?;
+    steps.done("open_backends");
     let here: Vec<BackendSnapshot> = devices.iter().map(|d| d.identity()).collect();
     check_restorable(&config.machine, &state, ram.size, &here)?;
     let vm = match how.vm {
         Some(vm) => vm,
         None => prepare(&config.host, &ram)?,
     };
+    steps.done("check_and_vm");
     let core = Core::new(&config, &vm, &ram, devices, Some(&state.devices))?;
+    steps.done("devices");
     state.vm.restore(&vm.fd).map_err(|e| Error::BadState(e.to_string()))?;
+    steps.done("vm_state");
     let mut vcpus = Vec::new();
     for (id, saved) in (0..config.machine.vcpus).zip(&state.vcpus) {
         let vcpu = core.vcpu(&vm, id)?;
+        steps.done("vcpu_create");
         vcpu.restore(saved)?;
+        steps.done("vcpu_state");
         vcpus.push(vcpu);
     }
     // After the LAPICs: an edge delivered before would be overwritten.
     raise_pending(&vm, &state.devices.pending_irqs)?;
     let guest_cpuid = state.vcpus[0].cpuid.clone();
     let run_state = state.run_state;
-    core.start(
+    let vmm = core.start(
         config,
         vm,
         ram,
         vcpus,
         guest_cpuid,
         Started { run_state, boot_protocol: "restored", kernel_load: 0, lifecycle: Lifecycle::Paused },
-    )
+    );
+    steps.done("threads");
+    tracing::debug!("restore steps (ms): {}", steps.report());
+    vmm
+}
+
+/// Named steps and the time each took, for the restore's debug log.
+struct Steps {
+    last: std::time::Instant,
+    taken: Vec<(&'static str, f64)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps { last: std::time::Instant::now(), taken: Vec::new() }
+    }
+    fn done(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.taken.push((step, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
+    fn report(&self) -> String {
+        self.taken.iter().map(|(s, ms)| format!("{s} {ms:.2}")).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// Raises (an edge: up, then down) each interrupt line that was pending at
