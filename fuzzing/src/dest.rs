@@ -138,15 +138,36 @@ fn source_thread() -> &'static Sender<Job> {
                 for job in rx {
                     let deadline = Instant::now() + Duration::from_secs(5);
                     let suite = Suite { records: Records::Plain, ..Suite::default() };
-                    if let Ok(pair) = secure::connect_with(job.stream, &key(), deadline, suite) {
-                        let mut s = secure::Duplex::new(pair);
-                        let _ = s.write_all(&job.input);
-                        let _ = s.writer.finish();
+                    if let Ok((reader, mut writer)) = secure::connect_with(job.stream, &key(), deadline, suite) {
+                        // Whatever the destination answers (a CatchUp per
+                        // one in the input, say) is read and dropped, so it
+                        // never blocks on a full socket.
+                        let _ = drain_thread().send(reader);
+                        let _ = writer.write_all(&job.input);
+                        let _ = writer.finish();
                         let _ = job.done.recv();
                     }
                 }
             })
             .expect("fuzz source thread");
+        tx
+    })
+}
+
+/// One long-lived thread reads each input's answers to their end.
+fn drain_thread() -> &'static Sender<secure::SecureReader> {
+    static TX: OnceLock<Sender<secure::SecureReader>> = OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<secure::SecureReader>();
+        std::thread::Builder::new()
+            .name("fuzz-drain".into())
+            .spawn(move || {
+                let mut sink = [0u8; 4096];
+                for mut reader in rx {
+                    while matches!(std::io::Read::read(&mut reader, &mut sink), Ok(n) if n > 0) {}
+                }
+            })
+            .expect("fuzz drain thread");
         tx
     })
 }

@@ -116,6 +116,8 @@ fn destination_stream(check_only: bool, last: Option<Kind>) -> Vec<u8> {
     }
     wire::write_frame(&mut s, Kind::MemData, &wire::mem_data_payload(0x10000, &[7; 4096])).unwrap();
     wire::send(&mut s, Kind::MemZero, &ZeroRange { offset: 0x20000, len: 0x3000 }).unwrap();
+    // What a live source sends before it pauses the guest.
+    wire::write_frame(&mut s, Kind::CatchUp, &[]).unwrap();
     let mut state = vm_state(16);
     state.machine.mem_mib = 16;
     state.machine.vcpus = 1;

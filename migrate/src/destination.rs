@@ -155,7 +155,8 @@ pub fn attempt<D: Destination>(
         return Err(Error::Refused(reason));
     }
     let ack = wire::Ack { host_id: dest.host_id().to_owned() };
-    wire::send_with_ext(stream, Kind::HelloAck, &ack, &wire::AckExt { shared_memory: offered.is_some() })?;
+    let ext = wire::AckExt { shared_memory: offered.is_some(), catch_up: true };
+    wire::send_with_ext(stream, Kind::HelloAck, &ack, &ext)?;
     stream.flush().map_err(wire::Error::Io)?;
     if hello.check_only {
         eprintln!("ferry: preflight passed for a {} MiB guest; still waiting", hello.requirements.mem_bytes >> 20);
@@ -273,6 +274,12 @@ where
             Kind::MemData => {
                 let (offset, bytes) = wire::parse_mem_data(frame.payload)?;
                 incoming.memory().write_at(offset, bytes).map_err(|e| wire::Error::Payload(e.to_string()))?;
+            }
+            // Every frame before it is applied: say so (the source pauses
+            // the guest only then).
+            Kind::CatchUp if !shared_memory => {
+                wire::write_frame(stream, Kind::CatchUp, &[])?;
+                stream.flush().map_err(wire::Error::Io)?;
             }
             Kind::State => break payload.clone(),
             Kind::Abort => return Err(Error::SourceAborted(frame.decode::<Reason>()?.reason)),

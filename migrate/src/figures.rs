@@ -18,6 +18,9 @@ pub struct Figures {
     pub bytes_sent: u64,
     pub pages_zero: u64,
     pub pages_sent: u64,
+    /// Before the pause (not in the downtime): waiting for the destination
+    /// to apply what was still in flight (`CatchUp`).
+    pub catch_up_ms: f64,
     /// Of the downtime: restoring the VM on the destination.
     pub restore_ms: f64,
     /// Of the downtime: flushing disks and handing their leases over.

@@ -396,7 +396,8 @@ fn migrate_claimed(
     let logging = opts.mode == Mode::Live && was_running && !shared;
     let precopy = if logging {
         let mut throttle = Throttle::start(vm.clone());
-        let r = precopy(vm.as_ref(), &mut w, opts, progress, &throttle, &mut figures, t0);
+        let peer = Peer { reader: &mut reader, catch_up: ack_ext.catch_up };
+        let r = precopy(vm.as_ref(), &mut w, peer, opts, progress, &throttle, &mut figures, t0);
         throttle.stop();
         r
     } else {
@@ -503,10 +504,33 @@ fn abort(w: &mut Writer, e: &Error) {
     let _ = w.inner.finish();
 }
 
+/// The destination as pre-copy sees it: what it says, and whether it
+/// answers `CatchUp`.
+struct Peer<'a> {
+    reader: &'a mut SecureReader,
+    catch_up: bool,
+}
+
+impl Peer<'_> {
+    /// Waits until the destination has applied everything sent so far.
+    fn wait_caught_up(&mut self, w: &mut Writer) -> Result<(), Error> {
+        wire::write_frame(w, Kind::CatchUp, &[])?;
+        w.flush().map_err(wire::Error::Io)?;
+        let reply = wire::read_frame(self.reader)?;
+        match reply.kind {
+            Kind::CatchUp => Ok(()),
+            Kind::Abort => Err(Error::DestinationFailed(reply.decode::<Reason>()?.reason)),
+            other => Err(wire::Error::Unexpected { expected: "CatchUp", got: other }.into()),
+        }
+    }
+}
+
 /// Round 0 and the iterative rounds; returns the dirty set not yet sent.
+#[allow(clippy::too_many_arguments)]
 fn precopy(
     vm: &dyn MigratableVm,
     w: &mut Writer,
+    mut peer: Peer<'_>,
     opts: &Options,
     progress: &Shared,
     throttle: &Throttle,
@@ -533,10 +557,21 @@ fn precopy(
     figures.rounds = 1;
     let mut previous_dirty = u64::MAX;
     loop {
-        let dirty = vm.take_dirty()?;
-        let pages = dirty.pages();
+        let mut dirty = vm.take_dirty()?;
+        let mut pages = dirty.pages();
+        let estimate = |pages: u64, bandwidth: f64| (pages * PAGE_SIZE) as f64 / bandwidth * 1000.0;
+        if peer.catch_up && estimate(pages, bandwidth) <= opts.downtime_ms {
+            // About to pause: first let the destination drain the socket
+            // buffers, or the downtime would include that. The guest runs
+            // meanwhile, so look at the log again after.
+            let t = Instant::now();
+            peer.wait_caught_up(w)?;
+            figures.catch_up_ms += ms(t.elapsed());
+            dirty.merge(&vm.take_dirty()?);
+            pages = dirty.pages();
+        }
         let remaining = (pages * PAGE_SIZE) as f64;
-        let estimate_ms = remaining / bandwidth * 1000.0;
+        let estimate_ms = estimate(pages, bandwidth);
         progress::update(progress, |p| {
             p.round = figures.rounds;
             p.remaining_mib = remaining / MIB;
