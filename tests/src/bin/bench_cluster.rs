@@ -164,7 +164,10 @@ fn answers(ip: &str) -> Result<Value, String> {
     let ns = format!("{LAB}-client");
     let args = ["ping", "--netns", &ns, "--target", ip, "--count", "20", "--wait-reply-ms", "3000"];
     let out = run_bounded(Command::new(ferry_bin()).args(args), T)?;
-    let p: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("ferry ping {ip}: {e}"))?;
+    let p: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        format!("ferry ping {ip} printed no JSON ({e}); {}, stderr: {}", out.status, stderr.trim())
+    })?;
     if p["pings_received"].as_u64().unwrap_or(0) == 0 {
         return Err(format!("{ip} does not answer: {p}"));
     }
