@@ -126,12 +126,20 @@ fn max(v: &[f64]) -> Option<f64> {
     v.iter().copied().reduce(f64::max).map(round3)
 }
 
+/// The lab client's namespace, set once the lab is up (lab names carry the
+/// PID, so it is not `LAB` itself).
+static CLIENT_NS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn client_ns() -> &'static str {
+    CLIENT_NS.get().expect("the lab is up")
+}
+
 /// `ferry ping` from the lab's client to `ip` for `duration_ms`, on a thread.
 fn start_ping(ip: String, duration_ms: u64) -> JoinHandle<Result<Value, String>> {
     std::thread::spawn(move || {
-        let ns = format!("{LAB}-client");
+        let ns = client_ns();
         let (interval, duration) = (PING_INTERVAL_MS.to_string(), duration_ms.to_string());
-        let args = ["ping", "--netns", &ns, "--target", &ip, "--interval-ms", &interval, "--duration-ms", &duration];
+        let args = ["ping", "--netns", ns, "--target", &ip, "--interval-ms", &interval, "--duration-ms", &duration];
         let out = run_bounded(Command::new(ferry_bin()).args(args), Duration::from_millis(duration_ms + 30_000))?;
         if !out.status.success() {
             return Err(format!("ferry ping {ip}: {}", String::from_utf8_lossy(&out.stderr).trim()));
@@ -161,8 +169,8 @@ fn ping_summary(p: &Result<Value, String>) -> Value {
 
 /// Does `ip` answer now? (20 pings, up to 3 s for the first reply.)
 fn answers(ip: &str) -> Result<Value, String> {
-    let ns = format!("{LAB}-client");
-    let args = ["ping", "--netns", &ns, "--target", ip, "--count", "20", "--wait-reply-ms", "3000"];
+    let ns = client_ns();
+    let args = ["ping", "--netns", ns, "--target", ip, "--count", "20", "--wait-reply-ms", "3000"];
     let out = run_bounded(Command::new(ferry_bin()).args(args), T)?;
     let p: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -885,6 +893,7 @@ fn main() {
     }
 
     let cl = ClusterLab::up(LAB, "a,b,c", CLUSTER, dir.path());
+    CLIENT_NS.set(cl.lab.netns("client")).expect("one lab");
     let reaper = VmmReaper(cl.states.clone());
     let agents: Vec<Agent> = ["a", "b", "c"].iter().map(|n| Agent::start(&cl, n, &[])).collect();
     cl.wait_nodes_up(3);
