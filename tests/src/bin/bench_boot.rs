@@ -39,7 +39,8 @@ fn main() {
         anon_mib.push(anon as f64 / 1024.0);
         eprintln!("run {run}: banner {:.1} ms, overhead {:.2} MiB", banner_ms[run], overhead_mib[run]);
     }
-    let sorted = banner_ms.clone();
+    let mut sorted = banner_ms.clone();
+    sorted.sort_by(f64::total_cmp);
     let report = serde_json::json!({
         "bench": "boot",
         "runs": RUNS,
