@@ -223,3 +223,49 @@ pub fn all() -> Vec<Seed> {
     v.push(("virtio_queue_restore", "not-ready".into(), queue_restore(false)));
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::state::devices::{BackendSnapshot, QueueSnapshot, TransportSnapshot};
+
+    /// A saved queue bigger than this host's devices offer is refused by the
+    /// pure check, before anything is built (not first inside the restore).
+    #[test]
+    fn a_saved_queue_of_another_size_is_refused_before_building() {
+        let mut state = vm_state(16);
+        state.machine.mem_mib = 16;
+        state.machine.vcpus = 1;
+        state.vcpus.push(vcpu_state());
+        let disk = BackendSnapshot::Block { path: "/v/d.img".into(), sectors: 128, readonly: false };
+        let queue = |max_size| QueueSnapshot {
+            max_size,
+            size: 0,
+            ready: false,
+            next_avail: 0,
+            next_used: 0,
+            event_idx_enabled: false,
+            desc_table: 0,
+            avail_ring: 0,
+            used_ring: 0,
+        };
+        let mut transport = TransportSnapshot {
+            device_type: 2,
+            status: 0,
+            acked_features: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            queues: vec![queue(vmm::devices::virtio::QUEUE_SIZE)],
+            backend: disk.clone(),
+        };
+        state.devices.virtio.push(transport.clone());
+        let here = [disk];
+        vmm::builder::check_restorable(&state.machine, &state, 16 << 20, &here).expect("this host's own shape");
+        transport.queues[0] = queue(1024);
+        state.devices.virtio[0] = transport;
+        let e = vmm::builder::check_restorable(&state.machine, &state, 16 << 20, &here).unwrap_err();
+        assert!(e.to_string().contains("1024 entries at most"), "{e}");
+    }
+}

@@ -309,7 +309,9 @@ pub fn decode_with_ext<'a, T: Deserialize<'a>, E: serde::de::DeserializeOwned + 
     } else {
         // Fields added at the end of an extension after a peer was built
         // are missing from its frames: padded with zeros, they read as
-        // false, None or 0 (postcard ignores what is left over).
+        // false, None or 0 (postcard ignores what is left over). That holds
+        // for up to EXT_PAD bytes of new fields; past that, an older peer's
+        // extension fails to decode, so grow extensions by small fields.
         let mut padded = rest.to_vec();
         padded.extend_from_slice(&[0u8; EXT_PAD]);
         postcard::from_bytes(&padded).map_err(bad)?
@@ -318,7 +320,7 @@ pub fn decode_with_ext<'a, T: Deserialize<'a>, E: serde::de::DeserializeOwned + 
 }
 
 /// Zeros appended to a received extension (see [`decode_with_ext`]).
-const EXT_PAD: usize = 16;
+const EXT_PAD: usize = 64;
 
 /// A reason, for `Refuse` and `Abort`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

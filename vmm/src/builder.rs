@@ -268,6 +268,13 @@ pub fn check_restorable(
         ));
     }
     for (saved, here) in state.devices.virtio.iter().zip(here) {
+        let offered = crate::devices::virtio::QUEUE_SIZE;
+        if let Some(q) = saved.queues.iter().find(|q| q.max_size != offered) {
+            return bad(format!(
+                "saved virtio queue of {} entries at most; this host's devices offer {offered}",
+                q.max_size
+            ));
+        }
         match (&saved.backend, here) {
             (BackendSnapshot::Net { mac, .. }, BackendSnapshot::Net { mac: m, .. }) if mac == m => {}
             (BackendSnapshot::Block { sectors, .. }, BackendSnapshot::Block { sectors: s, path, .. })

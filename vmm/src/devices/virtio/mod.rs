@@ -109,10 +109,13 @@ pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// Chains a device serves per notify: one ring's worth. A driver cannot have
-/// more outstanding, so finding more means the ring changes under the device
-/// (a used ring laid over the avail index "adds" a request per completion,
-/// forever); the rest waits for the next kick instead of holding the thread
-/// that must also answer a pause.
+/// more outstanding at once, so everything available when a notify starts is
+/// served; more can only be requests added meanwhile (each with its own
+/// kick: these devices never suppress notifications, no EVENT_IDX or
+/// NO_NOTIFY; add either and a notify that stops here must look again) or a
+/// ring that changes under the device (a used ring laid over the avail index
+/// "adds" a request per completion, forever). Those wait for the next kick
+/// instead of holding the thread that must also answer a pause.
 pub fn notify_budget(queue: &Queue) -> usize {
     use virtio_queue::QueueT;
     usize::from(queue.size()).max(1)
