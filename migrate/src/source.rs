@@ -556,10 +556,10 @@ fn precopy(
     figures.pages_zero += stats.pages_zero;
     figures.rounds = 1;
     let mut previous_dirty = u64::MAX;
+    let estimate = |pages: u64, bandwidth: f64| (pages * PAGE_SIZE) as f64 / bandwidth * 1000.0;
     loop {
         let mut dirty = vm.take_dirty()?;
         let mut pages = dirty.pages();
-        let estimate = |pages: u64, bandwidth: f64| (pages * PAGE_SIZE) as f64 / bandwidth * 1000.0;
         if peer.catch_up && estimate(pages, bandwidth) <= opts.downtime_ms {
             // About to pause: first let the destination drain the socket
             // buffers, or the downtime would include that. The guest runs

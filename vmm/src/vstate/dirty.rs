@@ -343,19 +343,22 @@ pub fn take_dirty(
     let mut dirty = DirtyBitmap::default();
     if let (DirtyLogMode::Ring, Some(rings)) = (mode, rings) {
         rings.harvest(std::os::fd::AsRawFd::as_raw_fd(vm))?;
-        // Slot N's pages start in the memory file where slot N-1's end.
-        let starts: Vec<u64> = mem
+        // Slot N's pages start in the memory file where slot N-1's end:
+        // (first page, pages) per slot.
+        let slots: Vec<(u64, u64)> = mem
             .iter()
             .scan(0u64, |at, r| {
-                let start = *at;
+                let first = *at / PAGE_SIZE;
                 *at += r.len();
-                Some(start)
+                Some((first, r.len() / PAGE_SIZE))
             })
             .collect();
         for (slot, page) in rings.take() {
             // The slot's low 16 bits; the address space (high bits) is 0.
-            if let Some(start) = starts.get((slot & 0xffff) as usize) {
-                dirty.merge_at(start / PAGE_SIZE + page, &[1]);
+            // An entry outside its slot would only grow the bitmap: skipped.
+            match slots.get((slot & 0xffff) as usize) {
+                Some(&(first, pages)) if page < pages => dirty.merge_at(first + page, &[1]),
+                _ => tracing::warn!("dirty ring entry outside guest memory: slot {slot}, page {page}"),
             }
         }
         let mut file_offset = 0u64;
