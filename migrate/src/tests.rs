@@ -716,27 +716,31 @@ fn a_destination_lost_after_commit_leaves_the_source_retired_never_running() {
     assert!(vm.state().next(Action::Resume).is_err());
 }
 
+/// A quick migration's `Hello` for a one-vCPU guest of `mem_bytes`.
+fn quick_hello(mem_bytes: u64) -> wire::Hello {
+    wire::Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        mode: Mode::Quick,
+        requirements: Requirements {
+            mem_bytes,
+            vcpus: 1,
+            nics: Vec::new(),
+            disks: Vec::new(),
+            guest_cpuid: Vec::new(),
+            tsc_khz: 0,
+        },
+        check_only: false,
+        switchover_timeout_ms: 1000,
+    }
+}
+
 /// A source by hand: handshake, one page of 7s and the state, up to the
 /// destination's `Ready`.
 fn source_until_ready(sock: &Sock) -> Duplex {
     let stream = crate::transport::connect(&sock.endpoint(), Duration::from_secs(5)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut s = Duplex::new(crate::secure::connect(stream, &key(), deadline).unwrap());
-    let req = Requirements {
-        mem_bytes: 16 * PAGE_SIZE,
-        vcpus: 1,
-        nics: Vec::new(),
-        disks: Vec::new(),
-        guest_cpuid: Vec::new(),
-        tsc_khz: 0,
-    };
-    let hello = wire::Hello {
-        protocol_version: wire::PROTOCOL_VERSION,
-        mode: Mode::Quick,
-        requirements: req,
-        check_only: false,
-        switchover_timeout_ms: 1000,
-    };
+    let hello = quick_hello(16 * PAGE_SIZE);
     wire::send(&mut s, Kind::Hello, &hello).unwrap();
     s.flush().unwrap();
     assert_eq!(wire::read_frame(&mut s).unwrap().kind, Kind::HelloAck);
@@ -759,21 +763,7 @@ fn memory_frames_after_the_memory_file_passed_are_refused() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut s = Duplex::new(crate::secure::connect(stream, &key(), deadline).unwrap());
     let file = memory_file();
-    let req = Requirements {
-        mem_bytes: PAGES * PAGE_SIZE,
-        vcpus: 1,
-        nics: Vec::new(),
-        disks: Vec::new(),
-        guest_cpuid: Vec::new(),
-        tsc_khz: 0,
-    };
-    let hello = wire::Hello {
-        protocol_version: wire::PROTOCOL_VERSION,
-        mode: Mode::Quick,
-        requirements: req,
-        check_only: false,
-        switchover_timeout_ms: 1000,
-    };
+    let hello = quick_hello(PAGES * PAGE_SIZE);
     let offer = wire::HelloExt { shared_memory: Some(wire::MemFdId::of(&file).unwrap()) };
     wire::send_with_ext(&mut s, Kind::Hello, &hello, &offer).unwrap();
     s.flush().unwrap();

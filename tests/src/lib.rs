@@ -557,6 +557,21 @@ pub fn last_heartbeat(vm: &Vm) -> Option<u64> {
 }
 
 /// A cluster key file shared by this test process's migrations.
+/// Kills child process `pid` (SIGKILL) and waits, at most a minute, until
+/// it is gone (reaped if it is this process's child).
+pub fn kill_and_reap(pid: i32) {
+    // SAFETY: kill(2) on a child process of this test, by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // SAFETY: kill(pid, 0) only probes whether the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+        let mut status = 0;
+        // SAFETY: reaps the killed child if it is ours; never blocks.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A lab name unique to this test process: `tag` and the PID in base 36,
 /// so two runs at once (two checkouts, a benchmark beside the suite) never
 /// share a lab, and a stale lab of an earlier run is never mistaken for

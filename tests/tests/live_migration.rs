@@ -291,27 +291,14 @@ fn a_guest_tracked_by_dirty_rings_moves_there_and_back_intact() {
     lab.ok(&["tap", "add", "a", "vm0"]);
     lab.ok(&["tap", "add", "b", "vm0"]);
     let dir = TempDir::new("ring");
-    let disk = disk_image(dir.path(), "d.img", 16);
-    let guest = ferry_e2e::guest_elf();
-    let mut vm = Vm::launch(
-        Some(&lab.netns("a")),
-        "run",
-        &[
-            s("--kernel"),
-            guest.display().to_string(),
-            s("--mem-mib"),
-            s("256"),
-            s("--cmdline"),
-            format!("heartbeat_ms=200 ip={GUEST_IP} wss_mib=128 dirty_mib_s=50"),
-            s("--net"),
-            s("tap=vm0,mac=52:54:00:c0:ff:ee"),
-            s("--disk"),
-            disk.display().to_string(),
-            s("--dirty-tracking"),
-            s(RING),
-        ],
+    let disk = disk_image(dir.path(), "d.img", 16).display().to_string();
+    let mut vm = ferry_e2e::boot_in_lab_with(
+        &lab,
+        "a",
+        256,
+        "wss_mib=128 dirty_mib_s=50",
+        &["--disk", &disk, "--dirty-tracking", RING],
     );
-    vm.wait_line(T, |l| l.starts_with("workload ready"));
     let w = command(&vm, "disk-write 0 256 41", "disk-write", T);
     assert!(w.starts_with("disk-write ok"), "{w}");
     let mut host = "a";

@@ -8,6 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use migrate::secure::Duplex;
 use std::time::{Duration, Instant};
 
+use ferry_e2e::cluster::disk_lease;
 use ferry_e2e::{
     cluster_key, cluster_key_loaded, command, disk_image, heartbeat_number, kvm_available, last_heartbeat, s, TempDir,
     Vm,
@@ -21,6 +22,11 @@ fn free_port() -> u16 {
 }
 
 fn source_vm(cmdline: &str, mem_mib: u64, extra: &[String]) -> Vm {
+    source_vm_with_env(cmdline, mem_mib, extra, &[])
+}
+
+/// [`source_vm`] with environment variables for the VMM (test hooks).
+fn source_vm_with_env(cmdline: &str, mem_mib: u64, extra: &[String], env: &[(&str, &str)]) -> Vm {
     let guest = ferry_e2e::guest_elf();
     let mut args = vec![
         s("--kernel"),
@@ -31,9 +37,43 @@ fn source_vm(cmdline: &str, mem_mib: u64, extra: &[String]) -> Vm {
         mem_mib.to_string(),
     ];
     args.extend_from_slice(extra);
-    let vm = Vm::spawn(&args);
+    let vm = Vm::launch_with_env(None, "run", &args, env);
     vm.wait_line(T, |l| heartbeat_number(l).is_some());
     vm
+}
+
+/// A volume under `dir` with raw disks d0 and d1; its path.
+fn two_disk_volume(dir: &TempDir) -> String {
+    let vol = dir.path().join("vol").display().to_string();
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(ferry_e2e::run_ferry(&["volume", "create", &vol]));
+    for d in ["d0", "d1"] {
+        ok(ferry_e2e::run_ferry(&["disk", "create", "--volume", &vol, "--format", "raw", "--size", "16M", d]));
+    }
+    vol
+}
+
+/// `ferry run` arguments for both disks of [`two_disk_volume`], as host a
+/// with a short lease TTL.
+fn two_disk_args(vol: &str) -> Vec<String> {
+    vec![
+        s("--disk"),
+        format!("csv:{vol}/disks/d0"),
+        s("--disk"),
+        format!("csv:{vol}/disks/d1"),
+        s("--host-id"),
+        s("a"),
+        s("--lease-ttl-ms"),
+        s("1500"),
+    ]
+}
+
+/// The guest writes pattern `seed` on its first disk and reads it back.
+fn first_disk_writes(vm: &Vm, seed: u32, why: &str) {
+    let w = command(vm, &format!("disk-write 0 64 {seed}"), "disk-write", T);
+    assert!(w.starts_with("disk-write ok"), "{why}: {w}");
+    let v = command(vm, &format!("disk-verify 0 64 {seed}"), "disk-verify", T);
+    assert!(v.starts_with("disk-verify ok"), "{why}: {v}");
 }
 
 fn receiver(endpoint: &str) -> Vm {
@@ -347,30 +387,10 @@ fn a_failed_disk_handoff_gives_every_disk_back_and_the_guest_keeps_writing() {
         return;
     }
     let dir = TempDir::new("handoff");
-    let vol = dir.path().join("vol");
-    let vol_s = vol.display().to_string();
-    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    ok(ferry_e2e::run_ferry(&["volume", "create", &vol_s]));
-    for d in ["d0", "d1"] {
-        ok(ferry_e2e::run_ferry(&["disk", "create", "--volume", &vol_s, "--format", "raw", "--size", "16M", d]));
-    }
-    let vm = source_vm(
-        "heartbeat_ms=100",
-        64,
-        &[
-            s("--disk"),
-            format!("csv:{vol_s}/disks/d0"),
-            s("--disk"),
-            format!("csv:{vol_s}/disks/d1"),
-            s("--host-id"),
-            s("a"),
-            s("--lease-ttl-ms"),
-            s("1500"),
-        ],
-    );
+    let vol_s = two_disk_volume(&dir);
+    let vm = source_vm("heartbeat_ms=100", 64, &two_disk_args(&vol_s));
     let epoch = |disk: &str| -> u64 {
-        let out = ferry_e2e::run_ferry(&["disk", "lease", "show", "--volume", &vol_s, disk]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let v = disk_lease(&vol_s, disk);
         assert_eq!(v["owner"], "a", "{disk} is a's: {v}");
         v["epoch"].as_u64().unwrap()
     };
@@ -386,10 +406,7 @@ fn a_failed_disk_handoff_gives_every_disk_back_and_the_guest_keeps_writing() {
     std::thread::sleep(Duration::from_millis(3500));
     let after = (epoch("d0"), epoch("d1"));
     assert!(after.0 >= before.0 && after.1 >= before.1, "{before:?} -> {after:?}");
-    let w = command(&vm, "disk-write 0 64 777", "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "the guest still writes its disk: {w}");
-    let v = command(&vm, "disk-verify 0 64 777", "disk-verify", T);
-    assert!(v.starts_with("disk-verify ok"), "{v}");
+    first_disk_writes(&vm, 777, "the guest still writes its disk");
 }
 
 /// The handoff of the second disk fails after the first was handed over
@@ -403,36 +420,9 @@ fn a_handoff_failing_on_the_second_disk_takes_the_first_back() {
         return;
     }
     let dir = TempDir::new("handoff2");
-    let vol = dir.path().join("vol");
-    let vol_s = vol.display().to_string();
-    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    ok(ferry_e2e::run_ferry(&["volume", "create", &vol_s]));
-    for d in ["d0", "d1"] {
-        ok(ferry_e2e::run_ferry(&["disk", "create", "--volume", &vol_s, "--format", "raw", "--size", "16M", d]));
-    }
-    let guest = ferry_e2e::guest_elf();
-    let args = [
-        s("--kernel"),
-        guest.display().to_string(),
-        s("--cmdline"),
-        s("heartbeat_ms=100"),
-        s("--mem-mib"),
-        s("64"),
-        s("--disk"),
-        format!("csv:{vol_s}/disks/d0"),
-        s("--disk"),
-        format!("csv:{vol_s}/disks/d1"),
-        s("--host-id"),
-        s("a"),
-        s("--lease-ttl-ms"),
-        s("1500"),
-    ];
-    let vm = Vm::launch_with_env(None, "run", &args, &[("FERRY_TEST_FAIL_HANDOFF", "d1")]);
-    vm.wait_line(T, |l| heartbeat_number(l).is_some());
-    let lease = |disk: &str| -> serde_json::Value {
-        let out = ferry_e2e::run_ferry(&["disk", "lease", "show", "--volume", &vol_s, disk]);
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    };
+    let vol_s = two_disk_volume(&dir);
+    let vm = source_vm_with_env("heartbeat_ms=100", 64, &two_disk_args(&vol_s), &[("FERRY_TEST_FAIL_HANDOFF", "d1")]);
+    let lease = |disk: &str| disk_lease(&vol_s, disk);
     let before = lease("d0")["epoch"].as_u64().unwrap();
     let (port, t) = fake_destination("handoff-fails");
     let (migrated, _, err) = migrate_quick(&vm, &format!("tcp:127.0.0.1:{port}"));
@@ -448,10 +438,7 @@ fn a_handoff_failing_on_the_second_disk_takes_the_first_back() {
     assert!(d0["epoch"].as_u64().unwrap() >= before + 2, "handed over and taken back: {before} -> {d0}");
     assert_eq!(lease("d1")["owner"], "a");
     // The guest drives its first disk, the one that went and came back.
-    let w = command(&vm, "disk-write 0 64 31", "disk-write", T);
-    assert!(w.starts_with("disk-write ok"), "d0 takes writes: {w}");
-    let v = command(&vm, "disk-verify 0 64 31", "disk-verify", T);
-    assert!(v.starts_with("disk-verify ok"), "{v}");
+    first_disk_writes(&vm, 31, "d0 takes writes");
 }
 
 /// The destination decides where disks come from: its preflight refuses,

@@ -329,18 +329,7 @@ fn the_destination_killed_after_ready_leaves_the_running_vm_on_the_source() {
     let vm = boot(&lab, &vol, 128, "wss_mib=32 dirty_mib_s=8", 13, &[]);
     let (dest, to) = receiver(&lab, &dir, "move", "vm1", &[]);
     let dest_pid = dest.pid() as i32;
-    let (gate_path, gate_thread) = gate(&dir, COMMIT, move || {
-        // SAFETY: kill(2) on a child process of this test, by pid.
-        unsafe { libc::kill(dest_pid, libc::SIGKILL) };
-        let deadline = Instant::now() + T;
-        // SAFETY: kill(pid, 0) only probes whether the process exists.
-        while unsafe { libc::kill(dest_pid, 0) } == 0 && Instant::now() < deadline {
-            let mut status = 0;
-            // SAFETY: reaps the killed child if it is ours; never blocks.
-            unsafe { libc::waitpid(dest_pid, &mut status, libc::WNOHANG) };
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
+    let (gate_path, gate_thread) = gate(&dir, COMMIT, move || ferry_e2e::kill_and_reap(dest_pid));
     let gate_arg = gate_path.display().to_string();
     let (ok, f, err) = migrate_in_lab(&lab, "a", &vm, &to, &["--commit-gate", &gate_arg]);
     gate_thread.join().unwrap();

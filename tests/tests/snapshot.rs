@@ -164,15 +164,7 @@ fn a_failed_snapshot_leaves_the_vm_running_and_a_new_one_replaces_the_pair() {
     }
     let dir = TempDir::new("snap4");
     let snap = dir.path().join("s");
-    let guest = ferry_e2e::guest_elf();
-    let vm = Vm::spawn(&[
-        s("--kernel"),
-        guest.display().to_string(),
-        s("--cmdline"),
-        s("heartbeat_ms=50"),
-        s("--mem-mib"),
-        s("32"),
-    ]);
+    let vm = Vm::guest("heartbeat_ms=50", &["--mem-mib", "32"]);
     vm.wait_line(T, |l| heartbeat_number(l).is_some());
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"not a directory").unwrap();
