@@ -61,6 +61,13 @@ pub struct MigrateRequest {
     /// file instead of copying it (the default; the destination must agree).
     #[serde(default = "default_true")]
     pub share_memory: bool,
+    /// Connections memory travels on (see `source::Options::streams`).
+    #[serde(default = "default_streams")]
+    pub streams: u8,
+}
+
+fn default_streams() -> u8 {
+    source::DEFAULT_STREAMS
 }
 
 fn default_mode() -> Mode {
@@ -127,6 +134,7 @@ impl MigrateRequest {
             commit_gate: None,
             encryption: true,
             share_memory: true,
+            streams: default_streams(),
         }
     }
 
@@ -152,6 +160,8 @@ impl MigrateRequest {
         if let Some(b) = self.max_bandwidth_mib_s {
             range("max_bandwidth_mib_s", "[1, inf) MiB/s", b.is_finite() && b >= MIN_BANDWIDTH_MIB_S, b.to_string())?;
         }
+        let n = self.streams;
+        range("streams", "[1, 8]", (1..=crate::destination::MAX_STREAMS).contains(&n), n.to_string())?;
         let to: Endpoint = self.to.parse().map_err(RequestError::Endpoint)?;
         let key = Key::load(&self.key_file)?;
         let mut o = Options::new(self.mode, key);
@@ -167,6 +177,7 @@ impl MigrateRequest {
         o.switchover_timeout = Duration::from_secs_f64(sw);
         o.io_timeout = Duration::from_secs_f64(io);
         o.share_memory = self.share_memory;
+        o.streams = n;
         Ok((to, o))
     }
 }
@@ -254,6 +265,8 @@ mod tests {
         assert!(bad(r#"{"to":"tcp:a:1","timeout_s":1e20}"#).contains("timeout_s"));
         assert!(bad(r#"{"to":"tcp:a:1","downtime_ms":-1}"#).contains("downtime_ms"));
         assert!(bad(r#"{"to":"tcp:a:1","max_rounds":0}"#).contains("max_rounds"));
+        assert!(bad(r#"{"to":"tcp:a:1","streams":0}"#).contains("streams"));
+        assert!(bad(r#"{"to":"tcp:a:1","streams":9}"#).contains("streams"));
         assert!(bad(r#"{"to":"tcp:a:1","max_bandwidth_mib_s":0.0001}"#).contains("max_bandwidth_mib_s"));
         assert!(bad(r#"{"to":"http://a","key_file":"/nonexistent"}"#).contains("bad endpoint"));
     }

@@ -8,11 +8,12 @@
 //! reason to stop the guest. If the disks cannot be taken after the
 //! commit, the VM stays paused here, holding what it could, and says so.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm::migration::{Destination, IncomingVm, ReceivedVm, Requirements, RunState};
+use vmm::migration::{Destination, IncomingVm, MemorySink, ReceivedVm, Requirements, RunState};
 
 use crate::auth::Key;
 use crate::preflight::{self, CpuPolicy};
@@ -37,6 +38,8 @@ pub enum Error {
     Wire(#[from] wire::Error),
     #[error(transparent)]
     Vm(#[from] vmm::migration::Error),
+    #[error("memory stream {index}: {source}")]
+    Stream { index: u8, source: Box<Error> },
 }
 
 /// How this host judges incoming migrations.
@@ -77,6 +80,7 @@ pub fn receive<D: Destination + 'static>(
 ) -> Option<Arc<D::Vm>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let taken = Arc::new(AtomicBool::new(false));
+    let sessions = Arc::new(Sessions::default());
     let mut stopping = false;
     loop {
         if let Ok(vm) = rx.try_recv() {
@@ -103,11 +107,12 @@ pub fn receive<D: Destination + 'static>(
             }
         };
         let (dest, policy, taken, tx) = (dest.clone(), policy.clone(), taken.clone(), tx.clone());
+        let sessions = sessions.clone();
         let spawned = std::thread::Builder::new().name("migration-in".into()).spawn(move || {
             if let Err(e) = vmm::seccomp::apply(vmm::seccomp::ThreadKind::Migration) {
                 return eprintln!("ferry: migration connection not served: {e}; still waiting");
             }
-            match attempt(stream, dest.as_ref(), &policy, &taken) {
+            match attempt_in(stream, dest.as_ref(), &policy, &taken, Some(&sessions)) {
                 Ok(Some(vm)) => {
                     let _ = tx.send(vm);
                 }
@@ -125,25 +130,51 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
 /// One connection: `Some` VM once it is this host's, `None` after a
 /// check-only. `taken` is claimed by the first attempt that restores a VM.
+/// A lone connection: the migration it starts uses one memory stream.
 pub fn attempt<D: Destination>(
     stream: Stream,
     dest: &D,
     policy: &Policy,
     taken: &AtomicBool,
 ) -> Result<Option<Arc<D::Vm>>, Error> {
+    attempt_in(stream, dest, policy, taken, None)
+}
+
+/// [`attempt`] among other connections of one `receive`: a migration may
+/// take extra memory streams, which arrive as connections of their own
+/// and find it in `sessions` (`None` after a `Join`: the stream was handed
+/// over).
+pub fn attempt_in<D: Destination>(
+    stream: Stream,
+    dest: &D,
+    policy: &Policy,
+    taken: &AtomicBool,
+    sessions: Option<&Sessions>,
+) -> Result<Option<Arc<D::Vm>>, Error> {
     // The encrypted handshake and the hello, within one total deadline.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let is_unix = stream.is_unix();
+    // Kept to cut the connection from another thread (see `Lanes`).
+    let socket = stream.try_clone().map_err(wire::Error::Io)?;
     let suite = secure::Suite { records: policy.records, ..secure::Suite::default() };
     let mut io = Duplex::new(secure::accept_with(stream, &policy.key, deadline, suite)?);
+    io.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
+    io.set_deadline(Some(deadline));
+    let frame = wire::read_frame(&mut io)?;
+    if frame.kind == Kind::Join {
+        let join: wire::Join = frame.decode()?;
+        let sessions = sessions.ok_or_else(|| Error::Refused("this receiver takes one stream per migration".into()))?;
+        io.set_deadline(None);
+        io.set_timeout(Some(IO_TIMEOUT)).map_err(wire::Error::Io)?;
+        sessions.hand_over(Joined { index: join.index, io, peer: socket.peer_name(), socket }, &join.session)?;
+        return Ok(None);
+    }
     let stream = &mut io;
-    stream.set_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(wire::Error::Io)?;
-    stream.set_deadline(Some(deadline));
-    let frame = wire::read_frame(stream)?.expect(Kind::Hello, "Hello")?;
-    let (hello, ext): (Hello, wire::HelloExt) = wire::decode_with_ext(frame.kind, &frame.payload)?;
+    let frame = frame.expect(Kind::Hello, "Hello")?;
+    let (hello, hello_ext): (Hello, wire::HelloExt) = wire::decode_with_ext(frame.kind, &frame.payload)?;
     stream.set_deadline(None);
     // The offer is taken only where a descriptor can come (a Unix socket).
-    let offered = ext.shared_memory.filter(|_| policy.share_memory && dest.shares_memory() && is_unix);
+    let offered = hello_ext.shared_memory.filter(|_| policy.share_memory && dest.shares_memory() && is_unix);
     let mut problems = check(&hello, dest, policy, offered.is_some()).err().unwrap_or_default();
     if !hello.check_only && taken.load(Ordering::SeqCst) {
         problems.push("this destination is already taking another VM".into());
@@ -154,8 +185,22 @@ pub fn attempt<D: Destination>(
         let _ = stream.writer.finish();
         return Err(Error::Refused(reason));
     }
+    // Extra memory streams need a registry to find us, and have nothing
+    // to carry when memory is shared.
+    let streams = match sessions {
+        Some(_) if offered.is_none() && !hello.check_only => hello_ext.streams.clamp(1, MAX_STREAMS),
+        _ => 1,
+    };
+    let mut session = [0u8; 16];
+    if streams > 1 {
+        getrandom::getrandom(&mut session).map_err(|e| wire::Error::Io(std::io::Error::other(e.to_string())))?;
+    }
+    let registration = match sessions {
+        Some(sessions) if streams > 1 => Some(sessions.register(session)),
+        _ => None,
+    };
     let ack = wire::Ack { host_id: dest.host_id().to_owned() };
-    let ext = wire::AckExt { shared_memory: offered.is_some(), catch_up: true };
+    let ext = wire::AckExt { shared_memory: offered.is_some(), catch_up: true, streams, session };
     wire::send_with_ext(stream, Kind::HelloAck, &ack, &ext)?;
     stream.flush().map_err(wire::Error::Io)?;
     if hello.check_only {
@@ -177,7 +222,8 @@ pub fn attempt<D: Destination>(
     // The peer names it: bounded like the source's own option (600 s).
     let asked = Duration::from_millis(hello.switchover_timeout_ms).min(MAX_SWITCHOVER_WAIT);
     let commit_wait = asked + COMMIT_MARGIN;
-    match receive_vm(stream, incoming, shared_memory, taken, commit_wait, policy.commit_oracle.as_deref()) {
+    let lanes = Lanes { joins: registration, wanted: usize::from(streams), control: socket };
+    match receive_vm(stream, incoming, shared_memory, lanes, taken, commit_wait, policy.commit_oracle.as_deref()) {
         Ok(vm) => Ok(Some(vm)),
         Err(e) => {
             let _ = wire::send(stream, Kind::Abort, &Reason { reason: e.to_string() });
@@ -243,10 +289,12 @@ fn check<D: Destination>(hello: &Hello, dest: &D, policy: &Policy, shared_memory
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn receive_vm<I: IncomingVm>(
     stream: &mut Duplex,
     incoming: I,
     shared_memory: bool,
+    lanes: Lanes,
     taken: &AtomicBool,
     commit_wait: Duration,
     commit_oracle: Option<&std::path::Path>,
@@ -254,38 +302,7 @@ fn receive_vm<I: IncomingVm>(
 where
     I::Vm: 'static,
 {
-    let mut payload = Vec::with_capacity(wire::MAX_PAYLOAD as usize);
-    let state = loop {
-        let kind = wire::read_frame_into(stream, &mut payload)?;
-        let frame = wire::FrameRef { kind, payload: &payload };
-        match frame.kind {
-            // Shared memory is the source's live memory until the commit
-            // (and its memory again if the move fails): no frame may write
-            // it. The VM built on it stays paused until then too (see
-            // `KvmDestination::prepare_shared` for what else never writes).
-            Kind::MemZero | Kind::MemData if shared_memory => {
-                return Err(wire::Error::Unexpected { expected: "State (memory is shared)", got: frame.kind }.into())
-            }
-            Kind::MemZero => {
-                let z: ZeroRange = frame.decode()?;
-                // A page may have become zero since an earlier round.
-                incoming.memory().zero_range(z.offset, z.len).map_err(|e| wire::Error::Payload(e.to_string()))?;
-            }
-            Kind::MemData => {
-                let (offset, bytes) = wire::parse_mem_data(frame.payload)?;
-                incoming.memory().write_at(offset, bytes).map_err(|e| wire::Error::Payload(e.to_string()))?;
-            }
-            // Every frame before it is applied: say so (the source pauses
-            // the guest only then).
-            Kind::CatchUp if !shared_memory => {
-                wire::write_frame(stream, Kind::CatchUp, &[])?;
-                stream.flush().map_err(wire::Error::Io)?;
-            }
-            Kind::State => break payload.clone(),
-            Kind::Abort => return Err(Error::SourceAborted(frame.decode::<Reason>()?.reason)),
-            other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
-        }
-    };
+    let state = lanes.receive(stream, incoming.memory(), shared_memory)?;
     if taken.swap(true, Ordering::SeqCst) {
         return Err(Error::Refused("this destination is already taking another VM".into()));
     }
@@ -329,6 +346,212 @@ where
         announce_again(Arc::downgrade(&vm));
     }
     Ok(vm)
+}
+
+/// The most memory streams one migration may use.
+pub const MAX_STREAMS: u8 = 8;
+
+/// Extra memory streams on their way to the migration they join (see
+/// `wire::Join`): one registry per `receive`, shared by its connections.
+#[derive(Default)]
+pub struct Sessions(Mutex<HashMap<[u8; 16], mpsc::Sender<Joined>>>);
+
+/// An extra memory stream, authenticated and named by its `Join`.
+pub struct Joined {
+    index: u8,
+    io: Duplex,
+    /// To cut it from another thread.
+    socket: Stream,
+    peer: String,
+}
+
+impl Sessions {
+    fn register(&self, session: [u8; 16]) -> Registration<'_> {
+        let (tx, rx) = mpsc::channel();
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(session, tx);
+        Registration { sessions: self, session, rx }
+    }
+
+    fn hand_over(&self, joined: Joined, session: &[u8; 16]) -> Result<(), Error> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let tx =
+            map.get(session).ok_or_else(|| Error::Refused("a memory stream for no migration in progress".into()))?;
+        tx.send(joined).map_err(|_| Error::Refused("a memory stream for a migration that has ended".into()))
+    }
+}
+
+/// A migration's place in [`Sessions`], given up when it ends.
+struct Registration<'a> {
+    sessions: &'a Sessions,
+    session: [u8; 16],
+    rx: mpsc::Receiver<Joined>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.sessions.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.session);
+    }
+}
+
+/// A migration's memory streams: the control stream and the extra ones
+/// that join it, each applied by its own thread.
+struct Lanes<'a> {
+    joins: Option<Registration<'a>>,
+    /// Streams in all, the control one included.
+    wanted: usize,
+    control: Stream,
+}
+
+/// How long extra streams have to join once `HelloAck` is sent.
+const JOIN_TIMEOUT: Duration = HANDSHAKE_TIMEOUT;
+
+impl Lanes<'_> {
+    /// Applies memory from every stream until the control stream brings
+    /// the state (returned), by which time every extra stream has ended
+    /// (`End`). A failure on any stream cuts them all, so no thread is left
+    /// waiting on a peer that will not send.
+    fn receive(self, control: &mut Duplex, memory: &dyn MemorySink, shared: bool) -> Result<Vec<u8>, Error> {
+        let extra = self.collect()?;
+        if extra.is_empty() {
+            return apply_until_state(control, memory, shared);
+        }
+        let mut sockets = vec![self.control];
+        for j in &extra {
+            eprintln!("ferry: memory stream {} joined from {}", j.index, j.peer);
+            sockets.push(j.socket.try_clone().map_err(wire::Error::Io)?);
+        }
+        let cut_all = || sockets.iter().for_each(Stream::shutdown);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = extra
+                .into_iter()
+                .map(|mut j| {
+                    s.spawn(move || {
+                        let r = apply_until_end(&mut j.io, memory).map_err(|e| (j.index, e));
+                        if r.is_err() {
+                            cut_all();
+                        }
+                        r
+                    })
+                })
+                .collect();
+            let state = apply_until_state(control, memory, shared);
+            if state.is_err() {
+                cut_all();
+            }
+            let mut failed = None;
+            for t in threads {
+                match t.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err((index, e))) => {
+                        failed.get_or_insert(Error::Stream { index, source: Box::new(e) });
+                    }
+                    Err(_) => {
+                        failed.get_or_insert(Error::Wire(wire::Error::Payload(
+                            "a memory stream's thread panicked".into(),
+                        )));
+                    }
+                }
+            }
+            match (state, failed) {
+                // The control stream was cut because another failed first.
+                (Err(Error::Wire(wire::Error::Io(_) | wire::Error::Closed)), Some(e)) => Err(e),
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(e)) => Err(e),
+                (Ok(state), None) => Ok(state),
+            }
+        })
+    }
+
+    /// Waits for every extra stream (they join right after `HelloAck`).
+    fn collect(&self) -> Result<Vec<Joined>, Error> {
+        let Some(reg) = &self.joins else { return Ok(Vec::new()) };
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        let mut joined: Vec<Joined> = Vec::new();
+        while joined.len() + 1 < self.wanted {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match reg.rx.recv_timeout(left) {
+                Ok(j)
+                    if (1..self.wanted).contains(&usize::from(j.index))
+                        && !joined.iter().any(|o| o.index == j.index) =>
+                {
+                    joined.push(j)
+                }
+                Ok(j) => return Err(Error::Refused(format!("memory stream {} joined twice or out of range", j.index))),
+                Err(_) => {
+                    return Err(Error::Refused(format!(
+                        "only {} of {} memory streams joined within {} s",
+                        joined.len() + 1,
+                        self.wanted,
+                        JOIN_TIMEOUT.as_secs()
+                    )))
+                }
+            }
+        }
+        Ok(joined)
+    }
+}
+
+/// Applies one memory frame; false if it is not one.
+fn apply_memory(frame: &wire::FrameRef<'_>, memory: &dyn MemorySink) -> Result<bool, Error> {
+    match frame.kind {
+        Kind::MemZero => {
+            let z: ZeroRange = frame.decode()?;
+            // A page may have become zero since an earlier round.
+            memory.zero_range(z.offset, z.len).map_err(|e| wire::Error::Payload(e.to_string()))?;
+        }
+        Kind::MemData => {
+            let (offset, bytes) = wire::parse_mem_data(frame.payload)?;
+            memory.write_at(offset, bytes).map_err(|e| wire::Error::Payload(e.to_string()))?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// The control stream: memory (its own stripes) until the state.
+fn apply_until_state(stream: &mut Duplex, memory: &dyn MemorySink, shared_memory: bool) -> Result<Vec<u8>, Error> {
+    let mut payload = Vec::with_capacity(wire::MAX_PAYLOAD as usize);
+    loop {
+        let kind = wire::read_frame_into(stream, &mut payload)?;
+        let frame = wire::FrameRef { kind, payload: &payload };
+        match frame.kind {
+            // Shared memory is the source's live memory until the commit
+            // (and its memory again if the move fails): no frame may write
+            // it. The VM built on it stays paused until then too (see
+            // `KvmDestination::prepare_shared` for what else never writes).
+            Kind::MemZero | Kind::MemData if shared_memory => {
+                return Err(wire::Error::Unexpected { expected: "State (memory is shared)", got: frame.kind }.into())
+            }
+            // Every frame before it is applied: say so (the source pauses
+            // the guest only then).
+            Kind::CatchUp if !shared_memory => {
+                wire::write_frame(stream, Kind::CatchUp, &[])?;
+                stream.flush().map_err(wire::Error::Io)?;
+            }
+            Kind::State => return Ok(payload),
+            Kind::Abort => return Err(Error::SourceAborted(frame.decode::<Reason>()?.reason)),
+            _ if apply_memory(&frame, memory)? => {}
+            other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
+        }
+    }
+}
+
+/// An extra stream: memory (its stripes) until `End`.
+fn apply_until_end(stream: &mut Duplex, memory: &dyn MemorySink) -> Result<(), Error> {
+    let mut payload = Vec::with_capacity(wire::MAX_PAYLOAD as usize);
+    loop {
+        let kind = wire::read_frame_into(stream, &mut payload)?;
+        let frame = wire::FrameRef { kind, payload: &payload };
+        match frame.kind {
+            Kind::CatchUp => {
+                wire::write_frame(stream, Kind::CatchUp, &[])?;
+                stream.flush().map_err(wire::Error::Io)?;
+            }
+            Kind::End => return Ok(()),
+            _ if apply_memory(&frame, memory)? => {}
+            other => return Err(wire::Error::Unexpected { expected: "memory or End", got: other }.into()),
+        }
+    }
 }
 
 /// The commit oracle: when `Ready` got no verdict, the destination VMM

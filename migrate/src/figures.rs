@@ -29,6 +29,8 @@ pub struct Figures {
     /// the downtime; 0 without a gate.
     pub commit_ms: f64,
     pub destination: String,
+    /// Connections memory travelled on (the control stream included).
+    pub streams: u8,
     /// Round-0 throughput, MiB/s.
     pub round0_mib_s: f64,
     /// Pages sent with the VM paused (the last dirty set).

@@ -78,7 +78,14 @@ pub struct Options {
     /// To a destination on this host (`unix:`), pass the guest memory's
     /// file instead of copying pages, if the destination agrees.
     pub share_memory: bool,
+    /// Connections to carry memory on, each with its own thread (the
+    /// destination may agree to fewer; see `wire::STRIPE`).
+    pub streams: u8,
 }
+
+/// The default of `--streams` (see the README's Figures for the sweep
+/// that chose it).
+pub const DEFAULT_STREAMS: u8 = 1;
 
 impl Options {
     pub fn new(mode: Mode, key: Key) -> Options {
@@ -98,6 +105,7 @@ impl Options {
             commit_gate: None,
             records: secure::Records::Sealed,
             share_memory: true,
+            streams: DEFAULT_STREAMS,
         }
     }
 }
@@ -172,10 +180,111 @@ fn send_extent(w: &mut impl Write, extent: Extent<'_>) -> Result<(), wire::Error
     }
 }
 
+/// An extra memory stream (the control stream is stream 0).
+struct Extra {
+    w: Writer,
+    r: SecureReader,
+    /// To cut it from another thread.
+    socket: crate::transport::Stream,
+}
+
+/// Which pages a round sends.
+#[derive(Clone, Copy)]
+enum Pages<'a> {
+    All,
+    Dirty(&'a DirtyBitmap),
+}
+
+/// Sends `pages` over the control stream and the extra ones, each stream
+/// its own stripes from its own thread, and flushes them all. A stream that
+/// fails cuts the other extra ones, so none waits out its timeout.
+fn send_memory(
+    mem: &dyn MemorySource,
+    pages: Pages<'_>,
+    control: &mut Writer,
+    extra: &mut [Extra],
+) -> Result<ScanStats, wire::Error> {
+    if extra.is_empty() {
+        let stats = match pages {
+            Pages::All => send_all_memory(mem, control)?,
+            Pages::Dirty(d) => send_dirty(mem, d, control, |_| true)?,
+        };
+        control.flush()?;
+        return Ok(stats);
+    }
+    let n = extra.len() + 1;
+    let (extra_writers, sockets): (Vec<&mut Writer>, Vec<&crate::transport::Stream>) =
+        extra.iter_mut().map(|e| (&mut e.w, &e.socket)).unzip();
+    let writers: Vec<&mut Writer> = std::iter::once(control).chain(extra_writers).collect();
+    std::thread::scope(|s| {
+        let threads: Vec<_> = writers
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let sockets = &sockets;
+                s.spawn(move || {
+                    let r = match pages {
+                        Pages::All => send_stripes(mem, i, n, w),
+                        Pages::Dirty(d) => send_dirty(mem, d, w, |offset| wire::stream_of(offset, n) == i),
+                    }
+                    .and_then(|stats| w.flush().map(|()| stats).map_err(wire::Error::Io));
+                    if r.is_err() {
+                        sockets.iter().for_each(|s| s.shutdown());
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut total = ScanStats::default();
+        let mut failed = None;
+        for t in threads {
+            match t.join() {
+                Ok(Ok(stats)) => {
+                    total.pages_data += stats.pages_data;
+                    total.pages_zero += stats.pages_zero;
+                }
+                // The first failure is the cause; the others are its cuts.
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(wire::Error::Payload("a memory stream's thread panicked".into()));
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    })
+}
+
+/// Stream `index` of `n`'s share of all memory: stripes `index`, `index + n`, ...
+fn send_stripes(mem: &dyn MemorySource, index: usize, n: usize, w: &mut Writer) -> Result<ScanStats, wire::Error> {
+    let mut total = ScanStats::default();
+    let mut start = index as u64 * wire::STRIPE;
+    while start < mem.size() {
+        let range = start..(start + wire::STRIPE).min(mem.size());
+        let stats = scan_sending(w, |f| mem.scan_range(range.clone(), f))?;
+        total.pages_data += stats.pages_data;
+        total.pages_zero += stats.pages_zero;
+        start += n as u64 * wire::STRIPE;
+    }
+    Ok(total)
+}
+
 /// Sends all of guest memory: untouched and zero pages as markers.
 fn send_all_memory(mem: &dyn MemorySource, w: &mut impl Write) -> Result<ScanStats, wire::Error> {
+    scan_sending(w, |f| mem.scan(f))
+}
+
+/// Runs a scan that sends every extent it finds on `w`.
+fn scan_sending(
+    w: &mut impl Write,
+    scan: impl FnOnce(&mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats>,
+) -> Result<ScanStats, wire::Error> {
     let mut failure = None;
-    let stats = mem.scan(&mut |extent| {
+    let stats = scan(&mut |extent| {
         send_extent(w, extent).map_err(|e| {
             let msg = e.to_string();
             failure = Some(e);
@@ -189,8 +298,14 @@ fn send_all_memory(mem: &dyn MemorySource, w: &mut impl Write) -> Result<ScanSta
     }
 }
 
-/// Sends the pages in `dirty`, reading runs of consecutive pages at once.
-fn send_dirty(mem: &dyn MemorySource, dirty: &DirtyBitmap, w: &mut impl Write) -> Result<ScanStats, wire::Error> {
+/// Sends the pages in `dirty` that are `mine`, reading runs of consecutive
+/// pages at once (a run never crosses a stripe: see `wire::STRIPE`).
+fn send_dirty(
+    mem: &dyn MemorySource,
+    dirty: &DirtyBitmap,
+    w: &mut impl Write,
+    mine: impl Fn(u64) -> bool,
+) -> Result<ScanStats, wire::Error> {
     let mut stats = ScanStats::default();
     let mut buf = vec![0u8; MEM_CHUNK];
     let mut flush_run = |start: u64, len: u64, stats: &mut ScanStats| -> Result<(), wire::Error> {
@@ -220,9 +335,13 @@ fn send_dirty(mem: &dyn MemorySource, dirty: &DirtyBitmap, w: &mut impl Write) -
     };
     let size = mem.size();
     let mut run: Option<(u64, u64)> = None;
-    for off in dirty.offsets().filter(|o| *o < size) {
+    for off in dirty.offsets().filter(|o| *o < size && mine(*o)) {
         match run {
-            Some((start, len)) if start + len == off && len < MEM_CHUNK as u64 => run = Some((start, len + PAGE_SIZE)),
+            Some((start, len))
+                if start + len == off && len < MEM_CHUNK as u64 && start / wire::STRIPE == off / wire::STRIPE =>
+            {
+                run = Some((start, len + PAGE_SIZE))
+            }
             Some((start, len)) => {
                 flush_run(start, len, &mut stats)?;
                 run = Some((off, PAGE_SIZE));
@@ -350,7 +469,8 @@ fn migrate_claimed(
         (true, Endpoint::Unix(_), Some(file)) => Some((file, wire::MemFdId::of(file).map_err(wire::Error::Io)?)),
         _ => None,
     };
-    let ext = wire::HelloExt { shared_memory: shareable.map(|(_, id)| id) };
+    let streams = if shareable.is_some() { 1 } else { opts.streams.max(1) };
+    let ext = wire::HelloExt { shared_memory: shareable.map(|(_, id)| id), streams };
     wire::send_with_ext(&mut w, Kind::Hello, &hello, &ext)?;
     w.flush().map_err(wire::Error::Io)?;
     let reply = wire::read_frame(&mut reader)?;
@@ -368,6 +488,7 @@ fn migrate_claimed(
             Mode::Live => "live",
         },
         memory: MEMORY_COPY,
+        streams: 1,
         mem_mib: mem.size() >> 20,
         destination: to.to_string(),
         ..Default::default()
@@ -384,6 +505,11 @@ fn migrate_claimed(
     if shared {
         figures.memory = MEMORY_SHARED_FD;
     }
+    let mut extra = match ack_ext.streams.min(streams) {
+        n if n > 1 && !shared => join_streams(to, opts, &ack_ext.session, n, cap)?,
+        _ => Vec::new(),
+    };
+    figures.streams = 1 + extra.len() as u8;
 
     let was_running = before == RunState::Running;
     // Shared memory needs no pre-copy and no dirty log: the destination
@@ -397,7 +523,7 @@ fn migrate_claimed(
     let precopy = if logging {
         let mut throttle = Throttle::start(vm.clone());
         let peer = Peer { reader: &mut reader, catch_up: ack_ext.catch_up };
-        let r = precopy(vm.as_ref(), &mut w, peer, opts, progress, &throttle, &mut figures, t0);
+        let r = precopy(vm.as_ref(), &mut w, &mut extra, peer, opts, progress, &throttle, &mut figures, t0);
         throttle.stop();
         r
     } else {
@@ -426,6 +552,10 @@ fn migrate_claimed(
     let deadline = Some(t_pause + opts.switchover_timeout);
     reader.set_deadline(deadline);
     w.inner.set_deadline(deadline);
+    for e in &mut extra {
+        e.w.cap = None;
+        e.w.inner.set_deadline(deadline);
+    }
     if was_running {
         if let Err(e) = vm.pause() {
             let e = Error::from(e);
@@ -443,7 +573,7 @@ fn migrate_claimed(
     } else {
         Memory::All
     };
-    match switchover(vm.as_ref(), &mut w, &mut reader, memory, &destination_host, opts, &mut figures) {
+    match switchover(vm.as_ref(), &mut w, &mut extra, &mut reader, memory, &destination_host, opts, &mut figures) {
         Ok(()) => {}
         Err(Failure::BeforeCommit(e)) => {
             let e = cancelled_by_request(opts, e);
@@ -460,9 +590,38 @@ fn migrate_claimed(
     }
     figures.downtime_ms = ms(t_pause.elapsed());
     figures.total_ms = ms(t0.elapsed());
-    figures.bytes_sent = w.bytes;
+    figures.bytes_sent = w.bytes + extra.iter().map(|e| e.w.bytes).sum::<u64>();
     progress::update(progress, |p| p.phase = "done".into());
     Ok(figures)
+}
+
+/// Opens the `n - 1` extra memory streams the destination agreed to, each
+/// authenticated on its own and naming the session it joins.
+fn join_streams(
+    to: &Endpoint,
+    opts: &Options,
+    session: &[u8; 16],
+    n: u8,
+    cap: Option<(f64, u64, Instant)>,
+) -> Result<Vec<Extra>, Error> {
+    let suite = secure::Suite { records: opts.records, ..secure::Suite::default() };
+    // The bandwidth cap is shared out.
+    let cap = cap.map(|(rate, from, since)| (rate / f64::from(n), from, since));
+    (1..n)
+        .map(|index| {
+            let stream =
+                connect(to, CONNECT_TIMEOUT).map_err(|source| Error::Connect { endpoint: to.clone(), source })?;
+            let socket = stream.try_clone().map_err(wire::Error::Io)?;
+            let (mut r, mut inner) =
+                secure::connect_with(stream, &opts.key, Instant::now() + HANDSHAKE_TIMEOUT, suite)?;
+            inner.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;
+            r.set_timeout(Some(opts.io_timeout)).map_err(wire::Error::Io)?;
+            let mut w = Counting { inner, bytes: 0, cap, cancel: Some(opts.cancel.clone()) };
+            wire::send(&mut w, Kind::Join, &wire::Join { session: *session, index })?;
+            w.flush().map_err(wire::Error::Io)?;
+            Ok(Extra { w, r, socket })
+        })
+        .collect()
 }
 
 /// Passes the guest memory's file to the destination, which agreed to map
@@ -512,16 +671,23 @@ struct Peer<'a> {
 }
 
 impl Peer<'_> {
-    /// Waits until the destination has applied everything sent so far.
-    fn wait_caught_up(&mut self, w: &mut Writer) -> Result<(), Error> {
-        wire::write_frame(w, Kind::CatchUp, &[])?;
-        w.flush().map_err(wire::Error::Io)?;
-        let reply = wire::read_frame(self.reader)?;
-        match reply.kind {
-            Kind::CatchUp => Ok(()),
-            Kind::Abort => Err(Error::DestinationFailed(reply.decode::<Reason>()?.reason)),
-            other => Err(wire::Error::Unexpected { expected: "CatchUp", got: other }.into()),
+    /// Waits until the destination has applied everything sent so far, on
+    /// every stream.
+    fn wait_caught_up(&mut self, w: &mut Writer, extra: &mut [Extra]) -> Result<(), Error> {
+        for w in std::iter::once(&mut *w).chain(extra.iter_mut().map(|e| &mut e.w)) {
+            wire::write_frame(w, Kind::CatchUp, &[])?;
+            w.flush().map_err(wire::Error::Io)?;
         }
+        let readers = std::iter::once(&mut *self.reader).chain(extra.iter_mut().map(|e| &mut e.r));
+        for reader in readers {
+            let reply = wire::read_frame(reader)?;
+            match reply.kind {
+                Kind::CatchUp => {}
+                Kind::Abort => return Err(Error::DestinationFailed(reply.decode::<Reason>()?.reason)),
+                other => return Err(wire::Error::Unexpected { expected: "CatchUp", got: other }.into()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -530,6 +696,7 @@ impl Peer<'_> {
 fn precopy(
     vm: &dyn MigratableVm,
     w: &mut Writer,
+    extra: &mut [Extra],
     mut peer: Peer<'_>,
     opts: &Options,
     progress: &Shared,
@@ -548,8 +715,7 @@ fn precopy(
         p.remaining_mib = mem.size() as f64 / MIB;
     });
     let t = Instant::now();
-    let stats = send_all_memory(mem, w)?;
-    w.flush().map_err(wire::Error::Io)?;
+    let stats = send_memory(mem, Pages::All, w, extra)?;
     let mut bandwidth = (stats.pages_data * PAGE_SIZE) as f64 / t.elapsed().as_secs_f64().max(1e-6);
     figures.round0_mib_s = bandwidth / MIB;
     figures.pages_sent += stats.pages_data;
@@ -565,7 +731,7 @@ fn precopy(
             // buffers, or the downtime would include that. The guest runs
             // meanwhile, so look at the log again after.
             let t = Instant::now();
-            peer.wait_caught_up(w)?;
+            peer.wait_caught_up(w, extra)?;
             figures.catch_up_ms += ms(t.elapsed());
             dirty.merge(&vm.take_dirty()?);
             pages = dirty.pages();
@@ -575,7 +741,7 @@ fn precopy(
         progress::update(progress, |p| {
             p.round = figures.rounds;
             p.remaining_mib = remaining / MIB;
-            p.sent_mib = w.bytes as f64 / MIB;
+            p.sent_mib = (w.bytes + extra.iter().map(|e| e.w.bytes).sum::<u64>()) as f64 / MIB;
             p.rate_mib_s = bandwidth / MIB;
             p.estimated_downtime_ms = estimate_ms;
             p.throttle_pct = throttle.get();
@@ -610,8 +776,7 @@ fn precopy(
         }
         previous_dirty = pages;
         let t = Instant::now();
-        let stats = send_dirty(mem, &dirty, w)?;
-        w.flush().map_err(wire::Error::Io)?;
+        let stats = send_memory(mem, Pages::Dirty(&dirty), w, extra)?;
         let secs = t.elapsed().as_secs_f64();
         if secs > 0.0005 {
             bandwidth = ((stats.pages_data * PAGE_SIZE) as f64 / secs).max(bandwidth * 0.5);
@@ -642,6 +807,7 @@ enum Memory {
 fn switchover(
     vm: &dyn MigratableVm,
     w: &mut Writer,
+    extra: &mut [Extra],
     reader: &mut SecureReader,
     memory: Memory,
     destination_host: &str,
@@ -653,14 +819,21 @@ fn switchover(
         Memory::Dirty(mut pending) => {
             pending.merge(&vm.take_dirty().map_err(|e| before(e.into()))?);
             figures.rounds += 1;
-            send_dirty(vm.memory(), &pending, w).map_err(|e| before(e.into()))?
+            send_memory(vm.memory(), Pages::Dirty(&pending), w, extra).map_err(|e| before(e.into()))?
         }
         Memory::All => {
             figures.rounds = 1;
-            send_all_memory(vm.memory(), w).map_err(|e| before(e.into()))?
+            send_memory(vm.memory(), Pages::All, w, extra).map_err(|e| before(e.into()))?
         }
         Memory::Shared => ScanStats::default(),
     };
+    // The extra streams are done: the destination applies what they carry
+    // before it reads on past the state (their `End`s).
+    for e in extra.iter_mut() {
+        wire::write_frame(&mut e.w, Kind::End, &[]).map_err(|e| before(e.into()))?;
+        e.w.flush().map_err(|e| before(wire::Error::Io(e).into()))?;
+        let _ = e.w.inner.finish();
+    }
     figures.pages_sent += stats.pages_data;
     figures.pages_zero += stats.pages_zero;
     figures.final_pages = stats.pages_data + stats.pages_zero;

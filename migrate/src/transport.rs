@@ -97,6 +97,23 @@ impl Stream {
         }
     }
 
+    /// Ends the connection both ways at once (from another thread too,
+    /// through a clone): a thread blocked on it wakes with an error.
+    pub fn shutdown(&self) {
+        let _ = match &self.inner {
+            Inner::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Inner::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    /// The peer's address, for logs (`unix` for a Unix socket).
+    pub fn peer_name(&self) -> String {
+        match &self.inner {
+            Inner::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
+            Inner::Unix(_) => "unix".into(),
+        }
+    }
+
     /// True if the peer has closed or reset the connection (checked
     /// without blocking or consuming anything).
     pub fn peer_gone(&self) -> bool {

@@ -67,13 +67,18 @@ pub enum Kind {
     Abort = 10,
     MemFd = 11,
     CatchUp = 12,
+    /// First frame on an extra memory stream: which session it joins.
+    Join = 13,
+    /// Last frame on an extra memory stream: nothing more comes on it.
+    End = 14,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
-        const ALL: [Kind; 12] =
-            [Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort, MemFd, CatchUp];
+        const ALL: [Kind; 14] = [
+            Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort, MemFd, CatchUp, Join, End,
+        ];
         ALL.into_iter().find(|k| *k as u8 == v)
     }
 }
@@ -245,6 +250,8 @@ pub struct Ack {
 pub struct HelloExt {
     /// The source will pass its guest memory's memfd, this one.
     pub shared_memory: Option<MemFdId>,
+    /// Memory streams the source would use (0 from an older peer: one).
+    pub streams: u8,
 }
 
 /// Which file a passed descriptor must be: the source's memfd as fstat
@@ -273,6 +280,30 @@ pub struct AckExt {
     pub shared_memory: bool,
     /// This destination answers `CatchUp` (see the module docs).
     pub catch_up: bool,
+    /// Memory streams agreed (at most what the source asked; 0 or 1: the
+    /// control stream alone). Extra ones join with `session`.
+    pub streams: u8,
+    /// Names this migration to its extra streams (random per attempt;
+    /// they present it inside their own authenticated sessions).
+    pub session: [u8; 16],
+}
+
+/// `Join` payload: the session an extra memory stream belongs to, and its
+/// place (1.. ; the control stream is 0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    pub session: [u8; 16],
+    pub index: u8,
+}
+
+/// Guest memory is split between streams in stripes of this many bytes:
+/// stripe `k` always travels on stream `k % streams`, so every version of
+/// a page takes the same stream and arrives in the order it was sent.
+pub const STRIPE: u64 = 1 << 20;
+
+/// The stream that carries the page at `offset`.
+pub fn stream_of(offset: u64, streams: usize) -> usize {
+    ((offset / STRIPE) % streams.max(1) as u64) as usize
 }
 
 /// `MemFd` payload: whether the destination took the passed memory.
@@ -357,7 +388,7 @@ mod tests {
     #[test]
     fn extensions_are_ignored_by_old_peers_and_absent_from_old_ones() {
         let ack = Ack { host_id: "b".into() };
-        let ext = AckExt { shared_memory: true, catch_up: true };
+        let ext = AckExt { shared_memory: true, catch_up: true, streams: 2, session: [7; 16] };
         let mut buf = Vec::new();
         send_with_ext(&mut buf, Kind::HelloAck, &ack, &ext).unwrap();
         let f = read_frame(&mut &buf[..]).unwrap();
@@ -381,7 +412,7 @@ mod tests {
         send_with_ext(&mut buf, Kind::HelloAck, &ack, &AckExtBeforeCatchUp { shared_memory: true }).unwrap();
         let f = read_frame(&mut &buf[..]).unwrap();
         let (_, e): (Ack, AckExt) = decode_with_ext(f.kind, &f.payload).unwrap();
-        assert_eq!(e, AckExt { shared_memory: true, catch_up: false });
+        assert_eq!(e, AckExt { shared_memory: true, ..AckExt::default() });
     }
 
     #[test]

@@ -171,15 +171,22 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
 /// image) in order, handing `f` runs of zero pages and runs of data pages.
 /// Holes are skipped without reading (SEEK_DATA/SEEK_HOLE), so untouched
 /// guest memory costs nothing.
-pub fn scan(
+pub fn scan(file: &File, size: u64, f: impl FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
+    scan_range(file, 0, size, f)
+}
+
+/// [`scan`] over `start..size` only (`start` page-aligned): parallel
+/// senders each walk their own stripes.
+pub fn scan_range(
     file: &File,
+    start: u64,
     size: u64,
     mut f: impl FnMut(Extent<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<ScanStats> {
     use std::os::unix::fs::FileExt;
     let mut stats = ScanStats::default();
     let mut buf = vec![0u8; SCAN_CHUNK];
-    let mut pos = 0u64;
+    let mut pos = start;
     while pos < size {
         let data = seek(file, pos, libc::SEEK_DATA)?.unwrap_or(size).min(size);
         if data > pos {

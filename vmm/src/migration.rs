@@ -38,6 +38,38 @@ pub trait MemorySource: Send + Sync {
     /// Walks all of memory in order: runs of zero (or never touched) pages
     /// and runs of data pages.
     fn scan(&self, f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats>;
+    /// [`scan`](MemorySource::scan) over `range` only (page-aligned ends):
+    /// each of several senders walks its own stripes. The default clips a
+    /// full scan (fine for small fakes; real memory walks only the range).
+    fn scan_range(
+        &self,
+        range: std::ops::Range<u64>,
+        f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>,
+    ) -> std::io::Result<ScanStats> {
+        let mut stats = ScanStats::default();
+        self.scan(&mut |extent| {
+            let (offset, len) = match extent {
+                Extent::Zero { offset, len } => (offset, len),
+                Extent::Data { offset, bytes } => (offset, bytes.len() as u64),
+            };
+            let (from, to) = (offset.max(range.start), (offset + len).min(range.end));
+            if from >= to {
+                return Ok(());
+            }
+            let pages = (to - from).div_ceil(PAGE_SIZE);
+            match extent {
+                Extent::Zero { .. } => {
+                    stats.pages_zero += pages;
+                    f(Extent::Zero { offset: from, len: to - from })
+                }
+                Extent::Data { bytes, .. } => {
+                    stats.pages_data += pages;
+                    f(Extent::Data { offset: from, bytes: &bytes[(from - offset) as usize..(to - offset) as usize] })
+                }
+            }
+        })?;
+        Ok(stats)
+    }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     /// The file behind guest memory, if another process on this host may
     /// map it (a same-host move passes it instead of copying pages).
@@ -184,6 +216,13 @@ impl MemorySource for GuestRam {
     }
     fn scan(&self, f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
         memory::scan(&self.memfd, self.size, f)
+    }
+    fn scan_range(
+        &self,
+        range: std::ops::Range<u64>,
+        f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>,
+    ) -> std::io::Result<ScanStats> {
+        memory::scan_range(&self.memfd, range.start, range.end.min(self.size), f)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         GuestRam::read_at(self, offset, buf)

@@ -224,6 +224,7 @@ const MIGRATION: &[&str] = &[
     "flock",
     "fstatfs",
     "ftruncate",
+    "getpeername",
     "getrandom",
     "getsockopt",
     "ioctl",

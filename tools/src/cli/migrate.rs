@@ -94,6 +94,13 @@ pub struct MigrateArgs {
     /// on another host (tcp:), or one that cannot, always gets a copy.
     #[arg(long)]
     no_memfd: bool,
+    /// Carry memory over this many connections (1-8), each with its own
+    /// sender and receiver thread, pages split in 1 MiB stripes; the
+    /// switchover still ends on the first one. More streams help where a
+    /// single thread's sealing or copying is the limit and cores are free.
+    /// A receiver older than this option takes one.
+    #[arg(long, value_name = "N", default_value_t = migrate::source::DEFAULT_STREAMS)]
+    streams: u8,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -123,6 +130,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     request.commit_gate = args.commit_gate.clone();
     request.encryption = !args.no_encryption;
     request.share_memory = !args.no_memfd;
+    request.streams = args.streams;
     // Refuse bad numbers here, with the same words the API would use.
     request.options().map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = serde_json::to_vec(&request)?;
