@@ -426,7 +426,9 @@ impl Lanes<'_> {
                 .into_iter()
                 .map(|mut j| {
                     s.spawn(move || {
-                        let r = apply_until_end(&mut j.io, memory).map_err(|e| (j.index, e));
+                        let index = j.index;
+                        let r = apply_until_end(&mut j.io, memory)
+                            .map_err(|e| Error::Stream { index, source: Box::new(e) });
                         if r.is_err() {
                             cut_all();
                         }
@@ -442,8 +444,8 @@ impl Lanes<'_> {
             for t in threads {
                 match t.join() {
                     Ok(Ok(())) => {}
-                    Ok(Err((index, e))) => {
-                        failed.get_or_insert(Error::Stream { index, source: Box::new(e) });
+                    Ok(Err(e)) => {
+                        failed.get_or_insert(e);
                     }
                     Err(_) => {
                         failed.get_or_insert(Error::Wire(wire::Error::Payload(
