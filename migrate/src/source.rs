@@ -132,6 +132,8 @@ pub enum Error {
     GateRefused { gate: String, reason: String },
     #[error("the commit gate {gate} cannot tell whether the cluster committed the move ({reason}); the VM is stopped here so it never runs twice")]
     GateUncertain { gate: String, reason: String },
+    #[error("memory stream {index} of {streams}: {source}")]
+    Stream { index: usize, streams: usize, source: wire::Error },
     #[error("the destination did not confirm it runs the VM after commit ({0}); the VM is stopped on the source so it never runs twice")]
     Uncertain(String),
 }
@@ -197,63 +199,69 @@ enum Pages<'a> {
 
 /// Sends `pages` over the control stream and the extra ones, each stream
 /// its own stripes from its own thread, and flushes them all. A stream that
-/// fails cuts the other extra ones, so none waits out its timeout.
+/// fails cuts the other extra ones, so none waits out its timeout; the
+/// error names the stream that failed first.
 fn send_memory(
     mem: &dyn MemorySource,
     pages: Pages<'_>,
     control: &mut Writer,
     extra: &mut [Extra],
-) -> Result<ScanStats, wire::Error> {
+) -> Result<ScanStats, Error> {
     if extra.is_empty() {
         let stats = match pages {
             Pages::All => send_all_memory(mem, control)?,
             Pages::Dirty(d) => send_dirty(mem, d, control, |_| true)?,
         };
-        control.flush()?;
+        control.flush().map_err(wire::Error::Io)?;
         return Ok(stats);
     }
     let n = extra.len() + 1;
     let (extra_writers, sockets): (Vec<&mut Writer>, Vec<&crate::transport::Stream>) =
         extra.iter_mut().map(|e| (&mut e.w, &e.socket)).unzip();
     let writers: Vec<&mut Writer> = std::iter::once(control).chain(extra_writers).collect();
+    let first_failure = std::sync::Mutex::new(None);
     std::thread::scope(|s| {
         let threads: Vec<_> = writers
             .into_iter()
             .enumerate()
             .map(|(i, w)| {
-                let sockets = &sockets;
+                let (sockets, first_failure) = (&sockets, &first_failure);
                 s.spawn(move || {
                     let r = match pages {
                         Pages::All => send_stripes(mem, i, n, w),
                         Pages::Dirty(d) => send_dirty(mem, d, w, |offset| wire::stream_of(offset, n) == i),
                     }
                     .and_then(|stats| w.flush().map(|()| stats).map_err(wire::Error::Io));
-                    if r.is_err() {
-                        sockets.iter().for_each(|s| s.shutdown());
+                    match r {
+                        Ok(stats) => Some(stats),
+                        Err(source) => {
+                            let mut first = first_failure.lock().unwrap_or_else(|e| e.into_inner());
+                            if first.is_none() {
+                                *first = Some(Error::Stream { index: i, streams: n, source });
+                                sockets.iter().for_each(|s| s.shutdown());
+                            }
+                            None
+                        }
                     }
-                    r
                 })
             })
             .collect();
         let mut total = ScanStats::default();
-        let mut failed = None;
+        let mut panicked = false;
         for t in threads {
             match t.join() {
-                Ok(Ok(stats)) => {
+                Ok(Some(stats)) => {
                     total.pages_data += stats.pages_data;
                     total.pages_zero += stats.pages_zero;
                 }
-                // The first failure is the cause; the others are its cuts.
-                Ok(Err(e)) => {
-                    failed.get_or_insert(e);
-                }
-                Err(_) => {
-                    failed.get_or_insert(wire::Error::Payload("a memory stream's thread panicked".into()));
-                }
+                Ok(None) => {}
+                Err(_) => panicked = true,
             }
         }
-        match failed {
+        let first = first_failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match first {
             Some(e) => Err(e),
+            None if panicked => Err(wire::Error::Payload("a memory stream's thread panicked".into()).into()),
             None => Ok(total),
         }
     })
@@ -819,11 +827,11 @@ fn switchover(
         Memory::Dirty(mut pending) => {
             pending.merge(&vm.take_dirty().map_err(|e| before(e.into()))?);
             figures.rounds += 1;
-            send_memory(vm.memory(), Pages::Dirty(&pending), w, extra).map_err(|e| before(e.into()))?
+            send_memory(vm.memory(), Pages::Dirty(&pending), w, extra).map_err(before)?
         }
         Memory::All => {
             figures.rounds = 1;
-            send_memory(vm.memory(), Pages::All, w, extra).map_err(|e| before(e.into()))?
+            send_memory(vm.memory(), Pages::All, w, extra).map_err(before)?
         }
         Memory::Shared => ScanStats::default(),
     };

@@ -1,6 +1,6 @@
 //! Faults injected into real migrations between lab hosts: a silent
 //! network cut (the host's link taken down: no RST) in round 0, in a dirty
-//! round and between `Ready` and `Commit` (settled by the commit oracle
+//! round, one of three memory streams reset mid-round and between `Ready` and `Commit` (settled by the commit oracle
 //! either way), a lost `Resumed` (nftables drops what host b sends to host
 //! a right after the commit), the destination killed after `Ready` and the
 //! source killed after its commit. Afterwards the VM runs on exactly one
@@ -251,6 +251,75 @@ fn a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source() 
     assert!(!err.contains("outcome unknown"), "a dirty round is long before any commit: {err}");
     still_runs(&vm, "after a silent cut in a dirty round");
     disk_intact(&vm, 5, "after a silent cut in a dirty round");
+    assert_eq!(lease_owner(&vol), "a", "the disk never left host a");
+    assert!(!dest.api_sock.exists(), "the destination never ran the VM");
+    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
+    assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+}
+
+#[test]
+fn one_memory_stream_reset_mid_round_leaves_the_vm_and_its_disk_on_the_source() {
+    if !kvm_available("one_memory_stream_reset_mid_round_leaves_the_vm_and_its_disk_on_the_source") {
+        return;
+    }
+    let lab = Lab::up_with_taps("fi9");
+    let dir = TempDir::new("fi9");
+    let vol = volume_with_disk(&dir);
+    let vm = boot_with_disk(&lab, &vol, 256, "wss_mib=128 dirty_mib_s=40", 9);
+    let dest = receiver_with_disks(&lab, &dir, 7879, &[]);
+    // Three streams, capped so the rounds go on until the reset.
+    let migration = ferry_e2e::migrate_in_lab_background(
+        &lab,
+        "a",
+        &vm,
+        "tcp:10.200.77.2:7879",
+        &[
+            "--streams",
+            "3",
+            "--max-bandwidth",
+            "48",
+            "--downtime-ms",
+            "0.01",
+            "--no-auto-converge",
+            "--max-rounds",
+            "10000",
+            "--timeout",
+            "300",
+        ],
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let p = progress(&vm);
+        if p["phase"] == "round" && p["round"].as_u64().is_some_and(|r| r >= 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never reached round 1: {p}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The receiver names where each extra stream came from: reset stream
+    // 2 alone (host b answers its next segment with a RST).
+    let joined = dest.stderr();
+    let port = joined
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry: memory stream 2 joined from tcp:10.200.77.1:"))
+        .unwrap_or_else(|| panic!("stream 2 joined: {joined}"))
+        .trim()
+        .to_owned();
+    let b = lab.netns("b");
+    nft(&b, &["add", "table", "inet", "ferrycut"]);
+    nft(&b, &["add", "chain", "inet", "ferrycut", "in", "{ type filter hook input priority 0 ; }"]);
+    nft(&b, &["add", "rule", "inet", "ferrycut", "in", "tcp", "sport", &port, "reject", "with", "tcp", "reset"]);
+    let started = Instant::now();
+    let (ok, _, err) = migration.join().unwrap();
+    let failed_after = started.elapsed();
+    nft(&b, &["delete", "table", "inet", "ferrycut"]);
+    eprintln!("one stream reset: failed after {failed_after:?}: {err}");
+    assert!(!ok, "a reset stream fails the migration");
+    assert!(err.contains("memory stream 2 of 3"), "the error names the stream: {err}");
+    assert!(failed_after < Duration::from_secs(10), "noticed at once, not at a timeout: {failed_after:?}: {err}");
+    assert!(!err.contains("outcome unknown"), "a round is long before any commit: {err}");
+    still_runs(&vm, "after one memory stream was reset");
+    disk_intact(&vm, 9, "after one memory stream was reset");
     assert_eq!(lease_owner(&vol), "a", "the disk never left host a");
     assert!(!dest.api_sock.exists(), "the destination never ran the VM");
     let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);

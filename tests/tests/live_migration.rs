@@ -1,5 +1,5 @@
 //! Live migration between lab hosts: the guest keeps its memory, counter
-//! and disk through every move; every failure before commit leaves it
+//! and disk through every move (over one memory stream or several); every failure before commit leaves it
 //! running on the source with its workload intact.
 
 use std::time::Duration;
@@ -70,9 +70,13 @@ fn dirtying_and_idle_guests_move_a_to_b_and_back_intact() {
         let to = Lab::other_host(host);
         let mut dest = receiver(&lab, to, 7800 + leg, &[]);
         let before = last_heartbeat(&vm).unwrap();
-        let (ok, f, err) = migrate(&lab, host, &vm, &format!("tcp:{}:{}", Lab::host_ip(to), 7800 + leg), &[]);
+        // The dirtying leg goes over three memory streams, the idle one
+        // over the default.
+        let streams: &[&str] = if dirty > 0 { &["--streams", "3"] } else { &[] };
+        let (ok, f, err) = migrate(&lab, host, &vm, &format!("tcp:{}:{}", Lab::host_ip(to), 7800 + leg), streams);
         assert!(ok, "leg {leg}: {err}");
         assert_eq!(f["mode"], "live");
+        assert_eq!(f["streams"], if dirty > 0 { 3 } else { 1 }, "{f}");
         assert!(f["rounds"].as_u64().unwrap() >= 2, "pre-copy rounds: {f}");
         assert!(f["downtime_ms"].as_f64().unwrap() < 1000.0, "{f}");
         assert_eq!(vm.wait_exit(T).code(), Some(0), "the source stops after commit");
