@@ -37,9 +37,12 @@
 //! host a to host b (the ceiling round 0 is compared with), QEMU 7.2's
 //! published figures and the targets.
 //!
+//! The stream sweep (`streams`): after the idle 1 GiB cell, that guest
+//! moved over 1, 2 and 4 memory streams (`--streams`), encrypted and plain.
+//!
 //! Environment, to run a part while developing: BENCH_LIVE_PARTS (a comma
-//! list of `cells`, `encryption`, `same-host`; all by default; encryption
-//! runs after the 1 GiB idle cell, so needs it), BENCH_LIVE_CELLS (e.g.
+//! list of `cells`, `encryption`, `streams`, `same-host`; all by default;
+//! encryption and streams run after the 1 GiB idle cell, so need it), BENCH_LIVE_CELLS (e.g.
 //! "1024:0,4096:0"; all nine by default), BENCH_LIVE_RUNS (counted runs per
 //! direction, or per memory mode for same-host; 3), BENCH_LIVE_SAME_HOST_MEM
 //! (e.g. "4096"; "1024,4096" by default).
@@ -99,6 +102,23 @@ const MIGRATE_FIGURES: [&str; 6] = ["total_ms", "downtime_ms", "rounds", "bytes_
 /// price encryption.
 const ENCRYPTION_PAIRS: usize = 4;
 const ENCRYPTION_MEM_MIB: u64 = 1024;
+/// The stream sweep (after the idle 1 GiB cell, like encryption): these
+/// stream counts, encrypted and plain, this many moves each (alternating
+/// directions).
+const SWEEP_STREAMS: [u8; 3] = [1, 2, 4];
+const SWEEP_MOVES: usize = 2;
+
+/// How a move is made: records sealed or plain, and memory streams.
+#[derive(Clone, Copy)]
+struct How {
+    plain: bool,
+    /// None: `ferry migrate`'s default.
+    streams: Option<u8>,
+}
+
+impl How {
+    const DEFAULT: How = How { plain: false, streams: None };
+}
 
 /// A VMM process (`ferry run` or `ferry receive`) on a lab host, whose
 /// serial console goes to a file.
@@ -234,12 +254,16 @@ struct Moved {
 }
 
 /// Moves the VM in `src` to the other host, measuring it from the client
-/// (`plain`: with `--no-encryption` on both ends).
-fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, plain: bool) -> Moved {
+/// (`how.plain`: with `--no-encryption` on both ends).
+fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, how: How) -> Moved {
     let (from, to) = (src.console.host, Lab::other_host(src.console.host));
     let port = PORT_BASE + seq as u16;
+    let plain = how.plain;
     let mut record =
         json!({ "seq": seq, "from": from, "to": to, "direction": format!("{from}->{to}"), "encrypted": !plain });
+    if let Some(n) = how.streams {
+        record["streams_asked"] = json!(n);
+    }
     let dst = match receiver(lab, dir, to, port, seq, plain) {
         Ok(g) => g,
         Err(e) => {
@@ -262,6 +286,9 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, p
     migrate.arg(&src.vm.api_sock);
     if plain {
         migrate.arg("--no-encryption");
+    }
+    if let Some(n) = how.streams {
+        migrate.args(["--streams", &n.to_string()]);
     }
     let out = run_bounded(&mut migrate, MIGRATE_T);
     let t_end = t_ping.elapsed();
@@ -296,7 +323,7 @@ fn migrate_once(lab: &Lab, dir: &Path, src: Guest, seq: usize, expect_ms: u64, p
     });
     match figures {
         Ok(f) => {
-            for k in MIGRATE_FIGURES.iter().chain(["restore_ms", "final_pages"].iter()) {
+            for k in MIGRATE_FIGURES.iter().chain(["restore_ms", "final_pages", "streams"].iter()) {
                 record[*k] = f[*k].clone();
             }
             record["figures"] = f.clone();
@@ -354,7 +381,7 @@ fn encryption_pairs(
         // P E E P P E E P: each mode goes both ways (a->b and b->a alike).
         let plain = matches!(i % 4, 0 | 3);
         let expect = expected_ms(history, ENCRYPTION_MEM_MIB, 0, first_guess_ms(ENCRYPTION_MEM_MIB));
-        let moved = migrate_once(lab, dir, g, *seq, expect, plain);
+        let moved = migrate_once(lab, dir, g, *seq, expect, How { plain, streams: None });
         *seq += 1;
         let r = &moved.record;
         eprintln!(
@@ -403,6 +430,86 @@ fn encryption_report(runs: Vec<Value>) -> Value {
         "runs": runs,
         "notes": "plain = `ferry migrate --no-encryption` to `ferry receive --no-encryption` (the same framing and \
                   authenticated handshake, records not sealed); interleaved with encrypted moves of the same guest (P E E P P E E P, so each mode moves a->b and b->a equally).",
+    })
+}
+
+/// The stream sweep: the idle 1 GiB guest moved over 1, 2 and 4 streams,
+/// encrypted and plain, `SWEEP_MOVES` times each, interleaved so drift on
+/// the machine hits every setting alike; returns where the VM runs and
+/// every run's record.
+fn stream_sweep(
+    lab: &Lab,
+    dir: &Path,
+    mut current: Option<Guest>,
+    seq: &mut usize,
+    history: &[(u64, u64, f64)],
+) -> (Option<Guest>, Vec<Value>) {
+    let mut runs = Vec::new();
+    for _ in 0..SWEEP_MOVES {
+        for streams in SWEEP_STREAMS {
+            for plain in [false, true] {
+                let Some(g) = current.take() else { return (None, runs) };
+                let expect = expected_ms(history, ENCRYPTION_MEM_MIB, 0, first_guess_ms(ENCRYPTION_MEM_MIB));
+                let moved = migrate_once(lab, dir, g, *seq, expect, How { plain, streams: Some(streams) });
+                *seq += 1;
+                let r = &moved.record;
+                eprintln!(
+                    "{ENCRYPTION_MEM_MIB} MiB idle, {streams} stream(s), {} ({}): ok={} total={} downtime={} round0={}{}",
+                    if plain { "plain" } else { "encrypted" },
+                    r["direction"].as_str().unwrap_or("?"),
+                    r["ok"],
+                    r["total_ms"],
+                    r["downtime_ms"],
+                    r["round0_mib_s"],
+                    r.get("error").map(|e| format!(" error: {e}")).unwrap_or_default(),
+                );
+                runs.push(moved.record);
+                current = moved.guest;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    (current, runs)
+}
+
+/// Medians per stream count and encryption, against the TCP ceiling.
+fn stream_report(runs: Vec<Value>, ceiling_mib_s: Option<f64>) -> Value {
+    let mut rows = Vec::new();
+    for streams in SWEEP_STREAMS {
+        for encrypted in [true, false] {
+            let these: Vec<&Value> = runs
+                .iter()
+                .filter(|r| r["ok"] == true && r["encrypted"] == encrypted && r["streams_asked"] == streams)
+                .collect();
+            let med = |k: &str| median(&these.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>()).map(round3);
+            let round0 = med("round0_mib_s");
+            rows.push(json!({
+                "streams": streams,
+                "encrypted": encrypted,
+                "moves_ok": these.len(),
+                "streams_used": these.iter().filter_map(|r| r["streams"].as_u64()).max(),
+                "round0_mib_s": round0,
+                "round0_vs_ceiling": match (round0, ceiling_mib_s) {
+                    (Some(r), Some(c)) if c > 0.0 => Some(round3(r / c)),
+                    _ => None,
+                },
+                "total_ms": med("total_ms"),
+                "downtime_ms": med("downtime_ms"),
+                "pings_lost": med("pings_lost"),
+            }));
+        }
+    }
+    json!({
+        "mem_mib": ENCRYPTION_MEM_MIB,
+        "dirty_mib_s": 0,
+        "moves_per_setting": SWEEP_MOVES,
+        "ceiling_mib_s": ceiling_mib_s,
+        "rows": rows,
+        "runs": runs,
+        "notes": "`ferry migrate --streams N` (and --no-encryption on both ends for plain) of the idle 1 GiB guest, \
+                  settings interleaved (1 sealed, 1 plain, 2 sealed, ...; the guest alternates hosts, so each \
+                  setting's two moves usually go different ways); round0_vs_ceiling divides the median round-0 \
+                  MiB/s by the single-stream TCP ceiling from this run.",
     })
 }
 
@@ -588,16 +695,18 @@ struct Plan {
     cells: Vec<(u64, u64)>,
     runs: usize,
     encryption: bool,
+    /// The stream sweep (after the idle 1 GiB cell).
+    streams: bool,
     same_host_mem: Vec<u64>,
 }
 
 impl Plan {
     fn from_env() -> Plan {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let parts = var("BENCH_LIVE_PARTS").unwrap_or_else(|| "cells,encryption,same-host".into());
+        let parts = var("BENCH_LIVE_PARTS").unwrap_or_else(|| "cells,encryption,streams,same-host".into());
         let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
         for p in &parts {
-            assert!(["cells", "encryption", "same-host"].contains(p), "BENCH_LIVE_PARTS: unknown part {p}");
+            assert!(["cells", "encryption", "streams", "same-host"].contains(p), "BENCH_LIVE_PARTS: unknown part {p}");
         }
         let number =
             |v: &str, what: &str| v.trim().parse::<u64>().unwrap_or_else(|_| panic!("{what}: not a number: {v}"));
@@ -619,6 +728,7 @@ impl Plan {
         };
         Plan {
             encryption: parts.contains(&"encryption") && cells.contains(&(ENCRYPTION_MEM_MIB, 0)),
+            streams: parts.contains(&"streams") && cells.contains(&(ENCRYPTION_MEM_MIB, 0)),
             cells,
             runs: var("BENCH_LIVE_RUNS").map_or(RUNS, |v| number(&v, "BENCH_LIVE_RUNS") as usize).max(1),
             same_host_mem,
@@ -891,6 +1001,7 @@ fn main() {
     let mut history: Vec<(u64, u64, f64)> = Vec::new();
     let mut seq = 0;
     let mut encryption = Vec::new();
+    let mut sweep = Vec::new();
     for mem_mib in plan.cell_sizes() {
         let rates: Vec<u64> = plan.cells.iter().filter(|c| c.0 == mem_mib).map(|c| c.1).collect();
         let (mut guest, boot_figures) = match boot(&lab, dir.path(), mem_mib, rates[0]) {
@@ -937,7 +1048,7 @@ fn main() {
                 let Some(g) = current.take() else { break };
                 let direction = usize::from(g.console.host != "a");
                 let expect = expected_ms(&history, mem_mib, rate, first_guess_ms(mem_mib));
-                let mut moved = migrate_once(&lab, dir.path(), g, seq, expect, false);
+                let mut moved = migrate_once(&lab, dir.path(), g, seq, expect, How::DEFAULT);
                 seq += 1;
                 attempts += 1;
                 // A failure counts (with its error); a success counts if the
@@ -982,6 +1093,11 @@ fn main() {
                 current = g;
                 encryption = pairs;
             }
+            if plan.streams && mem_mib == ENCRYPTION_MEM_MIB && rate == 0 {
+                let (g, runs) = stream_sweep(&lab, dir.path(), current.take(), &mut seq, &history);
+                current = g;
+                sweep = runs;
+            }
             guest = current;
             for d in DIRECTIONS {
                 let these = runs.iter().filter(|r| r["direction"] == d).cloned().collect();
@@ -1018,6 +1134,7 @@ fn main() {
             "met": encryption["round0_encrypted_vs_plain"].as_f64().is_some_and(|r| r >= 0.85),
         }));
     }
+    let streams = if plan.streams { stream_report(sweep, ceiling_mib_s) } else { json!(null) };
     targets.extend(same_host["targets"].as_array().into_iter().flatten().cloned());
     let targets_met = targets.iter().filter(|t| t["met"] == true).count();
     let report = json!({
@@ -1034,6 +1151,7 @@ fn main() {
         "cells": rows,
         "round0_vs_ceiling_min": round0_ratio_min,
         "encryption": encryption,
+        "streams": streams,
         "same_host": same_host,
         "boots": boots,
         "verify": verifies,
