@@ -172,11 +172,13 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
 /// Holes are skipped without reading (SEEK_DATA), so untouched guest memory
 /// costs nothing.
 pub fn scan(file: &File, size: u64, f: impl FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
-    scan_range(file, 0, size, f)
+    use std::os::unix::fs::FileExt;
+    scan_range(file, 0, size, |at, buf| file.read_exact_at(buf, at), f)
 }
 
 /// [`scan`] over `start..size` only (`start` page-aligned): parallel
-/// senders each walk their own stripes.
+/// senders each walk their own stripes. `read` fills a buffer from an
+/// offset of `file` (guest RAM reads its mapping: see [`GuestRam::read_at`]).
 ///
 /// Data is read a chunk at a time from wherever SEEK_DATA lands, holes in
 /// the chunk reading as zeros. Not SEEK_HOLE: on shmem it walks every page
@@ -187,9 +189,9 @@ pub fn scan_range(
     file: &File,
     start: u64,
     size: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     mut f: impl FnMut(Extent<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<ScanStats> {
-    use std::os::unix::fs::FileExt;
     let mut stats = ScanStats::default();
     let mut buf = vec![0u8; SCAN_CHUNK];
     let mut pos = start;
@@ -204,7 +206,7 @@ pub fn scan_range(
         }
         let at = data & !(PAGE_SIZE - 1);
         let n = ((size - at) as usize).min(SCAN_CHUNK);
-        file.read_exact_at(&mut buf[..n], at)?;
+        read(at, &mut buf[..n])?;
         // Split the chunk into runs of zero and data pages.
         let mut run_start = 0usize;
         let mut run_zero = None;
@@ -306,15 +308,92 @@ impl GuestRam {
 
     /// Reads `buf.len()` bytes at `offset` of guest RAM (the memory file),
     /// range-checked.
+    ///
+    /// Pages resident in the memory file are copied from this process's
+    /// mapping (a memcpy: ~10 GB/s here, where pread from the memfd gives
+    /// ~1.2 GB/s and was half of a migration sender's time); the rest
+    /// (holes, pages swapped out) through pread, which reads holes as
+    /// zeros without allocating them.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.size => self.memfd.read_exact_at(buf, offset),
-            _ => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("range {offset:#x}+{:#x} is outside guest memory ({:#x} bytes)", buf.len(), self.size),
-            )),
+            Some(end) if end <= self.size => {}
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("range {offset:#x}+{:#x} is outside guest memory ({:#x} bytes)", buf.len(), self.size),
+                ))
+            }
         }
+        let mut done = 0usize;
+        for (guest, file_offset, len) in self.spans() {
+            let (from, to) = (offset + done as u64, (offset + buf.len() as u64).min(file_offset + len));
+            if from < file_offset || from >= to {
+                continue;
+            }
+            let piece = &mut buf[done..done + (to - from) as usize];
+            let addr = GuestAddress(guest + (from - file_offset));
+            self.read_resident(addr, from, piece, |at, b| self.memfd.read_exact_at(b, at))?;
+            done += piece.len();
+        }
+        debug_assert_eq!(done, buf.len());
+        Ok(())
+    }
+
+    /// The memory file's spans: (guest address, file offset, length).
+    fn spans(&self) -> impl Iterator<Item = (u64, u64, u64)> {
+        let mut file_offset = 0;
+        layout::ram_ranges(self.size).into_iter().map(move |(guest, len)| {
+            let span = (guest, file_offset, len);
+            file_offset += len;
+            span
+        })
+    }
+
+    /// Fills `buf` from guest memory at `addr` (file offset `at`, within one
+    /// span): resident pages from the mapping, the others with `pread`.
+    fn read_resident(
+        &self,
+        addr: GuestAddress,
+        at: u64,
+        buf: &mut [u8],
+        mut pread: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        use vm_memory::{Address, Bytes, GuestMemoryBackend};
+        let page = PAGE_SIZE as usize;
+        let host = self.memory.get_host_address(addr).map_err(std::io::Error::other)?;
+        let head = host as usize % page;
+        let pages = (head + buf.len()).div_ceil(page);
+        let mut resident = vec![0u8; pages];
+        // SAFETY: mincore only reads the page tables of a range inside our
+        // own guest-memory mapping (from its page-aligned start) and writes
+        // one byte per page into `resident`, which has that many.
+        let r = unsafe {
+            libc::mincore((host as usize - head) as *mut libc::c_void, head + buf.len(), resident.as_mut_ptr())
+        };
+        if r != 0 {
+            // No residency map: pread it all (correct, only slower).
+            return pread(at, buf);
+        }
+        let mut i = 0;
+        while i < buf.len() {
+            let p = (head + i) / page;
+            let mapped = resident[p] & 1 != 0;
+            let mut end = ((p + 1) * page - head).min(buf.len());
+            while end < buf.len() && (resident[(head + end) / page] & 1 != 0) == mapped {
+                end = ((head + end) / page + 1) * page - head;
+                end = end.min(buf.len());
+            }
+            if mapped {
+                self.memory
+                    .read_slice(&mut buf[i..end], addr.unchecked_add(i as u64))
+                    .map_err(std::io::Error::other)?;
+            } else {
+                pread(at + i as u64, &mut buf[i..end])?;
+            }
+            i = end;
+        }
+        Ok(())
     }
 
     /// Writes `bytes` at `offset` of guest RAM (the memory file), checking
@@ -371,6 +450,30 @@ mod scan_tests {
     }
 
     #[test]
+    fn reads_take_resident_pages_from_the_mapping_and_leave_holes_unallocated() {
+        use std::os::unix::fs::FileExt;
+        let ram = create(32).unwrap();
+        ram.write_at(PAGE_SIZE, &[1u8; 2 * PAGE_SIZE as usize]).unwrap();
+        ram.write_at(5 * PAGE_SIZE + 100, &[2u8; 10]).unwrap();
+        let mut got = vec![9u8; 8 * PAGE_SIZE as usize - 300];
+        ram.read_at(200, &mut got).unwrap();
+        let mut want = vec![0u8; got.len()];
+        ram.memfd.read_exact_at(&mut want, 200).unwrap();
+        assert!(got == want, "the same bytes as pread");
+        assert_eq!(seek(&ram.memfd, 3 * PAGE_SIZE, libc::SEEK_DATA).unwrap(), Some(5 * PAGE_SIZE), "holes stay holes");
+        assert!(ram.read_at(ram.size - 10, &mut [0u8; 11]).is_err(), "reads past the end are refused");
+        // Across the MMIO hole: the file is contiguous, the mapping is not.
+        let big = create(4096).unwrap();
+        let edge = layout::MMIO_HOLE_START;
+        big.write_at(edge - PAGE_SIZE, &[3u8; 2 * PAGE_SIZE as usize]).unwrap();
+        let mut got = vec![0u8; 4 * PAGE_SIZE as usize];
+        big.read_at(edge - 2 * PAGE_SIZE, &mut got).unwrap();
+        let mut want = vec![0u8; got.len()];
+        big.memfd.read_exact_at(&mut want, edge - 2 * PAGE_SIZE).unwrap();
+        assert!(got == want && got[PAGE_SIZE as usize] == 3 && got[3 * PAGE_SIZE as usize - 1] == 3);
+    }
+
+    #[test]
     fn stripes_scanned_apart_add_up_to_the_whole_scan() {
         let ram = create(32).unwrap();
         // A data run across stripe boundaries, a lone page, holes between.
@@ -378,13 +481,19 @@ mod scan_tests {
         ram.write_at(20 << 20, &[4u8; 4096]).unwrap();
         let pages = |start: u64, end: u64| {
             let mut v = Vec::new();
-            let stats = scan_range(&ram.memfd, start, end, |e| {
-                match e {
-                    Extent::Data { offset, bytes } => v.push((offset, bytes.len() as u64, true)),
-                    Extent::Zero { offset, len } => v.push((offset, len, false)),
-                }
-                Ok(())
-            })
+            let stats = scan_range(
+                &ram.memfd,
+                start,
+                end,
+                |at, buf| ram.read_at(at, buf),
+                |e| {
+                    match e {
+                        Extent::Data { offset, bytes } => v.push((offset, bytes.len() as u64, true)),
+                        Extent::Zero { offset, len } => v.push((offset, len, false)),
+                    }
+                    Ok(())
+                },
+            )
             .unwrap();
             (v, stats)
         };

@@ -215,14 +215,14 @@ impl MemorySource for GuestRam {
         self.size
     }
     fn scan(&self, f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>) -> std::io::Result<ScanStats> {
-        memory::scan(&self.memfd, self.size, f)
+        self.scan_range(0..self.size, f)
     }
     fn scan_range(
         &self,
         range: std::ops::Range<u64>,
         f: &mut dyn FnMut(Extent<'_>) -> std::io::Result<()>,
     ) -> std::io::Result<ScanStats> {
-        memory::scan_range(&self.memfd, range.start, range.end.min(self.size), f)
+        memory::scan_range(&self.memfd, range.start, range.end.min(self.size), |at, buf| self.read_at(at, buf), f)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         GuestRam::read_at(self, offset, buf)

@@ -184,6 +184,8 @@ const API: &[&str] = &[
     "getsockopt",
     "ioctl",
     "lseek",
+    // A migration sender reads resident guest pages from the mapping.
+    "mincore",
     "mkdir",
     "openat",
     "poll",
