@@ -445,9 +445,12 @@ fn stream_sweep(
     history: &[(u64, u64, f64)],
 ) -> (Option<Guest>, Vec<Value>) {
     let mut runs = Vec::new();
-    for _ in 0..SWEEP_MOVES {
+    for pass in 0..SWEEP_MOVES {
         for streams in SWEEP_STREAMS {
-            for plain in [false, true] {
+            // Six moves a pass: flipping the order on odd passes sends
+            // each setting the other way the next time.
+            let order = if pass % 2 == 0 { [false, true] } else { [true, false] };
+            for plain in order {
                 let Some(g) = current.take() else { return (None, runs) };
                 let expect = expected_ms(history, ENCRYPTION_MEM_MIB, 0, first_guess_ms(ENCRYPTION_MEM_MIB));
                 let moved = migrate_once(lab, dir, g, *seq, expect, How { plain, streams: Some(streams) });
@@ -472,8 +475,11 @@ fn stream_sweep(
     (current, runs)
 }
 
-/// Medians per stream count and encryption, against the TCP ceiling.
-fn stream_report(runs: Vec<Value>, ceiling_mib_s: Option<f64>) -> Value {
+/// Medians per stream count and encryption, against the TCP ceiling
+/// measured with no guest and the one measured beside the spinning guest
+/// (`loaded`: what round 0 actually competes with on two cores).
+fn stream_report(runs: Vec<Value>, ceiling_mib_s: Option<f64>, loaded: Value) -> Value {
+    let loaded_mib_s = loaded["mib_s_median"].as_f64();
     let mut rows = Vec::new();
     for streams in SWEEP_STREAMS {
         for encrypted in [true, false] {
@@ -493,6 +499,10 @@ fn stream_report(runs: Vec<Value>, ceiling_mib_s: Option<f64>) -> Value {
                     (Some(r), Some(c)) if c > 0.0 => Some(round3(r / c)),
                     _ => None,
                 },
+                "round0_vs_ceiling_beside_guest": match (round0, loaded_mib_s) {
+                    (Some(r), Some(c)) if c > 0.0 => Some(round3(r / c)),
+                    _ => None,
+                },
                 "total_ms": med("total_ms"),
                 "downtime_ms": med("downtime_ms"),
                 "pings_lost": med("pings_lost"),
@@ -504,6 +514,7 @@ fn stream_report(runs: Vec<Value>, ceiling_mib_s: Option<f64>) -> Value {
         "dirty_mib_s": 0,
         "moves_per_setting": SWEEP_MOVES,
         "ceiling_mib_s": ceiling_mib_s,
+        "ceiling_beside_guest": loaded,
         "rows": rows,
         "runs": runs,
         "notes": "`ferry migrate --streams N` (and --no-encryption on both ends for plain) of the idle 1 GiB guest, \
@@ -617,6 +628,21 @@ fn tcp_ceiling(lab: &Lab) -> Value {
         "how": "std::net TCP, one stream, a sender thread in bl-a (setns) writing 1 GiB in 1 MiB buffers to a \
                 listener on 10.200.77.2 in bl-b; receiver-side time from accept to end of stream; the ceiling is \
                 the a->b median (b->a for reference)",
+    })
+}
+
+/// Single-stream TCP a -> b while the idle 1 GiB test guest spins its
+/// vCPU on one of the two cores (as it does during every move).
+fn loaded_tcp_ceiling(lab: &Lab) -> Value {
+    let mut errors = Vec::new();
+    let runs = tcp_direction(lab, "a", "b", TCP_PORT + 2 * TCP_RUNS as u16, &mut errors);
+    let med = median(&runs);
+    json!({
+        "mb_s_median": med,
+        "mib_s_median": med.map(|m| round3(m * 1e6 / 1048576.0)),
+        "mb_s_runs": runs,
+        "errors": errors,
+        "how": "as tcp_ceiling, a -> b, with the idle 1 GiB guest running (its vCPU polls: one core busy)",
     })
 }
 
@@ -1002,6 +1028,7 @@ fn main() {
     let mut seq = 0;
     let mut encryption = Vec::new();
     let mut sweep = Vec::new();
+    let mut loaded_ceiling = json!(null);
     for mem_mib in plan.cell_sizes() {
         let rates: Vec<u64> = plan.cells.iter().filter(|c| c.0 == mem_mib).map(|c| c.1).collect();
         let (mut guest, boot_figures) = match boot(&lab, dir.path(), mem_mib, rates[0]) {
@@ -1094,6 +1121,7 @@ fn main() {
                 encryption = pairs;
             }
             if plan.streams && mem_mib == ENCRYPTION_MEM_MIB && rate == 0 {
+                loaded_ceiling = loaded_tcp_ceiling(&lab);
                 let (g, runs) = stream_sweep(&lab, dir.path(), current.take(), &mut seq, &history);
                 current = g;
                 sweep = runs;
@@ -1134,7 +1162,7 @@ fn main() {
             "met": encryption["round0_encrypted_vs_plain"].as_f64().is_some_and(|r| r >= 0.85),
         }));
     }
-    let streams = if plan.streams { stream_report(sweep, ceiling_mib_s) } else { json!(null) };
+    let streams = if plan.streams { stream_report(sweep, ceiling_mib_s, loaded_ceiling) } else { json!(null) };
     targets.extend(same_host["targets"].as_array().into_iter().flatten().cloned());
     let targets_met = targets.iter().filter(|t| t["met"] == true).count();
     let report = json!({
