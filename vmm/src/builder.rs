@@ -397,11 +397,10 @@ impl Core {
         let tsc_khz = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()).unwrap_or(0);
         let paused = started.lifecycle.vcpus_parked();
         // Started paused, a restored VM's devices touch nothing (no queue,
-        // no disk it may not own yet) until its first resume.
+        // no disk it may not own yet) until its first resume: the loop is
+        // born paused and parks before its first wait, so there is no need
+        // to wait for it here (that round trip was inside the downtime).
         let event_loop = EventLoop::start(self.virtio.clone(), paused).map_err(Error::EventLoop)?;
-        if paused {
-            event_loop.pause();
-        }
         let vcpus = Vcpus::start(self.control, vcpus, paused)?;
         tracing::info!(
             boot_protocol = started.boot_protocol,
