@@ -21,6 +21,9 @@ pub struct Figures {
     /// Before the pause (not in the downtime): waiting for the destination
     /// to apply what was still in flight (`CatchUp`).
     pub catch_up_ms: f64,
+    /// Of the downtime: from the pause to the state sent (last dirty sync
+    /// and pages, saving the state).
+    pub pause_to_state_ms: f64,
     /// Of the downtime: restoring the VM on the destination.
     pub restore_ms: f64,
     /// Of the downtime: flushing disks and handing their leases over.
@@ -28,6 +31,9 @@ pub struct Figures {
     /// The commit gate's answer (the cluster's owner transaction), inside
     /// the downtime; 0 without a gate.
     pub commit_ms: f64,
+    /// Of the downtime: from `Commit` sent to `Resumed` (the destination
+    /// takes the disks and resumes; this side retires meanwhile).
+    pub commit_to_resumed_ms: f64,
     pub destination: String,
     /// Connections memory travelled on (the control stream included).
     pub streams: u8,

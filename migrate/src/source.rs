@@ -581,7 +581,17 @@ fn migrate_claimed(
     } else {
         Memory::All
     };
-    match switchover(vm.as_ref(), &mut w, &mut extra, &mut reader, memory, &destination_host, opts, &mut figures) {
+    match switchover(
+        vm.as_ref(),
+        &mut w,
+        &mut extra,
+        &mut reader,
+        memory,
+        &destination_host,
+        opts,
+        &mut figures,
+        t_pause,
+    ) {
         Ok(()) => {}
         Err(Failure::BeforeCommit(e)) => {
             let e = cancelled_by_request(opts, e);
@@ -821,6 +831,7 @@ fn switchover(
     destination_host: &str,
     opts: &Options,
     figures: &mut Figures,
+    t_pause: Instant,
 ) -> Result<(), Failure> {
     let before = |e: Error| Failure::BeforeCommit(e);
     let stats = match memory {
@@ -848,6 +859,7 @@ fn switchover(
     let state = vm.save_state().map_err(|e| before(e.into()))?;
     wire::write_frame(w, Kind::State, &state).map_err(|e| before(e.into()))?;
     w.flush().map_err(|e| before(wire::Error::Io(e).into()))?;
+    figures.pause_to_state_ms = ms(t_pause.elapsed());
     let t_restore = Instant::now();
     let ready = wire::read_frame(reader).map_err(|e| before(e.into()))?;
     match ready.kind {
@@ -912,11 +924,13 @@ fn switchover(
     if let Err(e) = sent {
         return Err(undo(vm, e.into()));
     }
+    let t_commit = Instant::now();
     vm.retire().map_err(|e| Failure::AfterCommit(e.into()))?;
     let resumed = wire::read_frame(reader).map_err(|e| Failure::AfterCommit(e.into()))?;
     if resumed.kind != Kind::Resumed {
         return Err(Failure::AfterCommit(wire::Error::Unexpected { expected: "Resumed", got: resumed.kind }.into()));
     }
+    figures.commit_to_resumed_ms = ms(t_commit.elapsed());
     let _ = w.inner.finish();
     Ok(())
 }

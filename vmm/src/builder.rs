@@ -115,6 +115,7 @@ pub fn build_for_boot(config: VmConfig) -> Result<Vmm, Error> {
             boot_protocol,
             kernel_load: booted.kernel_load,
             lifecycle: Lifecycle::Running,
+            threads: None,
         },
     )
 }
@@ -126,6 +127,27 @@ pub struct FromState {
     pub standby: bool,
     /// A KVM VM already made for this RAM ([`prepare`]).
     pub vm: Option<Vm>,
+    /// The VM's threads, started ahead ([`Threads::start`]).
+    pub threads: Option<Threads>,
+}
+
+/// A VM's device-loop and vCPU threads, started and confined before the
+/// VM exists, each waiting for its work.
+pub struct Threads {
+    devices: crate::seccomp::Waiting,
+    vcpus: Vec<crate::seccomp::Waiting>,
+}
+
+impl Threads {
+    pub fn start(vcpus: u8) -> Result<Threads, Error> {
+        use crate::seccomp::{ThreadKind, Waiting};
+        let devices = Waiting::spawn("devices".into(), ThreadKind::Devices).map_err(Error::Threads)?;
+        let vcpus = (0..vcpus)
+            .map(|id| Waiting::spawn(format!("vcpu{id}"), ThreadKind::Vcpu))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::Threads)?;
+        Ok(Threads { devices, vcpus })
+    }
 }
 
 /// Rebuilds a saved VM on this host from its state, its memory (already
@@ -167,7 +189,13 @@ pub fn build_from_state(host: HostConfig, state: VmState, ram: GuestRam, how: Fr
         ram,
         vcpus,
         guest_cpuid,
-        Started { run_state, boot_protocol: "restored", kernel_load: 0, lifecycle: Lifecycle::Paused },
+        Started {
+            run_state,
+            boot_protocol: "restored",
+            kernel_load: 0,
+            lifecycle: Lifecycle::Paused,
+            threads: how.threads,
+        },
     );
     steps.done("threads");
     tracing::debug!("restore steps (ms): {}", steps.report());
@@ -297,6 +325,8 @@ struct Started {
     boot_protocol: &'static str,
     kernel_load: u64,
     lifecycle: Lifecycle,
+    /// Threads started ahead (a migration destination); None: new ones.
+    threads: Option<Threads>,
 }
 
 /// The parts every VM has, whichever way it was built.
@@ -392,7 +422,7 @@ impl Core {
         ram: GuestRam,
         vcpus: Vec<Vcpu>,
         guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-        started: Started,
+        mut started: Started,
     ) -> Result<Vmm, Error> {
         let tsc_khz = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()).unwrap_or(0);
         let paused = started.lifecycle.vcpus_parked();
@@ -400,8 +430,13 @@ impl Core {
         // no disk it may not own yet) until its first resume: the loop is
         // born paused and parks before its first wait, so there is no need
         // to wait for it here (that round trip was inside the downtime).
-        let event_loop = EventLoop::start(self.virtio.clone(), paused).map_err(Error::EventLoop)?;
-        let vcpus = Vcpus::start(self.control, vcpus, paused)?;
+        let (devices_thread, vcpu_threads) = match started.threads.take() {
+            // Started ahead for this many vCPUs; otherwise start new ones.
+            Some(t) if t.vcpus.len() == vcpus.len() => (Some(t.devices), t.vcpus),
+            _ => (None, Vec::new()),
+        };
+        let event_loop = EventLoop::start_on(devices_thread, self.virtio.clone(), paused).map_err(Error::EventLoop)?;
+        let vcpus = Vcpus::start_on(vcpu_threads, self.control, vcpus, paused)?;
         tracing::info!(
             boot_protocol = started.boot_protocol,
             "VM started with {} vCPU(s), {} MiB",

@@ -437,6 +437,9 @@ pub struct KvmIncoming {
     /// The RAM is the source's own memory file (a same-host move): the
     /// source still runs on it until the commit, so nothing here writes it.
     shared: bool,
+    /// The VM's threads, started while memory arrives (parked, touching
+    /// nothing): starting them at the restore was ~0.5 ms of downtime.
+    threads: Option<builder::Threads>,
 }
 
 impl Destination for KvmDestination {
@@ -490,7 +493,8 @@ impl Destination for KvmDestination {
         let ram = memory::create(req.mem_bytes >> 20)?;
         // The KVM VM and its memory slots now, while round 0 is in flight.
         let vm = builder::prepare(&self.host, &ram)?;
-        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: false })
+        let threads = builder::Threads::start(req.vcpus)?;
+        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: false, threads: Some(threads) })
     }
 
     fn shares_memory(&self) -> bool {
@@ -519,7 +523,8 @@ impl Destination for KvmDestination {
     fn prepare_shared(&self, req: &Requirements, memfd: std::fs::File) -> Result<KvmIncoming, Error> {
         let ram = memory::from_memfd(memfd, req.mem_bytes)?;
         let vm = builder::prepare(&self.host, &ram)?;
-        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: true })
+        let threads = builder::Threads::start(req.vcpus)?;
+        Ok(KvmIncoming { host: self.host.clone(), ram, vm, shared: true, threads: Some(threads) })
     }
 }
 
@@ -560,8 +565,12 @@ impl IncomingVm for KvmIncoming {
 
     fn restore(self, state: &[u8]) -> Result<Arc<Vmm>, Error> {
         let state = VmState::decode(state).map_err(|e| Error::BadState(e.to_string()))?;
-        let vmm =
-            builder::build_from_state(self.host, state, self.ram, FromState { standby: true, vm: Some(self.vm) })?;
+        let vmm = builder::build_from_state(
+            self.host,
+            state,
+            self.ram,
+            FromState { standby: true, vm: Some(self.vm), threads: self.threads },
+        )?;
         Ok(Arc::new(vmm))
     }
 }

@@ -455,5 +455,35 @@ where
     }
 }
 
+/// A thread started and confined ahead of the work it will run: a
+/// migration destination starts its VM's threads while memory arrives, so
+/// that starting them (a cross-CPU round trip each, and the filter's
+/// install) is not inside the downtime.
+pub struct Waiting {
+    work: std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Waiting {
+    /// Starts a thread of `kind` named `name` that waits for its work.
+    /// Dropped unused, it ends.
+    pub fn spawn(name: String, kind: ThreadKind) -> std::io::Result<Waiting> {
+        let (work, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(1);
+        let handle = spawn(name, kind, move || {
+            if let Ok(f) = rx.recv() {
+                f()
+            }
+        })?;
+        Ok(Waiting { work, handle })
+    }
+
+    /// Runs `f` on the thread; its handle, as `spawn` would give.
+    pub fn run(self, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+        // The thread waits in `recv` until this (or the drop of `work`).
+        let _ = self.work.send(Box::new(f));
+        self.handle
+    }
+}
+
 #[cfg(test)]
 mod tests;

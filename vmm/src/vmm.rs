@@ -62,6 +62,8 @@ pub enum Error {
     TooManyDevices { max: usize, asked: usize },
     #[error("cannot start the device event loop: {0}")]
     EventLoop(std::io::Error),
+    #[error("cannot start the VM's threads: {0}")]
+    Threads(std::io::Error),
     #[error("backend: {0}")]
     Backend(#[from] backend::BackendError),
     #[error("dirty tracking: {0}")]

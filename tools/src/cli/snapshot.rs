@@ -57,7 +57,8 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let macs: Vec<_> = state.machine.nics.iter().map(|n| n.mac).collect();
     let host = args.host.host_config(taps_for(&args.net, &macs)?, false);
     let run = state.run_state == RunState::Running && !args.paused;
-    let vmm = Arc::new(builder::build_from_state(host, state, ram, FromState { standby: false, vm: None })?);
+    let vmm =
+        Arc::new(builder::build_from_state(host, state, ram, FromState { standby: false, vm: None, threads: None })?);
     if run {
         vmm.resume()?;
     }

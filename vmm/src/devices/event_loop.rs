@@ -75,6 +75,16 @@ impl EventLoop {
     /// notify eventfds (`--virtio-notify ioeventfd`); `paused`: as a
     /// restored VM starts, touching nothing until the first resume.
     pub fn start(transports: Vec<Arc<Mutex<MmioTransport>>>, paused: bool) -> std::io::Result<EventLoop> {
+        EventLoop::start_on(None, transports, paused)
+    }
+
+    /// [`start`](EventLoop::start) on a thread already started (`None`: a
+    /// new one).
+    pub fn start_on(
+        thread: Option<crate::seccomp::Waiting>,
+        transports: Vec<Arc<Mutex<MmioTransport>>>,
+        paused: bool,
+    ) -> std::io::Result<EventLoop> {
         let shared = Arc::new(Shared {
             state: Mutex::new(LoopState { paused, ..LoopState::default() }),
             changed: Condvar::new(),
@@ -101,9 +111,11 @@ impl EventLoop {
             }
         }
         let s = shared.clone();
-        let thread = crate::seccomp::spawn("devices".into(), crate::seccomp::ThreadKind::Devices, move || {
-            run(s, epoll, sources, Notifies { transports, fds: notifies, armed: !paused })
-        })?;
+        let work = move || run(s, epoll, sources, Notifies { transports, fds: notifies, armed: !paused });
+        let thread = match thread {
+            Some(waiting) => waiting.run(work),
+            None => crate::seccomp::spawn("devices".into(), crate::seccomp::ThreadKind::Devices, work)?,
+        };
         Ok(EventLoop { shared, thread: Some(thread) })
     }
 

@@ -353,19 +353,36 @@ impl Vcpus {
 
     /// Starts one thread per vCPU, running (or paused, if `paused`).
     pub fn start(control: Arc<VcpuControl>, vcpus: Vec<Vcpu>, paused: bool) -> Result<Vcpus, Error> {
+        Vcpus::start_on(Vec::new(), control, vcpus, paused)
+    }
+
+    /// [`start`](Vcpus::start) on threads already started, one per vCPU in
+    /// order (`threads` empty: new ones).
+    pub fn start_on(
+        threads: Vec<crate::seccomp::Waiting>,
+        control: Arc<VcpuControl>,
+        vcpus: Vec<Vcpu>,
+        paused: bool,
+    ) -> Result<Vcpus, Error> {
         register_kick_handler()?;
         {
             let mut st = control.lock();
             st.request = if paused { Request::Pause } else { Request::Run };
             st.jobs = vcpus.iter().map(|_| None).collect();
         }
+        let mut waiting = threads.into_iter();
         let mut threads = Vec::new();
         for vcpu in vcpus {
             // Confined before its first KVM_RUN.
-            let t = crate::seccomp::spawn(format!("vcpu{}", vcpu.id), crate::seccomp::ThreadKind::Vcpu, move || {
-                vcpu.run_loop()
-            })
-            .map_err(Error::Spawn)?;
+            let t = match waiting.next() {
+                Some(w) => w.run(move || vcpu.run_loop()),
+                None => {
+                    crate::seccomp::spawn(format!("vcpu{}", vcpu.id), crate::seccomp::ThreadKind::Vcpu, move || {
+                        vcpu.run_loop()
+                    })
+                    .map_err(Error::Spawn)?
+                }
+            };
             threads.push(t);
         }
         Ok(Vcpus { control, threads })
