@@ -415,53 +415,56 @@ impl Lanes<'_> {
         if extra.is_empty() {
             return apply_until_state(control, memory, shared);
         }
-        let mut sockets = vec![self.control];
+        let control_socket = self.control;
+        let mut sockets = Vec::new();
         for j in &extra {
             eprintln!("ferry: memory stream {} joined from {}", j.index, j.peer);
             sockets.push(j.socket.try_clone().map_err(wire::Error::Io)?);
         }
-        let cut_all = || sockets.iter().for_each(Stream::shutdown);
-        std::thread::scope(|s| {
+        // The first failure is the cause (the others are its cuts). The
+        // control stream is cut for reading only: its `Abort` can still go.
+        let first: Mutex<Option<Error>> = Mutex::new(None);
+        let fail = |e: Error| {
+            let mut first = first.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(e);
+                control_socket.shutdown_read();
+                sockets.iter().for_each(Stream::shutdown);
+            }
+        };
+        let state = std::thread::scope(|s| {
             let threads: Vec<_> = extra
                 .into_iter()
                 .map(|mut j| {
+                    let fail = &fail;
                     s.spawn(move || {
                         let index = j.index;
-                        let r = apply_until_end(&mut j.io, memory)
-                            .map_err(|e| Error::Stream { index, source: Box::new(e) });
-                        if r.is_err() {
-                            cut_all();
+                        if let Err(e) = apply_until_end(&mut j.io, memory) {
+                            fail(Error::Stream { index, source: Box::new(e) });
                         }
-                        r
                     })
                 })
                 .collect();
             let state = apply_until_state(control, memory, shared);
-            if state.is_err() {
-                cut_all();
-            }
-            let mut failed = None;
+            let state = match state {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    fail(e);
+                    None
+                }
+            };
             for t in threads {
-                match t.join() {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        failed.get_or_insert(e);
-                    }
-                    Err(_) => {
-                        failed.get_or_insert(Error::Wire(wire::Error::Payload(
-                            "a memory stream's thread panicked".into(),
-                        )));
-                    }
+                if t.join().is_err() {
+                    fail(Error::Wire(wire::Error::Payload("a memory stream's thread panicked".into())));
                 }
             }
-            match (state, failed) {
-                // The control stream was cut because another failed first.
-                (Err(Error::Wire(wire::Error::Io(_) | wire::Error::Closed)), Some(e)) => Err(e),
-                (Err(e), _) => Err(e),
-                (Ok(_), Some(e)) => Err(e),
-                (Ok(state), None) => Ok(state),
-            }
-        })
+            state
+        });
+        match (first.into_inner().unwrap_or_else(|e| e.into_inner()), state) {
+            (Some(e), _) => Err(e),
+            (None, Some(state)) => Ok(state),
+            (None, None) => Err(wire::Error::Payload("the control stream ended without the state".into()).into()),
+        }
     }
 
     /// Waits for every extra stream (they join right after `HelloAck`).
@@ -531,6 +534,7 @@ fn apply_until_state(stream: &mut Duplex, memory: &dyn MemorySink, shared_memory
                 stream.flush().map_err(wire::Error::Io)?;
             }
             Kind::State => return Ok(payload),
+            Kind::KeepAlive if !shared_memory => {}
             Kind::Abort => return Err(Error::SourceAborted(frame.decode::<Reason>()?.reason)),
             _ if apply_memory(&frame, memory)? => {}
             other => return Err(wire::Error::Unexpected { expected: "memory or State", got: other }.into()),
@@ -550,6 +554,7 @@ fn apply_until_end(stream: &mut Duplex, memory: &dyn MemorySink) -> Result<(), E
                 stream.flush().map_err(wire::Error::Io)?;
             }
             Kind::End => return Ok(()),
+            Kind::KeepAlive => {}
             _ if apply_memory(&frame, memory)? => {}
             other => return Err(wire::Error::Unexpected { expected: "memory or End", got: other }.into()),
         }

@@ -8,7 +8,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::migration::{DirtyBitmap, Extent, MemorySource, MigratableVm, RunState, ScanStats, PAGE_SIZE};
@@ -219,30 +219,27 @@ fn send_memory(
     let (extra_writers, sockets): (Vec<&mut Writer>, Vec<&crate::transport::Stream>) =
         extra.iter_mut().map(|e| (&mut e.w, &e.socket)).unzip();
     let writers: Vec<&mut Writer> = std::iter::once(control).chain(extra_writers).collect();
-    let first_failure = std::sync::Mutex::new(None);
+    let round = Round {
+        first_failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
+        left: Mutex::new(n),
+        done: Condvar::new(),
+    };
     std::thread::scope(|s| {
         let threads: Vec<_> = writers
             .into_iter()
             .enumerate()
             .map(|(i, w)| {
-                let (sockets, first_failure) = (&sockets, &first_failure);
+                let (sockets, round) = (&sockets, &round);
                 s.spawn(move || {
+                    let mut stopping = Stopping { inner: &mut *w, failed: &round.failed };
                     let r = match pages {
-                        Pages::All => send_stripes(mem, i, n, w),
-                        Pages::Dirty(d) => send_dirty(mem, d, w, |offset| wire::stream_of(offset, n) == i),
+                        Pages::All => send_stripes(mem, i, n, &mut stopping),
+                        Pages::Dirty(d) => send_dirty(mem, d, &mut stopping, |offset| wire::stream_of(offset, n) == i),
                     }
-                    .and_then(|stats| w.flush().map(|()| stats).map_err(wire::Error::Io));
-                    match r {
-                        Ok(stats) => Some(stats),
-                        Err(source) => {
-                            let mut first = first_failure.lock().unwrap_or_else(|e| e.into_inner());
-                            if first.is_none() {
-                                *first = Some(Error::Stream { index: i, streams: n, source });
-                                sockets.iter().for_each(|s| s.shutdown());
-                            }
-                            None
-                        }
-                    }
+                    .and_then(|stats| stopping.flush().map(|()| stats).map_err(wire::Error::Io))
+                    .and_then(|stats| round.finished(w).map(|()| stats));
+                    r.map_err(|source| round.fail(Error::Stream { index: i, streams: n, source }, sockets)).ok()
                 })
             })
             .collect();
@@ -258,7 +255,7 @@ fn send_memory(
                 Err(_) => panicked = true,
             }
         }
-        let first = first_failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let first = round.first_failure.lock().unwrap_or_else(|e| e.into_inner()).take();
         match first {
             Some(e) => Err(e),
             None if panicked => Err(wire::Error::Payload("a memory stream's thread panicked".into()).into()),
@@ -267,8 +264,80 @@ fn send_memory(
     })
 }
 
+/// How often a memory stream whose share of a round is sent says it is
+/// alive while others still send (the receiver times a silent stream out).
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// One round over several streams.
+struct Round {
+    /// The cause: the first stream to fail.
+    first_failure: Mutex<Option<Error>>,
+    /// Set at the first failure: every other stream stops writing.
+    failed: AtomicBool,
+    /// Streams still sending their share.
+    left: Mutex<usize>,
+    done: Condvar,
+}
+
+impl Round {
+    /// Records the first failure and cuts the extra streams (the control
+    /// stream stays, for the `Abort`).
+    fn fail(&self, e: Error, sockets: &[&crate::transport::Stream]) {
+        let mut first = self.first_failure.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+            self.failed.store(true, Ordering::SeqCst);
+            sockets.iter().for_each(|s| s.shutdown());
+        }
+        drop(first);
+        self.finish_one();
+    }
+
+    fn finish_one(&self) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left = left.saturating_sub(1);
+        self.done.notify_all();
+    }
+
+    /// This stream's share is sent: keep it alive until every stream's is.
+    fn finished(&self, w: &mut Writer) -> Result<(), wire::Error> {
+        self.finish_one();
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left > 0 && !self.failed.load(Ordering::SeqCst) {
+            let (guard, wait) = self.done.wait_timeout(left, KEEPALIVE).unwrap_or_else(|e| e.into_inner());
+            left = guard;
+            if wait.timed_out() && *left > 0 && !self.failed.load(Ordering::SeqCst) {
+                drop(left);
+                wire::write_frame(w, Kind::KeepAlive, &[])?;
+                w.flush()?;
+                left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stream's writer for one round: refuses to write once another stream
+/// of the round has failed, so none sends on for nothing.
+struct Stopping<'a> {
+    inner: &'a mut Writer,
+    failed: &'a AtomicBool,
+}
+
+impl Write for Stopping<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("another memory stream of this round failed"));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Stream `index` of `n`'s share of all memory: stripes `index`, `index + n`, ...
-fn send_stripes(mem: &dyn MemorySource, index: usize, n: usize, w: &mut Writer) -> Result<ScanStats, wire::Error> {
+fn send_stripes(mem: &dyn MemorySource, index: usize, n: usize, w: &mut impl Write) -> Result<ScanStats, wire::Error> {
     let mut total = ScanStats::default();
     let mut start = index as u64 * wire::STRIPE;
     while start < mem.size() {
@@ -514,7 +583,17 @@ fn migrate_claimed(
         figures.memory = MEMORY_SHARED_FD;
     }
     let mut extra = match ack_ext.streams.min(streams) {
-        n if n > 1 && !shared => join_streams(to, opts, &ack_ext.session, n, cap)?,
+        n if n > 1 && !shared => match join_streams(to, opts, &ack_ext.session, n, cap) {
+            Ok(extra) => {
+                // The bandwidth cap is shared out, this stream's part too.
+                w.cap = cap.map(|(rate, from, since)| (rate / f64::from(n), from, since));
+                extra
+            }
+            Err(e) => {
+                abort(&mut w, &e);
+                return Err(e);
+            }
+        },
         _ => Vec::new(),
     };
     figures.streams = 1 + extra.len() as u8;

@@ -902,6 +902,24 @@ fn memory_moves_over_several_streams_in_every_round_and_arrives_whole() {
 }
 
 #[test]
+fn a_bandwidth_cap_holds_for_all_streams_together() {
+    // 4 MiB in 1 MiB stripes over 3 streams: the first carries two of
+    // them. Each stream gets a third of the cap, the first one included.
+    let vm = FakeVm::new(Lifecycle::Running, None);
+    fill(&vm);
+    let sock = Sock::new("streams-cap");
+    let stop = Arc::new(AtomicBool::new(false));
+    let dest = receiver(&sock, FakeDestination::default(), stop.clone());
+    let mut opts = options(Mode::Live);
+    opts.streams = 3;
+    opts.max_bandwidth_mib_s = Some(8.0);
+    let figures = run(&vm, &sock, &opts).expect("migration succeeds");
+    dest.join().unwrap().expect("a VM arrived");
+    assert_eq!(figures.streams, 3);
+    assert!(figures.round0_mib_s <= 8.0 * 1.05, "the cap holds in round 0: {figures:?}");
+}
+
+#[test]
 fn a_lone_destination_connection_takes_one_stream() {
     // `attempt` on its own (an older receiver's shape) has nobody to hand
     // extra streams to: it agrees to one, and the move works.

@@ -106,6 +106,15 @@ impl Stream {
         };
     }
 
+    /// Ends the receiving half only: a thread blocked reading wakes with
+    /// an end of stream, and this side can still write (an `Abort`).
+    pub fn shutdown_read(&self) {
+        let _ = match &self.inner {
+            Inner::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Inner::Unix(s) => s.shutdown(std::net::Shutdown::Read),
+        };
+    }
+
     /// The peer's address, for logs (`unix` for a Unix socket).
     pub fn peer_name(&self) -> String {
         match &self.inner {

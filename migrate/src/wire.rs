@@ -71,13 +71,17 @@ pub enum Kind {
     Join = 13,
     /// Last frame on an extra memory stream: nothing more comes on it.
     End = 14,
+    /// Nothing to apply: a memory stream whose share of a round is done
+    /// while others still send, so the receiver's read timeout holds.
+    KeepAlive = 15,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
-        const ALL: [Kind; 14] = [
+        const ALL: [Kind; 15] = [
             Hello, HelloAck, Refuse, MemZero, MemData, State, Ready, Commit, Resumed, Abort, MemFd, CatchUp, Join, End,
+            KeepAlive,
         ];
         ALL.into_iter().find(|k| *k as u8 == v)
     }

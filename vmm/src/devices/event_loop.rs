@@ -163,8 +163,10 @@ fn run(shared: Arc<Shared>, epoll: Epoll, sources: Vec<Arc<Mutex<MmioTransport>>
         }
     };
     // Set while paused: the first iteration after the resume kicks every
-    // queue. A loop that starts running has nothing to catch up on.
-    let mut catch_up = false;
+    // queue. A loop that starts running has nothing to catch up on; one
+    // born paused (a restore) does, even if the resume comes before its
+    // first iteration (nobody waits for it to park).
+    let mut catch_up = !notifies.armed;
     loop {
         let paused = {
             let mut st = lock(&shared.state);
