@@ -317,10 +317,21 @@ fn the_store_keeps_working_with_a_member_killed_and_fails_fast_without_quorum() 
                 assert_eq!(step_rx.recv().await, Some("healed"));
                 let t = Instant::now();
                 // v2's create may or may not have landed: it is conditional,
-                // so repeating it is safe and says which.
-                match c.create_vm(&vm("v2")).await {
-                    Ok(_) | Err(Error::AlreadyExists { .. }) => {}
-                    Err(e) => panic!("after healing: {e}"),
+                // so repeating it is safe and says which. The healed member
+                // may still be catching up (an election on a loaded
+                // machine can outlast one call's deadline): repeat an
+                // unanswered call, as a caller would after reading back.
+                loop {
+                    match c.create_vm(&vm("v2")).await {
+                        Ok(_) | Err(Error::AlreadyExists { .. }) => break,
+                        Err(e @ (Error::OutcomeUnknown { .. } | Error::Unavailable { .. }))
+                            if t.elapsed() < Duration::from_secs(10) =>
+                        {
+                            eprintln!("after healing, not yet: {e}");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => panic!("after healing: {e}"),
+                    }
                 }
                 assert_eq!(c.vms().await.unwrap().len(), 3);
                 eprintln!("quorum back: first write {:?} after healing", t.elapsed());
