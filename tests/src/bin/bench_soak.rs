@@ -124,7 +124,16 @@ fn main() {
         } else {
             record["ping_error"] = json!(ping.as_ref().err());
         }
-        for k in ["total_ms", "downtime_ms", "rounds", "bytes_sent"] {
+        for k in [
+            "total_ms",
+            "downtime_ms",
+            "rounds",
+            "bytes_sent",
+            "pause_to_state_ms",
+            "restore_ms",
+            "handoff_ms",
+            "commit_to_resumed_ms",
+        ] {
             record[k] = figures[k].clone();
         }
         record["ok"] = json!(ok);
