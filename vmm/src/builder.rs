@@ -427,15 +427,20 @@ impl Core {
         let tsc_khz = vcpus.first().and_then(|v| v.fd.get_tsc_khz().ok()).unwrap_or(0);
         let paused = started.lifecycle.vcpus_parked();
         // Started paused, a restored VM's devices touch nothing (no queue,
-        // no disk it may not own yet) until its first resume: the loop is
-        // born paused and parks before its first wait, so there is no need
-        // to wait for it here (that round trip was inside the downtime).
+        // no disk it may not own yet) until its first resume; wait for the
+        // loop to say it parked, so its first pass is done before anything
+        // else happens to the VM (one make test run lost a disk write's
+        // completion after a move while this wait was gone; cheap now that
+        // the thread is started ahead).
         let (devices_thread, vcpu_threads) = match started.threads.take() {
             // Started ahead for this many vCPUs; otherwise start new ones.
             Some(t) if t.vcpus.len() == vcpus.len() => (Some(t.devices), t.vcpus),
             _ => (None, Vec::new()),
         };
         let event_loop = EventLoop::start_on(devices_thread, self.virtio.clone(), paused).map_err(Error::EventLoop)?;
+        if paused {
+            event_loop.pause();
+        }
         let vcpus = Vcpus::start_on(vcpu_threads, self.control, vcpus, paused)?;
         tracing::info!(
             boot_protocol = started.boot_protocol,
