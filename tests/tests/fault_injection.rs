@@ -204,6 +204,45 @@ fn progress(vm: &Vm) -> Value {
         .unwrap_or_default()
 }
 
+/// A capped live migration dirtied nearly as fast as it drains, with a
+/// downtime target it cannot meet: round after round, until the fault.
+const NEVER_CONVERGES: [&str; 10] = [
+    "--max-bandwidth",
+    "48",
+    "--downtime-ms",
+    "0.01",
+    "--no-auto-converge",
+    "--max-rounds",
+    "10000",
+    "--timeout",
+    "300",
+    "--io-timeout",
+];
+
+/// Waits until the migration from `vm` is in pre-copy round `round`.
+fn wait_for_round(vm: &Vm, round: u64) {
+    let deadline = Instant::now() + T;
+    loop {
+        let p = progress(vm);
+        if p["phase"] == "round" && p["round"].as_u64().is_some_and(|r| r >= round) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the migration never reached round {round}: {p}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// After a failed move: the VM runs on host a with its disk (pattern
+/// `seed`) and lease, the destination never ran it, the guest answers.
+fn left_on_host_a(lab: &Lab, vm: &Vm, vol: &str, dest: &Vm, seed: u32, why: &str) {
+    still_runs(vm, why);
+    disk_intact(vm, seed, why);
+    assert_eq!(lease_owner(vol), "a", "the disk never left host a");
+    assert!(!dest.api_sock.exists(), "the destination never ran the VM");
+    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
+    assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+}
+
 #[test]
 fn a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source() {
     if !kvm_available("a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source") {
@@ -214,47 +253,15 @@ fn a_silent_cut_during_a_dirty_round_leaves_the_vm_and_its_disk_on_the_source() 
     let vol = volume_with_disk(&dir);
     let vm = boot_with_disk(&lab, &vol, 256, "wss_mib=128 dirty_mib_s=40", 5);
     let dest = receiver_with_disks(&lab, &dir, 7875, &[]);
-    // Dirtying nearly as fast as the capped link drains, with a downtime
-    // target it cannot meet: round after round, until the cut.
-    let migration = ferry_e2e::migrate_in_lab_background(
-        &lab,
-        "a",
-        &vm,
-        "tcp:10.200.77.2:7875",
-        &[
-            "--max-bandwidth",
-            "48",
-            "--downtime-ms",
-            "0.01",
-            "--no-auto-converge",
-            "--max-rounds",
-            "10000",
-            "--timeout",
-            "300",
-            "--io-timeout",
-            "3",
-        ],
-    );
-    let deadline = Instant::now() + T;
-    loop {
-        let p = progress(&vm);
-        if p["phase"] == "round" && p["round"].as_u64().is_some_and(|r| r >= 2) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the migration never reached round 2: {p}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let args = [&NEVER_CONVERGES[..], &["3"]].concat();
+    let migration = ferry_e2e::migrate_in_lab_background(&lab, "a", &vm, "tcp:10.200.77.2:7875", &args);
+    wait_for_round(&vm, 2);
     lab.ok(&["cut", "b"]);
     let (ok, _, err) = migration.join().unwrap();
     lab.ok(&["heal", "b"]);
     assert!(!ok, "a cut link fails the migration");
     assert!(!err.contains("outcome unknown"), "a dirty round is long before any commit: {err}");
-    still_runs(&vm, "after a silent cut in a dirty round");
-    disk_intact(&vm, 5, "after a silent cut in a dirty round");
-    assert_eq!(lease_owner(&vol), "a", "the disk never left host a");
-    assert!(!dest.api_sock.exists(), "the destination never ran the VM");
-    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
-    assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+    left_on_host_a(&lab, &vm, &vol, &dest, 5, "after a silent cut in a dirty round");
 }
 
 #[test]
@@ -267,35 +274,10 @@ fn one_memory_stream_reset_mid_round_leaves_the_vm_and_its_disk_on_the_source() 
     let vol = volume_with_disk(&dir);
     let vm = boot_with_disk(&lab, &vol, 256, "wss_mib=128 dirty_mib_s=40", 9);
     let dest = receiver_with_disks(&lab, &dir, 7879, &[]);
-    // Three streams, capped so the rounds go on until the reset.
-    let migration = ferry_e2e::migrate_in_lab_background(
-        &lab,
-        "a",
-        &vm,
-        "tcp:10.200.77.2:7879",
-        &[
-            "--streams",
-            "3",
-            "--max-bandwidth",
-            "48",
-            "--downtime-ms",
-            "0.01",
-            "--no-auto-converge",
-            "--max-rounds",
-            "10000",
-            "--timeout",
-            "300",
-        ],
-    );
-    let deadline = Instant::now() + T;
-    loop {
-        let p = progress(&vm);
-        if p["phase"] == "round" && p["round"].as_u64().is_some_and(|r| r >= 1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the migration never reached round 1: {p}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Three streams, rounds going on until the reset.
+    let args = [&NEVER_CONVERGES[..], &["30", "--streams", "3"]].concat();
+    let migration = ferry_e2e::migrate_in_lab_background(&lab, "a", &vm, "tcp:10.200.77.2:7879", &args);
+    wait_for_round(&vm, 1);
     // The receiver names where each extra stream came from: reset stream
     // 2 alone (host b answers its next segment with a RST).
     let joined = dest.stderr();
@@ -318,12 +300,7 @@ fn one_memory_stream_reset_mid_round_leaves_the_vm_and_its_disk_on_the_source() 
     assert!(err.contains("memory stream 2 of 3"), "the error names the stream: {err}");
     assert!(failed_after < Duration::from_secs(10), "noticed at once, not at a timeout: {failed_after:?}: {err}");
     assert!(!err.contains("outcome unknown"), "a round is long before any commit: {err}");
-    still_runs(&vm, "after one memory stream was reset");
-    disk_intact(&vm, 9, "after one memory stream was reset");
-    assert_eq!(lease_owner(&vol), "a", "the disk never left host a");
-    assert!(!dest.api_sock.exists(), "the destination never ran the VM");
-    let ping = lab.ping_from_client(GUEST_IP, &["--count", "10", "--wait-reply-ms", "3000"]);
-    assert_eq!(ping["pings_lost"], 0, "the guest answers from host a: {ping}");
+    left_on_host_a(&lab, &vm, &vol, &dest, 9, "after one memory stream was reset");
 }
 
 /// A commit oracle on `path` that answers `committed` once asked.

@@ -364,7 +364,16 @@ impl GuestRam {
         let host = self.memory.get_host_address(addr).map_err(std::io::Error::other)?;
         let head = host as usize % page;
         let pages = (head + buf.len()).div_ceil(page);
-        let mut resident = vec![0u8; pages];
+        // One byte per page: on the stack for a chunk (1 MiB and its head
+        // page), so the page send loop does not allocate per read.
+        let mut stack = [0u8; (1 << 20) / 4096 + 1];
+        let mut heap;
+        let resident: &mut [u8] = if pages <= stack.len() {
+            &mut stack[..pages]
+        } else {
+            heap = vec![0u8; pages];
+            &mut heap
+        };
         // SAFETY: mincore only reads the page tables of a range inside our
         // own guest-memory mapping (from its page-aligned start) and writes
         // one byte per page into `resident`, which has that many.
